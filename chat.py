@@ -1,0 +1,1641 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#     "python-socketio>=5.18,<5.19",
+#     "python-engineio>=4.15,<4.16",
+#     "aiohttp>=3.9,<4",
+# ]
+# ///
+"""chat.py: a real-time chat server with a chat bot, in one file.
+
+Run ``python chat.py`` and open http://127.0.0.1:3000. The page, its CSS and
+its JavaScript are embedded below; python-socketio runs the chat hub on top of
+aiohttp. ``python chat.py --help`` lists every option.
+
+Sections, in order: settings and command line; message model and validation;
+stores (history); bots; chat hub (Socket.IO events); web (aiohttp routes and
+headers); embedded assets; main().
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextvars
+import errno
+import hmac
+import ipaddress
+import logging
+import os
+import re
+import signal
+import sqlite3
+import ssl
+import sys
+import time
+import unicodedata
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+import socketio
+from aiohttp import web
+from engineio import packet as eio_packet
+from engineio import payload as eio_payload
+from socketio import packet as sio_packet
+
+__version__ = "1.0.0"
+log = logging.getLogger("chat")
+
+# ---------------------------------------------------------------- settings and command line
+
+DEFAULT_ROOM = "lobby"
+CLIENT_JS_VERSION = "4.8.3"
+CLIENT_JS_ORIGIN = "https://cdn.socket.io"
+CLIENT_JS_CDN = f"{CLIENT_JS_ORIGIN}/{CLIENT_JS_VERSION}/socket.io.min.js"
+# sha384 of dist/socket.io.min.js in the socket.io-client 4.8.3 package.
+CLIENT_JS_SRI = "sha384-kzavj5fiMwLKzzD1f8S7TeoVIEi7uKHvbTA3ueZkrzYq75pNQUiUi6Dy98Q3fxb0"
+BOT_MODES = ("keyword", "off")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything chat.py can be told, built once from the command line."""
+
+    host: str = "127.0.0.1"
+    port: int = 3000
+    bot: str = "keyword"
+    bot_name: str = "ChatFriend"
+    log_level: str = "info"
+    client_js: Path | None = None
+    history: int = 100
+    db: Path | None = None
+    max_length: int = 2000
+    rate: float = 5.0
+    burst: int = 10
+    flood_timeout: float = 10.0
+    max_per_ip: int = 100
+    max_queue: int = 1000
+    max_payload: int = 64 * 1024
+    allow_origins: tuple[str, ...] = ()
+    password: str | None = field(default=None, repr=False)
+    trust_proxy: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    transports: tuple[str, ...] = ("polling", "websocket")
+    presence_grace: float = 3.0
+    typing_timeout: float = 5.0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every flag maps to one field of Settings."""
+    p = argparse.ArgumentParser(
+        prog="chat.py",
+        description="A real-time chat server with a chat bot, in one file.",
+        epilog="Open the printed URL in a browser. Room: /?room=NAME.",
+    )
+    env_port = os.environ.get("PORT")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; use 0.0.0.0 to share on a LAN or server)")
+    p.add_argument("--port", type=_port, default=_port(env_port) if env_port else 3000,
+                   help="port to listen on (default 3000, or the PORT environment variable)")
+    p.add_argument("--bot", choices=BOT_MODES, default="keyword",
+                   help="bot backend: keyword rules (default) or off")
+    p.add_argument("--bot-name", default="ChatFriend",
+                   help="the bot's display name, reserved for the bot (default ChatFriend)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="server log verbosity (default info)")
+    p.add_argument("--client-js", type=Path, metavar="PATH",
+                   help="serve this local socket.io.min.js instead of loading it from the CDN (offline demos)")
+    p.add_argument("--history", type=_positive_int, default=100, metavar="N",
+                   help="messages kept per room and sent to people who join (default 100)")
+    p.add_argument("--db", type=Path, metavar="PATH",
+                   help="store messages in this SQLite file so history survives restarts (default: memory)")
+    p.add_argument("--max-length", type=_positive_int, default=2000, metavar="N",
+                   help="longest message body in characters (default 2000)")
+    p.add_argument("--rate", type=_non_negative_float, default=5.0, metavar="N",
+                   help="messages per second each connection may send (default 5; 0 turns limiting off)")
+    p.add_argument("--burst", type=_positive_int, default=10, metavar="N",
+                   help="messages a connection may send at once before --rate applies (default 10)")
+    p.add_argument("--flood-timeout", type=_non_negative_float, default=10.0, metavar="SECONDS",
+                   help="disconnect a connection that keeps hitting the rate limit this long (default 10)")
+    p.add_argument("--max-per-ip", type=_positive_int, default=100, metavar="N",
+                   help="concurrent connections allowed per address; loopback is exempt unless --trust-proxy (default 100)")
+    p.add_argument("--max-queue", type=_positive_int, default=1000, metavar="N",
+                   help="outgoing packets a client may fall behind by before it is disconnected (default 1000)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="also accept Socket.IO connections from pages on ORIGIN (repeatable; * for any)")
+    p.add_argument("--password",
+                   help="shared password people must enter (prefer the CHAT_PASSWORD environment variable)")
+    p.add_argument("--trust-proxy", action="store_true",
+                   help="take the client address from X-Forwarded-For (only behind your own reverse proxy)")
+    p.add_argument("--tls-cert", type=Path, metavar="FILE", help="TLS certificate chain (PEM) to serve https/wss")
+    p.add_argument("--tls-key", type=Path, metavar="FILE", help="TLS private key (PEM) for --tls-cert")
+    p.add_argument("--transports", choices=("polling,websocket", "websocket", "polling"),
+                   default="polling,websocket",
+                   help="Socket.IO transports to accept (default polling,websocket)")
+    return p
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    """Parse the command line into Settings; argparse exits 2 on bad values."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key must be given together")
+    password = args.password if args.password is not None else os.environ.get("CHAT_PASSWORD") or None
+    try:
+        bot_name = clean_user(args.bot_name, bot_name="")
+    except InvalidInput as exc:
+        parser.error(f"--bot-name: {exc.message}")
+    return Settings(
+        host=args.host, port=args.port, bot=args.bot, bot_name=bot_name, log_level=args.log_level,
+        client_js=args.client_js, history=args.history, db=args.db, max_length=args.max_length,
+        rate=args.rate, burst=args.burst, flood_timeout=args.flood_timeout, max_per_ip=args.max_per_ip,
+        max_queue=args.max_queue, allow_origins=tuple(args.allow_origin), password=password,
+        trust_proxy=args.trust_proxy, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        transports=tuple(args.transports.split(",")),
+    )
+
+
+# ---------------------------------------------------------------- message model and validation
+
+MAX_NAME = 32
+ROOM_RE = re.compile(r"[a-z0-9_-]{1,32}")
+CID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def now_ms() -> int:
+    """Server time as integer milliseconds since the Unix epoch (the wire `ts`)."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One stored chat line: a person's message or a bot reply."""
+
+    id: int
+    room: str
+    user: str
+    body: str
+    ts: int
+    kind: str = "user"  # "user" or "bot"
+    cid: str | None = None
+
+    @property
+    def event(self) -> str:
+        return "botmessage" if self.kind == "bot" else "newmessage"
+
+    def wire(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"id": self.id, "room": self.room, "user": self.user,
+                                "body": self.body, "ts": self.ts, "kind": self.kind}
+        if self.cid:
+            data["cid"] = self.cid
+        return data
+
+
+class InvalidInput(Exception):
+    """An inbound payload was refused; `message` is safe to show the sender."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _strip_invisible(text: str) -> str:
+    return "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+
+
+def name_key(name: str) -> str:
+    """A comparison key under which look-alike spellings of a name collide."""
+    folded = _strip_invisible(unicodedata.normalize("NFKC", name)).casefold()
+    return "".join(ch for ch in folded if not ch.isspace())
+
+
+def clean_user(value: Any, bot_name: str) -> str:
+    """Validate a display name: string, 1-32 characters after NFKC, no control characters."""
+    if not isinstance(value, str):
+        raise InvalidInput("bad_user", "Your name must be text.")
+    name = " ".join(_strip_invisible(unicodedata.normalize("NFKC", value)).split())
+    if not name:
+        raise InvalidInput("bad_user", "Please enter your name.")
+    if any(unicodedata.category(ch) == "Cc" for ch in name):
+        raise InvalidInput("bad_user", "Your name contains control characters.")
+    if len(name) > MAX_NAME:
+        raise InvalidInput("bad_user", f"Your name is too long (at most {MAX_NAME} characters).")
+    if bot_name and name_key(name) == name_key(bot_name):
+        raise InvalidInput("reserved_name", f"The name {bot_name} is reserved for the bot.")
+    return name
+
+
+def clean_body(value: Any, max_length: int) -> str:
+    """Validate a message body: string, 1..max_length characters, newlines kept, other controls removed."""
+    if not isinstance(value, str):
+        raise InvalidInput("bad_body", "Your message must be text.")
+    if len(value) > max_length * 4:
+        raise InvalidInput("too_long", f"Your message is too long (at most {max_length} characters).")
+    text = value.replace("\r\n", "\n").replace("\r", "\n")
+    text = "".join(ch for ch in text if ch == "\n" or unicodedata.category(ch) != "Cc").strip()
+    if not text:
+        raise InvalidInput("bad_body", "Please type a message.")
+    if len(text) > max_length:
+        raise InvalidInput("too_long", f"Your message is too long (at most {max_length} characters).")
+    return text
+
+
+def clean_room(value: Any) -> str:
+    """Validate a room name: 1-32 of lowercase letters, digits, '-' and '_'."""
+    if value is None:
+        return DEFAULT_ROOM
+    if not isinstance(value, str) or not ROOM_RE.fullmatch(value):
+        raise InvalidInput("bad_room", "Room names are 1-32 lowercase letters, digits, '-' or '_'.")
+    return value
+
+
+def clean_cid(value: Any) -> str | None:
+    """Validate an optional client message id used for de-duplication."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not CID_RE.fullmatch(value):
+        raise InvalidInput("bad_cid", "The message id (cid) must be 1-64 letters, digits or -_.:")
+    return value
+
+
+def clean_since(value: Any) -> int | None:
+    """Validate an optional last-seen message id."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput("bad_since", "'since' must be a message id (a whole number >= 0).")
+    return value
+
+
+def expect_object(args: tuple[Any, ...], what: str) -> dict[str, Any]:
+    """The single object argument of an event, or a clear refusal."""
+    if len(args) != 1 or not isinstance(args[0], dict):
+        raise InvalidInput("bad_payload", f"'{what}' expects one object, like {{\"user\": ..., \"body\": ...}}."
+                           if what == "newmessage" else f"'{what}' expects one object.")
+    return args[0]
+
+
+# ---------------------------------------------------------------- stores (history)
+
+
+class Store(Protocol):
+    """Where messages live: assigns ids, keeps the last N per room, replays since an id."""
+
+    async def open(self) -> None: ...
+
+    async def append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> Message: ...
+
+    async def find_cid(self, room: str, cid: str) -> Message | None: ...
+
+    async def recent(self, room: str, limit: int) -> list[Message]: ...
+
+    async def since(self, room: str, after_id: int, limit: int) -> tuple[list[Message], bool]: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryStore:
+    """History in memory: a bounded deque per room; ids increase across the whole server."""
+
+    def __init__(self, history: int) -> None:
+        self.history = history
+        self._next_id = 1
+        self._rooms: dict[str, collections.deque[Message]] = {}
+        self._cids: dict[str, dict[str, Message]] = {}
+        self._evicted_upto: dict[str, int] = {}
+
+    async def open(self) -> None:
+        return None
+
+    async def append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> Message:
+        msg = Message(self._next_id, room, user, body, now_ms(), kind, cid)
+        self._next_id += 1
+        self.remember(msg)
+        return msg
+
+    def remember(self, msg: Message) -> None:
+        """Add an already numbered message to the room's window."""
+        window = self._rooms.setdefault(msg.room, collections.deque())
+        cids = self._cids.setdefault(msg.room, {})
+        if len(window) >= self.history:
+            old = window.popleft()
+            self._evicted_upto[msg.room] = old.id
+            if old.cid and cids.get(old.cid) is old:
+                del cids[old.cid]
+        window.append(msg)
+        if msg.cid:
+            cids[msg.cid] = msg
+
+    async def find_cid(self, room: str, cid: str) -> Message | None:
+        return self._cids.get(room, {}).get(cid)
+
+    async def recent(self, room: str, limit: int) -> list[Message]:
+        window = self._rooms.get(room, ())
+        return list(window)[-limit:] if limit else []
+
+    async def since(self, room: str, after_id: int, limit: int) -> tuple[list[Message], bool]:
+        window = self._rooms.get(room, collections.deque())
+        missed = [m for m in window if m.id > after_id]
+        complete = after_id >= self._evicted_upto.get(room, 0) and len(missed) <= limit
+        return missed[-limit:], complete
+
+    async def close(self) -> None:
+        return None
+
+
+SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id    INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, also after deletes
+    room  TEXT    NOT NULL,
+    user  TEXT    NOT NULL,
+    body  TEXT    NOT NULL,
+    kind  TEXT    NOT NULL CHECK (kind IN ('user', 'bot')),
+    ts    INTEGER NOT NULL,                    -- epoch milliseconds
+    cid   TEXT                                 -- client id for de-duplication
+);
+CREATE INDEX IF NOT EXISTS messages_room_id ON messages (room, id);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_room_cid ON messages (room, cid) WHERE cid IS NOT NULL;
+"""
+
+
+class SqliteStore:
+    """History in a SQLite file (WAL); all database work runs on one background thread."""
+
+    def __init__(self, path: Path, history: int) -> None:
+        self.path = path
+        self.history = history
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-sqlite")
+        self._db: sqlite3.Connection | None = None
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _open(self) -> None:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(SQLITE_SCHEMA)
+        self._db = db
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    @staticmethod
+    def _row(row: tuple[Any, ...]) -> Message:
+        return Message(id=row[0], room=row[1], user=row[2], body=row[3], kind=row[4], ts=row[5], cid=row[6])
+
+    def _append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> Message:
+        assert self._db is not None
+        ts = now_ms()
+        cur = self._db.execute(
+            "INSERT INTO messages (room, user, body, kind, ts, cid) VALUES (?, ?, ?, ?, ?, ?)",
+            (room, user, body, kind, ts, cid))
+        return Message(int(cur.lastrowid or 0), room, user, body, ts, kind, cid)
+
+    async def append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> Message:
+        return await self._run(self._append, room, user, body, kind, cid)
+
+    def _select(self, sql: str, *params: Any) -> list[Message]:
+        assert self._db is not None
+        return [self._row(r) for r in self._db.execute(sql, params).fetchall()]
+
+    async def find_cid(self, room: str, cid: str) -> Message | None:
+        rows = await self._run(self._select, "SELECT id, room, user, body, kind, ts, cid FROM messages "
+                               "WHERE room = ? AND cid = ?", room, cid)
+        return rows[0] if rows else None
+
+    async def recent(self, room: str, limit: int) -> list[Message]:
+        rows = await self._run(self._select, "SELECT id, room, user, body, kind, ts, cid FROM messages "
+                               "WHERE room = ? ORDER BY id DESC LIMIT ?", room, limit)
+        return rows[::-1]
+
+    async def since(self, room: str, after_id: int, limit: int) -> tuple[list[Message], bool]:
+        rows = await self._run(self._select, "SELECT id, room, user, body, kind, ts, cid FROM messages "
+                               "WHERE room = ? AND id > ? ORDER BY id DESC LIMIT ?", room, after_id, limit + 1)
+        complete = len(rows) <= limit
+        return rows[:limit][::-1], complete
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._pool.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------- bots
+
+
+class Bot(Protocol):
+    """A chat bot backend: a person's message in, zero or more replies out."""
+
+    async def reply(self, user: str, text: str, room: str) -> list[str]: ...
+
+
+_GREETING = re.compile(r"\b(hello|hi|hey)\b", re.IGNORECASE)
+
+
+class KeywordBot:
+    """The tutorial's rules: greet on hello/hi/hey as words, then answer questions or ask for one."""
+
+    async def reply(self, user: str, text: str, room: str) -> list[str]:
+        if not user:
+            return ["Hello!", "What is your name?"]
+        if not text:
+            return ["What did you want to ask?"]
+        replies = []
+        if _GREETING.search(text):
+            replies.append(f"Hello, {user}!")
+        if "?" in text:
+            replies.append("We will be right with you to answer your question.")
+        else:
+            replies.append("Did you have a question for us today?")
+        return replies
+
+
+class SilentBot:
+    """--bot off: never replies."""
+
+    async def reply(self, user: str, text: str, room: str) -> list[str]:
+        return []
+
+
+def make_bot(settings: Settings) -> Bot:
+    """The bot backend the settings ask for."""
+    return SilentBot() if settings.bot == "off" else KeywordBot()
+
+
+# ---------------------------------------------------------------- chat hub (Socket.IO events)
+
+_ack_wanted: contextvars.ContextVar[bool] = contextvars.ContextVar("ack_wanted", default=False)
+
+
+class ChatServer(socketio.AsyncServer):
+    """AsyncServer that records whether the client asked for an ack, so refusals go to the right place."""
+
+    async def _handle_event_internal(self, server: Any, sid: str, eio_sid: str, data: Any,
+                                     namespace: str, id: int | None) -> None:
+        token = _ack_wanted.set(id is not None)
+        try:
+            await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
+        finally:
+            _ack_wanted.reset(token)
+
+
+class FanoutManager(socketio.AsyncManager):
+    """Room broadcasts that encode a frame once and queue it to each recipient directly.
+
+    python-socketio's stock manager starts one asyncio Task per recipient; queueing
+    directly is cheaper and lets us enforce a bound on each client's outgoing queue:
+    a client that stopped reading is disconnected instead of growing server memory.
+    """
+
+    def __init__(self, max_queue: int) -> None:
+        super().__init__()
+        self.max_queue = max_queue
+        self._dropping: set[str] = set()
+
+    async def emit(self, event: str, data: Any, namespace: str, room: Any = None, skip_sid: Any = None,
+                   callback: Any = None, to: Any = None, **kwargs: Any) -> None:
+        room = to or room
+        if callback is not None or namespace not in self.rooms:
+            return await super().emit(event, data, namespace, room=room, skip_sid=skip_sid,
+                                      callback=callback, **kwargs)
+        args = list(data) if isinstance(data, tuple) else ([] if data is None else [data])
+        encoded = self.server.packet_class(sio_packet.EVENT, namespace=namespace, data=[event, *args]).encode()
+        if isinstance(encoded, list):  # binary attachments: leave them to the stock path
+            return await super().emit(event, data, namespace, room=room, skip_sid=skip_sid, **kwargs)
+        frame = eio_packet.Packet(eio_packet.MESSAGE, encoded)
+        skip = skip_sid if isinstance(skip_sid, list) else [skip_sid]
+        sockets = self.server.eio.sockets
+        for sid, eio_sid in self.get_participants(namespace, room):
+            if sid in skip:
+                continue
+            sock = sockets.get(eio_sid)
+            if sock is None or sock.closing or sock.closed:
+                continue
+            if sock.queue.qsize() >= self.max_queue:
+                self._drop_slow_reader(sid, eio_sid)
+                continue
+            sock.queue.put_nowait(frame)
+
+    def _drop_slow_reader(self, sid: str, eio_sid: str) -> None:
+        if eio_sid in self._dropping:
+            return
+        self._dropping.add(eio_sid)
+        log.warning("disconnecting %s: it fell %d packets behind", sid, self.max_queue)
+
+        async def drop() -> None:
+            try:
+                await self.server.eio.disconnect(eio_sid)
+            finally:
+                self._dropping.discard(eio_sid)
+
+        task = asyncio.get_running_loop().create_task(drop())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+class TokenBucket:
+    """Allows `rate` events per second with bursts of up to `burst`; rate 0 allows everything."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        if self.rate <= 0:
+            return True
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+@dataclass
+class Session:
+    """What the hub knows about one connected socket."""
+
+    sid: str
+    ip: str
+    exempt: bool
+    room: str = DEFAULT_ROOM
+    user: str | None = None
+    bucket: TokenBucket | None = None
+    flood_started: float | None = None
+    last_refusal: float = 0.0
+    typing_timer: asyncio.TimerHandle | None = None
+
+
+class ChatHub:
+    """Owns the Socket.IO server: rooms, presence, typing, messages and the bot."""
+
+    def __init__(self, settings: Settings, store: Store, bot: Bot) -> None:
+        self.settings = settings
+        self.store = store
+        self.bot = bot
+        # python-engineio refuses a whole long-polling POST that batches more than
+        # 16 packets, which silently loses bursts; allow as many as fit the size cap.
+        eio_payload.Payload.max_decode_packets = max(eio_payload.Payload.max_decode_packets,
+                                                     settings.max_payload // 2)
+        self.sio = ChatServer(
+            async_mode="aiohttp",
+            client_manager=FanoutManager(settings.max_queue),
+            async_handlers=False,  # one client's events are handled strictly in order
+            cors_allowed_origins=self._origin_allowed,
+            max_http_buffer_size=settings.max_payload,
+            transports=list(settings.transports),
+            logger=False,
+            engineio_logger=False,
+        )
+        self.sessions: dict[str, Session] = {}
+        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.members: dict[str, collections.Counter[str]] = {}
+        self.typing: dict[str, dict[str, float]] = {}
+        self._pending_leaves: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._auth_failures: dict[str, collections.deque[float]] = {}
+        self._bot_tasks: set[asyncio.Task[Any]] = set()
+        self.started = time.monotonic()
+        self.messages_sent = 0
+        self._register()
+
+    # -- wiring
+
+    def _register(self) -> None:
+        self.sio.on("connect", self.on_connect)
+        self.sio.on("disconnect", self.on_disconnect)
+        for event, handler in (("newmessage", self.on_newmessage), ("join", self.on_join),
+                               ("typing", self.on_typing)):
+            self.sio.on(event, self._guarded(event, handler))
+        self.sio.on("*", self.on_unknown)
+
+    def _guarded(self, event: str, handler: Any) -> Any:
+        """Wrap an event handler so bad input and bugs become a reply, never a crash."""
+
+        async def guarded(sid: str, *args: Any) -> Any:
+            try:
+                return await handler(sid, *args)
+            except InvalidInput as exc:
+                return await self._refuse(sid, event, exc.code, exc.message)
+            except Exception:
+                log.exception("error while handling %r from %s", event, sid)
+                return await self._refuse(sid, event, "internal", "Something went wrong on the server; please retry.")
+
+        return guarded
+
+    async def _refuse(self, sid: str, event: str, code: str, message: str) -> Any:
+        session = self.sessions.get(sid)
+        log.warning("refused %s from %s (%s): %s", event, session.ip if session else sid, code, message)
+        reply = {"ok": False, "error": message, "code": code}
+        if _ack_wanted.get():
+            return reply
+        await self.sio.emit("chat_error", {"error": message, "code": code, "event": event}, to=sid)
+        return None
+
+    # -- origin, address and password checks
+
+    def _origin_allowed(self, origin: str, environ: dict[str, Any]) -> bool:
+        if "*" in self.settings.allow_origins or origin in self.settings.allow_origins:
+            return True
+        request: web.Request | None = environ.get("aiohttp.request")
+        schemes = {request.scheme if request is not None else "http"}
+        hosts = {environ.get("HTTP_HOST", "")}
+        # Behind a TLS-terminating proxy the page's origin is the proxy's.
+        if "HTTP_X_FORWARDED_PROTO" in environ:
+            schemes.add(environ["HTTP_X_FORWARDED_PROTO"].split(",")[0].strip())
+        if "HTTP_X_FORWARDED_HOST" in environ:
+            hosts.add(environ["HTTP_X_FORWARDED_HOST"].split(",")[0].strip())
+        return origin in {f"{s}://{h}" for s in schemes for h in hosts if h}
+
+    def client_address(self, environ: dict[str, Any]) -> str:
+        """The peer's real address (X-Forwarded-For is honoured only with --trust-proxy)."""
+        request: web.Request | None = environ.get("aiohttp.request")
+        address = (request.remote if request is not None else None) or "unknown"
+        if self.settings.trust_proxy:
+            forwarded = environ.get("HTTP_X_FORWARDED_FOR", "")
+            hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+            if hops:
+                address = hops[-1]
+        return address
+
+    def _is_exempt(self, address: str) -> bool:
+        if self.settings.trust_proxy:
+            return False
+        try:
+            return ipaddress.ip_address(address).is_loopback
+        except ValueError:
+            return False
+
+    def _password_ok(self, ip: str, auth: Any) -> bool:
+        if self.settings.password is None:
+            return True
+        now = time.monotonic()
+        failures = self._auth_failures.setdefault(ip, collections.deque())
+        while failures and now - failures[0] > 60:
+            failures.popleft()
+        if len(failures) >= 5:
+            raise socketio.exceptions.ConnectionRefusedError("too many attempts; wait a minute")
+        given = auth.get("password") if isinstance(auth, dict) else None
+        if isinstance(given, str) and hmac.compare_digest(given.encode(), self.settings.password.encode()):
+            return True
+        failures.append(now)
+        return False
+
+    # -- connection lifecycle
+
+    async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        ip = self.client_address(environ)
+        if not self._password_ok(ip, auth):
+            log.warning("refused connection from %s: wrong or missing password", ip)
+            raise socketio.exceptions.ConnectionRefusedError("unauthorized")
+        exempt = self._is_exempt(ip)
+        if not exempt and self.per_ip[ip] >= self.settings.max_per_ip:
+            log.warning("refused connection from %s: over %d connections", ip, self.settings.max_per_ip)
+            raise socketio.exceptions.ConnectionRefusedError("too many connections from your address")
+        self.per_ip[ip] += 1
+        bucket = TokenBucket(self.settings.rate, self.settings.burst)
+        self.sessions[sid] = Session(sid=sid, ip=ip, exempt=exempt, bucket=bucket)
+        await self.sio.enter_room(sid, DEFAULT_ROOM)
+
+    async def on_disconnect(self, sid: str, reason: Any = None) -> None:
+        session = self.sessions.pop(sid, None)
+        if session is None:
+            return
+        self._release_long_poll(sid)
+        self.per_ip[session.ip] -= 1
+        if self.per_ip[session.ip] <= 0:
+            del self.per_ip[session.ip]
+        await self._set_typing(session, False)
+        await self._leave_presence(session.room, session.user)
+
+    def _release_long_poll(self, sid: str) -> None:
+        """Answer a long-polling GET still held open for a client that has gone.
+
+        python-engineio leaves it waiting for the ping timeout (about 45 s)
+        after the client says goodbye, holding a request and a socket.
+        """
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
+        sock = self.sio.eio.sockets.get(eio_sid) if eio_sid else None
+        if sock is not None and not sock.upgraded:
+            sock.queue.put_nowait(None)
+
+    # -- presence and typing
+
+    def member_list(self, room: str) -> list[str]:
+        return sorted(self.members.get(room, {}), key=str.casefold)
+
+    async def _announce(self, room: str, text: str) -> None:
+        await self.sio.emit("system", {"room": room, "text": text, "ts": now_ms()}, room=room)
+
+    async def _emit_presence(self, room: str) -> None:
+        members = self.member_list(room)
+        await self.sio.emit("presence", {"room": room, "members": members, "count": len(members)}, room=room)
+
+    async def _enter_presence(self, room: str, user: str | None) -> None:
+        if not user:
+            return
+        counts = self.members.setdefault(room, collections.Counter())
+        counts[user] += 1
+        pending = self._pending_leaves.pop((room, user), None)
+        if pending is not None:
+            pending.cancel()  # a quick reconnect: no leave and no join line
+        elif counts[user] == 1:
+            await self._announce(room, f"{user} joined")
+        await self._emit_presence(room)
+
+    async def _leave_presence(self, room: str, user: str | None) -> None:
+        if not user:
+            return
+        counts = self.members.get(room)
+        if not counts or counts[user] <= 0:
+            return
+        counts[user] -= 1
+        if counts[user] > 0:
+            return
+        loop = asyncio.get_running_loop()
+        self._pending_leaves[(room, user)] = loop.call_later(
+            self.settings.presence_grace, lambda: self._spawn(self._finish_leave(room, user)))
+
+    async def _finish_leave(self, room: str, user: str) -> None:
+        self._pending_leaves.pop((room, user), None)
+        counts = self.members.get(room)
+        if counts is None or counts[user] > 0:
+            return
+        del counts[user]
+        if not counts:
+            del self.members[room]
+        await self._announce(room, f"{user} left")
+        await self._emit_presence(room)
+
+    async def _rename(self, session: Session, user: str | None) -> None:
+        if user == session.user:
+            return
+        old = session.user
+        await self._set_typing(session, False)
+        session.user = user
+        await self._enter_presence(session.room, user)
+        await self._leave_presence(session.room, old)
+
+    async def _set_typing(self, session: Session, typing: bool) -> None:
+        if session.typing_timer is not None:
+            session.typing_timer.cancel()
+            session.typing_timer = None
+        if not session.user:
+            return
+        room_typing = self.typing.setdefault(session.room, {})
+        was = session.user in room_typing
+        if typing:
+            room_typing[session.user] = time.monotonic()
+            loop = asyncio.get_running_loop()
+            session.typing_timer = loop.call_later(
+                self.settings.typing_timeout, lambda: self._spawn(self._set_typing(session, False)))
+        else:
+            room_typing.pop(session.user, None)
+        if not room_typing:
+            self.typing.pop(session.room, None)
+        if was != typing:
+            await self.sio.emit("typing", {"room": session.room, "users": sorted(room_typing)}, room=session.room)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bot_tasks.add(task)
+        task.add_done_callback(self._bot_tasks.discard)
+
+    # -- events
+
+    async def on_join(self, sid: str, *args: Any) -> dict[str, Any]:
+        """`join` {room, user?, since?}: move to a room; the ack carries history and members."""
+        session = self.sessions[sid]
+        data = expect_object(args, "join")
+        room = clean_room(data.get("room"))
+        user = data.get("user")
+        user = clean_user(user, self.settings.bot_name) if user not in (None, "") else None
+        since = clean_since(data.get("since"))
+        if room != session.room:
+            await self._set_typing(session, False)
+            await self._leave_presence(session.room, session.user)
+            await self.sio.leave_room(sid, session.room)
+            await self.sio.enter_room(sid, room)
+            session.room = room
+            session.user = None
+        await self._rename(session, user)
+        if since is None:
+            history, complete = await self.store.recent(room, self.settings.history), True
+        else:
+            history, complete = await self.store.since(room, since, self.settings.history)
+        return {"ok": True, "room": room, "user": user, "history": [m.wire() for m in history],
+                "complete": complete, "members": self.member_list(room),
+                "typing": sorted(self.typing.get(room, {}))}
+
+    def _rate_ok(self, session: Session) -> bool:
+        assert session.bucket is not None
+        if session.bucket.take():
+            session.flood_started = None
+            return True
+        now = time.monotonic()
+        if session.flood_started is None or now - session.last_refusal > 2.0:
+            session.flood_started = now
+        session.last_refusal = now
+        return False
+
+    async def on_newmessage(self, sid: str, *args: Any) -> dict[str, Any] | None:
+        """`newmessage` {user, body, cid?}: store, broadcast to the room, ack, then ask the bot."""
+        session = self.sessions[sid]
+        data = expect_object(args, "newmessage")
+        user = clean_user(data.get("user"), self.settings.bot_name)
+        body = clean_body(data.get("body"), self.settings.max_length)
+        cid = clean_cid(data.get("cid"))
+        if not self._rate_ok(session):
+            if session.flood_started is not None and \
+                    time.monotonic() - session.flood_started >= self.settings.flood_timeout:
+                log.warning("disconnecting %s (%s): flooding", sid, session.ip)
+                self._spawn(self.sio.disconnect(sid))
+            raise InvalidInput("rate_limited", "You are sending messages too fast; slow down.")
+        room = session.room
+        if cid is not None:
+            earlier = await self.store.find_cid(room, cid)
+            if earlier is not None:
+                return {"ok": True, "id": earlier.id, "ts": earlier.ts, "duplicate": True}
+        await self._rename(session, user)
+        msg = await self.store.append(room, user, body, "user", cid)
+        await self.sio.emit("newmessage", msg.wire(), room=room)
+        self.messages_sent += 1
+        if session.user:
+            await self._set_typing(session, False)
+        self._spawn(self._answer(msg))
+        return {"ok": True, "id": msg.id, "ts": msg.ts}
+
+    async def _answer(self, msg: Message) -> None:
+        try:
+            replies = await self.bot.reply(msg.user, msg.body, msg.room)
+            for text in replies:
+                reply = await self.store.append(msg.room, self.settings.bot_name, text, "bot", None)
+                await self.sio.emit("botmessage", reply.wire(), room=msg.room)
+        except Exception:
+            log.exception("bot failed to answer message %d", msg.id)
+
+    async def on_typing(self, sid: str, *args: Any) -> None:
+        """`typing` {typing: bool}: show or clear this person's typing indicator."""
+        session = self.sessions[sid]
+        data = expect_object(args, "typing")
+        typing = data.get("typing")
+        if not isinstance(typing, bool):
+            raise InvalidInput("bad_typing", "'typing' must be true or false.")
+        await self._set_typing(session, typing)
+
+    async def on_unknown(self, event: str, sid: str, *args: Any) -> Any:
+        return await self._refuse(sid, str(event)[:40], "unknown_event", f"Unknown event '{str(event)[:40]}'.")
+
+    async def close(self) -> None:
+        """Close every connection and stop background work.
+
+        Only the Engine.IO transports are closed, without a Socket.IO disconnect,
+        so that browsers treat it as a lost connection and reconnect by themselves
+        when the server comes back.
+        """
+        for handle in self._pending_leaves.values():
+            handle.cancel()
+        for task in list(self._bot_tasks):
+            task.cancel()
+        if self.sio.eio.sockets:
+            # A polling client that is not polling right now never drains its queue.
+            await asyncio.wait([asyncio.ensure_future(self.sio.eio.disconnect())], timeout=0.5)
+        await self.sio.shutdown()
+
+
+# ---------------------------------------------------------------- web (aiohttp routes and headers)
+
+
+def content_security_policy(settings: Settings) -> str:
+    script_src = "'self'" if settings.client_js else f"'self' {CLIENT_JS_ORIGIN}"
+    return ("default-src 'self'; "
+            f"script-src {script_src}; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+            "frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'")
+
+
+def render_page(settings: Settings) -> str:
+    """The HTML page, with the Socket.IO client script tag for the chosen source."""
+    if settings.client_js:
+        script = '<script src="/socket.io.min.js"></script>'
+    else:
+        script = f'<script src="{CLIENT_JS_CDN}" integrity="{CLIENT_JS_SRI}" crossorigin="anonymous"></script>'
+    return (PAGE_HTML.replace("{{CLIENT_SCRIPT}}", script)
+            .replace("{{BOT_NAME}}", settings.bot_name).replace("{{VERSION}}", __version__))
+
+
+def build_app(settings: Settings, hub: ChatHub) -> web.Application:
+    """The aiohttp application: page, assets, health check and the Socket.IO endpoint."""
+    app = web.Application(client_max_size=settings.max_payload)
+    page = render_page(settings).encode()
+    csp = content_security_policy(settings)
+    client_js = settings.client_js.read_bytes() if settings.client_js else None
+
+    def static(body: bytes, content_type: str) -> Any:
+        async def handler(request: web.Request) -> web.Response:
+            return web.Response(body=body, content_type=content_type, charset="utf-8",
+                                headers={"Cache-Control": "no-cache"})
+        return handler
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({
+            "status": "ok", "clients": len(hub.sessions), "rooms": len(hub.members),
+            "messages": hub.messages_sent, "uptime_s": round(time.monotonic() - hub.started, 1),
+            "bot": settings.bot, "version": __version__})
+
+    async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+        headers = response.headers
+        headers.setdefault("X-Content-Type-Options", "nosniff")
+        headers.setdefault("Referrer-Policy", "no-referrer")
+        if response.content_type == "text/html":
+            headers.setdefault("Content-Security-Policy", csp)
+            headers.setdefault("X-Frame-Options", "DENY")
+
+    app.router.add_get("/", static(page, "text/html"))
+    app.router.add_get("/chat.css", static(PAGE_CSS.encode(), "text/css"))
+    app.router.add_get("/chat.js", static(PAGE_JS.encode(), "text/javascript"))
+    app.router.add_get("/favicon.svg", static(FAVICON_SVG.encode(), "image/svg+xml"))
+    app.router.add_get("/healthz", healthz)
+    if client_js is not None:
+        app.router.add_get("/socket.io.min.js", static(client_js, "text/javascript"))
+    app.on_response_prepare.append(security_headers)
+    hub.sio.attach(app)
+    return app
+
+
+# ---------------------------------------------------------------- embedded assets
+
+FAVICON_SVG = """<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 64 64">\
+<rect width="64" height="64" rx="14" fill="#3b6df0"/>\
+<path d="M16 20h32a4 4 0 0 1 4 4v14a4 4 0 0 1-4 4H30l-10 8v-8h-4a4 4 0 0 1-4-4V24a4 4 0 0 1 4-4z" fill="#fff"/>\
+</svg>"""
+
+PAGE_HTML = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <meta name="viewport" content="width=device-width, initial-scale=1">
+  <meta name="color-scheme" content="light dark">
+  <title>chat.py</title>
+  <link rel="icon" href="/favicon.svg" type="image/svg+xml">
+  <link rel="stylesheet" href="/chat.css">
+</head>
+<body>
+  <header class="topbar">
+    <div class="brand"><span class="logo" aria-hidden="true"></span><h1>chat.py</h1></div>
+    <form id="room-form" class="room" aria-label="Room">
+      <label for="room-input">Room</label>
+      <span class="hash" aria-hidden="true">#</span>
+      <input id="room-input" name="room" autocomplete="off" spellcheck="false" maxlength="32"
+             pattern="[a-z0-9_\\-]{1,32}" title="1-32 lowercase letters, digits, - or _">
+      <button type="submit" class="ghost">Go</button>
+    </form>
+    <p id="status" class="status" role="status" data-state="connecting">connecting…</p>
+  </header>
+  <div id="banner" class="banner" role="alert" hidden></div>
+  <main class="layout">
+    <section class="conversation" aria-label="Messages">
+      <ul id="messages" class="messages" aria-live="polite"></ul>
+      <p id="empty" class="empty">No messages yet. Say hello! {{BOT_NAME}} will answer.</p>
+    </section>
+    <aside class="people" aria-label="People online">
+      <h2>Online <span id="member-count" class="count">0</span></h2>
+      <ul id="members"></ul>
+    </aside>
+  </main>
+  <footer class="composer">
+    <p id="typing" class="typing" aria-live="polite"></p>
+    <form id="message-form" novalidate>
+      <div class="field name-field">
+        <label for="messageUser">Your name</label>
+        <input id="messageUser" name="user" autocomplete="nickname" maxlength="32" placeholder="e.g. Alice">
+      </div>
+      <div class="field body-field">
+        <label for="messageBody">Your message</label>
+        <textarea id="messageBody" name="body" rows="1" placeholder="Type a message… (Enter sends, Shift+Enter for a new line)"></textarea>
+      </div>
+      <button id="send" type="submit">Send</button>
+    </form>
+    <p id="errorMessage" class="error" role="alert" aria-live="assertive"></p>
+  </footer>
+  <dialog id="password-dialog" aria-labelledby="password-title">
+    <form id="password-form" method="dialog">
+      <h2 id="password-title">This chat needs a password</h2>
+      <label for="password-input">Password</label>
+      <input id="password-input" type="password" autocomplete="current-password" required>
+      <p id="password-error" class="error" role="alert"></p>
+      <button type="submit">Join</button>
+    </form>
+  </dialog>
+  <template id="message-template">
+    <li class="message"><div class="meta"><strong class="author"></strong><time class="time"></time>\
+<span class="state"></span></div><div class="body"></div></li>
+  </template>
+  {{CLIENT_SCRIPT}}
+  <script src="/chat.js"></script>
+</body>
+</html>
+"""
+
+PAGE_CSS = """
+:root {
+  --bg: #f4f6fb; --panel: #ffffff; --text: #1b1f2a; --muted: #5f6b7f; --border: #dde2ec;
+  --accent: #3b6df0; --accent-text: #ffffff; --mine: #e5edff; --bot: #d7e7ff; --bot-edge: #6f9cff;
+  --system: #5f6b7f; --error: #c62828; --ok: #1e8e3e; --warn: #b26a00;
+  --radius: 12px; --shadow: 0 1px 2px rgb(0 0 0 / 0.06), 0 2px 8px rgb(0 0 0 / 0.04);
+  --font: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #0f1218; --panel: #181c24; --text: #e7eaf0; --muted: #98a2b3; --border: #2a303c;
+    --accent: #6f94ff; --accent-text: #0b0e14; --mine: #1f2a44; --bot: #16294a; --bot-edge: #4f7df5;
+    --system: #98a2b3; --error: #ff6b6b; --ok: #4cc27a; --warn: #f0b44c;
+    --shadow: 0 1px 2px rgb(0 0 0 / 0.4);
+  }
+}
+* { box-sizing: border-box; }
+html, body { height: 100%; }
+body {
+  margin: 0; display: flex; flex-direction: column; height: 100vh; height: 100dvh; background: var(--bg);
+  color: var(--text); font: 15px/1.45 var(--font);
+}
+[hidden] { display: none !important; }
+.topbar {
+  display: flex; align-items: center; gap: 1rem; padding: .6rem 1rem; background: var(--panel);
+  border-bottom: 1px solid var(--border); flex-wrap: wrap;
+}
+.brand { display: flex; align-items: center; gap: .5rem; }
+.logo { width: 26px; height: 26px; border-radius: 7px; background: var(--accent) url("/favicon.svg") center/cover; }
+h1 { font-size: 1.1rem; margin: 0; letter-spacing: .01em; }
+.room { display: flex; align-items: center; gap: .25rem; margin-left: auto; }
+.room label { color: var(--muted); font-size: .85rem; margin-right: .25rem; }
+.room .hash { color: var(--muted); font-weight: 600; }
+.room input { width: 9rem; }
+.status { margin: 0; font-size: .85rem; padding: .2rem .6rem; border-radius: 999px; border: 1px solid var(--border); }
+.status::before { content: ""; display: inline-block; width: .55rem; height: .55rem; border-radius: 50%;
+  margin-right: .4rem; background: var(--muted); vertical-align: .05rem; }
+.status[data-state="connected"]::before { background: var(--ok); }
+.status[data-state="reconnecting"]::before { background: var(--warn); }
+.status[data-state="offline"]::before, .status[data-state="error"]::before { background: var(--error); }
+.banner { margin: 0; padding: .6rem 1rem; background: var(--error); color: #fff; }
+.banner.info { background: var(--warn); color: #1b1f2a; }
+.layout { flex: 1 1 auto; display: grid; grid-template-columns: 1fr 14rem; min-height: 0; }
+.conversation { position: relative; overflow-y: auto; padding: 1rem; min-height: 0; }
+.messages { list-style: none; margin: 0 auto; padding: 0; max-width: 52rem; display: flex; flex-direction: column; gap: .5rem; }
+.message { background: var(--panel); border: 1px solid var(--border); border-radius: var(--radius);
+  padding: .5rem .8rem; box-shadow: var(--shadow); max-width: 85%; align-self: flex-start; }
+.message.mine { background: var(--mine); align-self: flex-end; }
+.message.bot { background: var(--bot); border-left: 4px solid var(--bot-edge); }
+.message .meta { display: flex; gap: .5rem; align-items: baseline; font-size: .8rem; color: var(--muted); }
+.message .author { color: var(--text); font-size: .9rem; }
+.message .body { white-space: pre-wrap; overflow-wrap: anywhere; }
+.message .state:not(:empty) { font-style: italic; }
+.message.failed { border-color: var(--error); }
+.message.failed .state { color: var(--error); }
+.message .retry { font: inherit; font-size: .8rem; padding: 0 .4rem; margin-left: .3rem; }
+.system { align-self: center; color: var(--system); font-size: .82rem; background: none; border: 0; box-shadow: none; padding: .1rem; }
+.empty { text-align: center; color: var(--muted); margin-top: 3rem; }
+.people { border-left: 1px solid var(--border); background: var(--panel); padding: 1rem; overflow-y: auto; }
+.people h2 { font-size: .9rem; margin: 0 0 .5rem; color: var(--muted); text-transform: uppercase; letter-spacing: .05em; }
+.count { background: var(--accent); color: var(--accent-text); border-radius: 999px; padding: 0 .45rem; font-size: .8rem; }
+.people ul { list-style: none; margin: 0; padding: 0; }
+.people li { padding: .2rem 0; overflow-wrap: anywhere; }
+.people li::before { content: ""; display: inline-block; width: .5rem; height: .5rem; border-radius: 50%;
+  background: var(--ok); margin-right: .5rem; }
+.composer { background: var(--panel); border-top: 1px solid var(--border); padding: .5rem 1rem .8rem; }
+.composer form { display: flex; gap: .6rem; align-items: flex-end; max-width: 60rem; margin: 0 auto; }
+.field { display: flex; flex-direction: column; gap: .2rem; }
+.field label { font-size: .8rem; color: var(--muted); font-weight: 600; }
+.name-field { flex: 0 0 11rem; }
+.body-field { flex: 1 1 auto; }
+input, textarea, button { font: inherit; color: inherit; }
+input, textarea { background: var(--bg); border: 1px solid var(--border); border-radius: 8px; padding: .5rem .6rem; width: 100%; }
+textarea { resize: none; max-height: 8rem; min-height: 2.5rem; }
+input:focus-visible, textarea:focus-visible, button:focus-visible { outline: 2px solid var(--accent); outline-offset: 1px; }
+button { background: var(--accent); color: var(--accent-text); border: 0; border-radius: 8px; padding: .55rem 1.1rem; font-weight: 600; cursor: pointer; }
+button:hover { filter: brightness(1.08); }
+button.ghost { background: transparent; color: var(--accent); border: 1px solid var(--border); padding: .35rem .7rem; }
+.error { color: var(--error); margin: .3rem auto 0; min-height: 1.2em; font-size: .85rem; max-width: 60rem; }
+.typing { color: var(--muted); font-size: .8rem; margin: 0 auto .3rem; min-height: 1.1em; max-width: 60rem; font-style: italic; }
+dialog { border: 1px solid var(--border); border-radius: var(--radius); background: var(--panel); color: var(--text); padding: 1.5rem; }
+dialog::backdrop { background: rgb(0 0 0 / .5); }
+dialog form { display: flex; flex-direction: column; gap: .5rem; min-width: 16rem; }
+dialog h2 { margin: 0 0 .5rem; font-size: 1.1rem; }
+@media (max-width: 700px) {
+  .layout { grid-template-columns: 1fr; }
+  .people { display: none; }
+  .topbar { gap: .5rem; flex-wrap: nowrap; padding: .5rem .75rem; }
+  .brand h1 { font-size: 1rem; }
+  .room label { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
+  .room { margin-left: auto; }
+  .room input { width: 5.5rem; padding: .35rem .5rem; }
+  .status { font-size: .75rem; padding: .15rem .5rem; white-space: nowrap; }
+  .composer form { flex-wrap: wrap; }
+  .name-field { flex: 1 1 100%; }
+  .message { max-width: 92%; }
+}
+"""
+
+PAGE_JS = r"""
+'use strict';
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const els = {
+    status: $('status'), banner: $('banner'), messages: $('messages'), empty: $('empty'),
+    conversation: document.querySelector('.conversation'), members: $('members'),
+    memberCount: $('member-count'), typing: $('typing'), form: $('message-form'),
+    user: $('messageUser'), body: $('messageBody'), error: $('errorMessage'),
+    roomForm: $('room-form'), roomInput: $('room-input'), template: $('message-template'),
+    dialog: $('password-dialog'), passwordForm: $('password-form'),
+    passwordInput: $('password-input'), passwordError: $('password-error'),
+  };
+
+  const showBanner = (text, kind = 'error') => {
+    els.banner.textContent = text;
+    els.banner.className = 'banner' + (kind === 'info' ? ' info' : '');
+    els.banner.hidden = !text;
+  };
+
+  if (typeof window.io !== 'function') {
+    showBanner('The chat could not load its Socket.IO client library, so it cannot connect. ' +
+      'Check your internet connection and reload, or start chat.py with --client-js PATH to serve it locally.');
+    els.status.textContent = 'offline';
+    els.status.dataset.state = 'error';
+    return;
+  }
+
+  const ROOM_RE = /^[a-z0-9_-]{1,32}$/;
+  const SEND_TIMEOUT_MS = 8000;
+  const MAX_TRIES = 4;
+  const store = {
+    get(key) { try { return localStorage.getItem(key); } catch { return null; } },
+    set(key, value) { try { localStorage.setItem(key, value); } catch { /* private mode */ } },
+  };
+  const tabStore = {
+    get(key) { try { return sessionStorage.getItem(key); } catch { return null; } },
+    set(key, value) { try { sessionStorage.setItem(key, value); } catch { /* private mode */ } },
+  };
+
+  let room = new URLSearchParams(location.search).get('room') || 'lobby';
+  const lastSeen = new Map();       // room -> highest message id rendered
+  const rendered = new Map();       // message id -> <li>
+  const pending = new Map();        // cid -> {user, body, room, tries, li, token}
+  let joined = false;
+  let typingSentAt = 0;
+  let typingUsers = [];
+
+  els.user.value = store.get('chat.name') || '';
+  els.roomInput.value = room;
+  document.title = `#${room} · chat.py`;
+
+  const socket = io({
+    auth: (cb) => cb({ password: tabStore.get('chat.password') || undefined }),
+  });
+
+  // ---- rendering
+
+  const atBottom = () => {
+    const c = els.conversation;
+    return c.scrollHeight - c.scrollTop - c.clientHeight < 40;
+  };
+  const scrollToEnd = () => { els.conversation.scrollTop = els.conversation.scrollHeight; };
+  const timeText = (ts) => new Date(ts).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+
+  const makeItem = (user, body, ts, classes) => {
+    const li = els.template.content.firstElementChild.cloneNode(true);
+    li.classList.add(...classes);
+    li.querySelector('.author').textContent = user;
+    const time = li.querySelector('.time');
+    time.textContent = timeText(ts);
+    time.dateTime = new Date(ts).toISOString();
+    li.querySelector('.body').textContent = body;
+    return li;
+  };
+
+  const insertInOrder = (li, id) => {
+    li.dataset.id = String(id);
+    let next = null;
+    for (const other of els.messages.querySelectorAll('li[data-id]')) {
+      if (Number(other.dataset.id) > id) { next = other; break; }
+    }
+    const stick = atBottom();
+    els.messages.insertBefore(li, next ? next : firstPending());
+    els.empty.hidden = true;
+    if (stick) scrollToEnd();
+  };
+  const firstPending = () => els.messages.querySelector('li.pending');
+
+  const renderMessage = (msg) => {
+    if (!msg || typeof msg.id !== 'number' || (msg.room && msg.room !== room)) return;
+    lastSeen.set(room, Math.max(lastSeen.get(room) || 0, msg.id));
+    if (rendered.has(msg.id)) return;
+    const local = msg.cid && pending.get(msg.cid);
+    const isBot = msg.kind === 'bot';
+    const mine = !isBot && (local || msg.user === els.user.value.trim());
+    const classes = [isBot ? 'bot' : 'user'];
+    if (mine) classes.push('mine');
+    const li = makeItem(String(msg.user), String(msg.body), msg.ts, classes);
+    if (local) {
+      local.li.remove();
+      pending.delete(msg.cid);
+    }
+    rendered.set(msg.id, li);
+    insertInOrder(li, msg.id);
+  };
+
+  const renderSystem = (text) => {
+    const li = document.createElement('li');
+    li.className = 'system';
+    li.textContent = text;
+    const stick = atBottom();
+    els.messages.insertBefore(li, firstPending());
+    if (stick) scrollToEnd();
+  };
+
+  const renderMembers = (members) => {
+    els.members.replaceChildren(...members.map((name) => {
+      const li = document.createElement('li');
+      li.textContent = name;
+      return li;
+    }));
+    els.memberCount.textContent = String(members.length);
+  };
+
+  const renderTyping = () => {
+    const me = els.user.value.trim();
+    const others = typingUsers.filter((u) => u !== me);
+    let text = '';
+    if (others.length === 1) text = `${others[0]} is typing…`;
+    else if (others.length === 2) text = `${others[0]} and ${others[1]} are typing…`;
+    else if (others.length > 2) text = `${others.length} people are typing…`;
+    els.typing.textContent = text;
+  };
+
+  const setStatus = (state, text) => {
+    els.status.dataset.state = state;
+    els.status.textContent = text;
+  };
+
+  const showError = (text) => { els.error.textContent = text || ''; };
+
+  // ---- sending with acks, retries and resend after reconnect
+
+  const newCid = () => (crypto.randomUUID ? crypto.randomUUID() :
+    `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`);
+
+  const markPending = (entry, state) => {
+    entry.li.querySelector('.state').textContent = state;
+    entry.li.classList.toggle('failed', state.startsWith('failed'));
+    const old = entry.li.querySelector('.retry');
+    if (old) old.remove();
+    if (state.startsWith('failed')) {
+      const retry = document.createElement('button');
+      retry.type = 'button';
+      retry.className = 'retry ghost';
+      retry.textContent = 'retry';
+      retry.addEventListener('click', () => { entry.tries = 0; transmit(entry); });
+      entry.li.querySelector('.meta').append(retry);
+    }
+  };
+
+  const transmit = (entry) => {
+    if (!socket.connected || !joined) { markPending(entry, 'sending…'); return; }
+    if (entry.tries >= MAX_TRIES) { markPending(entry, 'failed —'); return; }
+    entry.tries += 1;
+    const token = {};
+    entry.token = token;
+    markPending(entry, 'sending…');
+    socket.timeout(SEND_TIMEOUT_MS).emit('newmessage',
+      { user: entry.user, body: entry.body, cid: entry.cid }, (err, ack) => {
+        if (entry.token !== token || !pending.has(entry.cid)) return;
+        if (err) { transmit(entry); return; }
+        if (ack && ack.ok) {
+          if (rendered.has(ack.id)) { entry.li.remove(); pending.delete(entry.cid); return; }
+          markPending(entry, '');
+          entry.li.classList.remove('pending');
+          entry.li.classList.add('sent');
+          rendered.set(ack.id, entry.li);
+          pending.delete(entry.cid);
+          insertInOrder(entry.li, ack.id);
+          lastSeen.set(room, Math.max(lastSeen.get(room) || 0, ack.id));
+        } else {
+          pending.delete(entry.cid);
+          entry.li.remove();
+          showError((ack && ack.error) || 'The server refused the message.');
+          if (!els.body.value) els.body.value = entry.body;
+        }
+      });
+  };
+
+  const send = () => {
+    const user = els.user.value.trim();
+    const body = els.body.value.trim();
+    if (!user || !body) {
+      showError(!user && !body ? 'Please enter your name and a message.' :
+        !user ? 'Please enter your name.' : 'Please type a message.');
+      (!user ? els.user : els.body).focus();
+      return;
+    }
+    showError('');
+    store.set('chat.name', user);
+    const entry = { cid: newCid(), user, body, room, tries: 0, token: null,
+      li: makeItem(user, body, Date.now(), ['user', 'mine', 'pending']) };
+    pending.set(entry.cid, entry);
+    els.messages.append(entry.li);
+    els.empty.hidden = true;
+    scrollToEnd();
+    els.body.value = '';
+    autosize();
+    els.body.focus();
+    typingSentAt = 0;
+    transmit(entry);
+  };
+
+  const flushPending = () => {
+    for (const entry of pending.values()) {
+      if (entry.room === room && !entry.li.classList.contains('failed')) transmit(entry);
+    }
+  };
+
+  // ---- joining rooms
+
+  const join = () => {
+    const user = els.user.value.trim();
+    const since = lastSeen.get(room);
+    joined = false;
+    socket.emit('join', { room, user: user || undefined, since }, (ack) => {
+      if (!ack || !ack.ok) {
+        showBanner((ack && ack.error) || 'Could not join the room.');
+        return;
+      }
+      showBanner('');
+      joined = true;
+      if (since !== undefined && !ack.complete) {
+        renderSystem('Some earlier messages may be missing: you were away longer than the history keeps.');
+      }
+      for (const msg of ack.history) renderMessage(msg);
+      if (since === undefined) scrollToEnd();
+      renderMembers(ack.members || []);
+      typingUsers = ack.typing || [];
+      renderTyping();
+      flushPending();
+    });
+  };
+
+  const switchRoom = (next) => {
+    if (!ROOM_RE.test(next)) {
+      showError('Room names are 1-32 lowercase letters, digits, - or _.');
+      return;
+    }
+    if (next === room) return;
+    room = next;
+    history.pushState(null, '', `?room=${encodeURIComponent(room)}`);
+    document.title = `#${room} · chat.py`;
+    els.roomInput.value = room;
+    els.messages.replaceChildren();
+    rendered.clear();
+    els.empty.hidden = false;
+    renderMembers([]);
+    typingUsers = [];
+    renderTyping();
+    showError('');
+    if (socket.connected) join();
+  };
+
+  // ---- socket events
+
+  socket.on('connect', () => {
+    setStatus('connected', 'connected');
+    join();
+  });
+  socket.on('disconnect', (reason) => {
+    joined = false;
+    if (reason === 'io client disconnect') setStatus('offline', 'offline');
+    else setStatus('reconnecting', 'reconnecting…');
+  });
+  socket.io.on('reconnect_attempt', () => setStatus('reconnecting', 'reconnecting…'));
+  socket.io.on('reconnect_failed', () => setStatus('offline', 'offline'));
+  socket.on('connect_error', (err) => {
+    const reason = err && err.message;
+    if (reason === 'unauthorized' || reason === 'too many attempts; wait a minute') {
+      setStatus('error', 'password needed');
+      els.passwordError.textContent = tabStore.get('chat.password') ?
+        (reason === 'unauthorized' ? 'unauthorized: wrong password' : reason) : '';
+      if (!els.dialog.open) els.dialog.showModal();
+      els.passwordInput.focus();
+    } else if (socket.active) {
+      setStatus('reconnecting', 'reconnecting…');
+    } else {
+      setStatus('error', 'refused');
+      showBanner(`The server refused the connection: ${reason}`);
+    }
+  });
+  socket.on('newmessage', renderMessage);
+  socket.on('botmessage', renderMessage);
+  socket.on('system', (msg) => { if (msg && msg.room === room) renderSystem(String(msg.text)); });
+  socket.on('presence', (msg) => { if (msg && msg.room === room) renderMembers(msg.members || []); });
+  socket.on('typing', (msg) => {
+    if (msg && msg.room === room) { typingUsers = msg.users || []; renderTyping(); }
+  });
+  socket.on('chat_error', (msg) => showError(msg && msg.error));
+  window.addEventListener('offline', () => setStatus('offline', 'offline'));
+  window.addEventListener('online', () => { if (!socket.connected) setStatus('reconnecting', 'reconnecting…'); });
+
+  // ---- form
+
+  const autosize = () => {
+    els.body.style.height = 'auto';
+    els.body.style.height = `${Math.min(els.body.scrollHeight + 2, 128)}px`;
+  };
+  els.form.addEventListener('submit', (event) => { event.preventDefault(); send(); });
+  els.body.addEventListener('keydown', (event) => {
+    if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      send();
+    }
+  });
+  els.body.addEventListener('input', () => {
+    autosize();
+    if (!socket.connected || !els.user.value.trim()) return;
+    const now = Date.now();
+    if (els.body.value && now - typingSentAt > 2000) {
+      typingSentAt = now;
+      socket.emit('typing', { typing: true });
+    } else if (!els.body.value && typingSentAt) {
+      typingSentAt = 0;
+      socket.emit('typing', { typing: false });
+    }
+  });
+  els.user.addEventListener('change', () => {
+    const user = els.user.value.trim();
+    if (user) store.set('chat.name', user);
+    if (socket.connected) join();
+  });
+  els.roomForm.addEventListener('submit', (event) => {
+    event.preventDefault();
+    switchRoom(els.roomInput.value.trim().toLowerCase());
+  });
+  window.addEventListener('popstate', () => {
+    switchRoom(new URLSearchParams(location.search).get('room') || 'lobby');
+  });
+  els.passwordForm.addEventListener('submit', () => {
+    tabStore.set('chat.password', els.passwordInput.value);
+    els.passwordInput.value = '';
+    setStatus('reconnecting', 'connecting…');
+    socket.connect();
+  });
+  (els.user.value ? els.body : els.user).focus();
+})();
+"""
+
+
+# ---------------------------------------------------------------- main()
+
+
+def make_store(settings: Settings) -> Store:
+    """The history store the settings ask for."""
+    if settings.db is not None:
+        return SqliteStore(settings.db, settings.history)
+    return MemoryStore(settings.history)
+
+
+def banner(settings: Settings, url: str) -> str:
+    share = ("share on a LAN or server with --host 0.0.0.0" if settings.host in ("127.0.0.1", "localhost", "::1")
+             else "listening on all given addresses")
+    versions = ", ".join(f"{name} {metadata.version(name)}" for name in ("python-socketio", "aiohttp"))
+    return f"chat.py {__version__}: {url}  (bot: {settings.bot}; {versions}; {share}; Ctrl-C stops)"
+
+
+class StartupError(Exception):
+    """A problem that stops start-up with one clear line and exit code 1."""
+
+
+async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Run the chat until `stop` is set; `ready` receives the URL once it is listening."""
+    stop = stop or asyncio.Event()
+    store = make_store(settings)
+    try:
+        await store.open()
+    except (sqlite3.Error, OSError) as exc:
+        raise StartupError(f"cannot open the database {settings.db}: {exc}") from None
+    hub = ChatHub(settings, store, make_bot(settings))
+    app = build_app(settings, hub)
+    ssl_context = None
+    if settings.tls_cert and settings.tls_key:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ssl_context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupError(f"cannot load the TLS certificate or key: {exc}") from None
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        await store.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(f"port {settings.port} is in use; try --port {settings.port + 1}") from None
+        if exc.errno == errno.EACCES:
+            raise StartupError(f"not allowed to listen on port {settings.port}; try a port above 1023") from None
+        raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+    sockets = getattr(site._server, "sockets", None) or []  # the real port when --port 0
+    port = sockets[0].getsockname()[1] if sockets else settings.port
+    scheme = "https" if ssl_context else "http"
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    url = f"{scheme}://{host}:{port}"
+    print(banner(settings, url), flush=True)
+    if settings.password is None and not _is_loopback_host(settings.host):
+        log.warning("anyone who can reach %s can join: set CHAT_PASSWORD to require a password", settings.host)
+    if ready is not None:
+        ready.set_result(url)
+    try:
+        await stop.wait()
+    finally:
+        await hub.close()
+        await runner.cleanup()
+        await store.close()
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: parse flags, run until Ctrl-C or SIGTERM, exit 0."""
+    settings = parse_settings(argv)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+    if settings.client_js and not settings.client_js.is_file():
+        print(f"chat.py: --client-js {settings.client_js}: no such file", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop=stop)
+
+    try:
+        asyncio.run(run())
+    except StartupError as exc:
+        print(f"chat.py: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    print("chat.py: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

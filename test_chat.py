@@ -1,0 +1,599 @@
+"""Specification of chat.py, as tests.
+
+Every test starts a real chat server on a free loopback port and talks to it with
+real Socket.IO clients: python-socketio's AsyncClient, the JavaScript
+socket.io-client in Node, and Chromium driven by Playwright. Tests that need Node,
+the npm package or Chromium skip when those are missing, and fail instead when
+CHAT_TEST_STRICT=1 (as in CI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import socketio
+
+import chat
+
+HERE = Path(__file__).resolve().parent
+STRICT = os.environ.get("CHAT_TEST_STRICT") == "1"
+NODE_MODULES = Path(os.environ.get("CHAT_NODE_MODULES", HERE / "node_modules"))
+CLIENT_JS = NODE_MODULES / "socket.io-client" / "dist" / "socket.io.min.js"
+CHROMIUM = os.environ.get("CHAT_CHROMIUM", "/usr/bin/chromium")
+
+
+def require(available: bool, what: str) -> None:
+    """Skip when a tool is missing on a laptop; fail in CI (CHAT_TEST_STRICT=1)."""
+    if available:
+        return
+    if STRICT:
+        pytest.fail(f"{what} is required when CHAT_TEST_STRICT=1")
+    pytest.skip(f"{what} is not installed")
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+class Peer:
+    """A python-socketio client that records every event it receives, per event name."""
+
+    def __init__(self, sio: socketio.AsyncClient) -> None:
+        self.sio = sio
+        self.inbox: dict[str, asyncio.Queue[Any]] = collections.defaultdict(asyncio.Queue)
+
+        @sio.on("*")
+        async def _any(event: str, *args: Any) -> None:
+            self.inbox[event].put_nowait(args[0] if len(args) == 1 else args)
+
+    async def next(self, event: str, timeout: float = 5.0) -> Any:
+        return await asyncio.wait_for(self.inbox[event].get(), timeout)
+
+    async def take(self, event: str, count: int, timeout: float = 10.0) -> list[Any]:
+        return [await self.next(event, timeout) for _ in range(count)]
+
+    def pending(self, event: str) -> list[Any]:
+        queue = self.inbox[event]
+        return [queue.get_nowait() for _ in range(queue.qsize())]
+
+    async def say(self, body: str, user: str = "Alice", **extra: Any) -> dict[str, Any]:
+        return await self.sio.call("newmessage", {"user": user, "body": body, **extra}, timeout=10)
+
+    async def join(self, room: str, user: str | None = None, **extra: Any) -> dict[str, Any]:
+        payload = {"room": room, **extra}
+        if user is not None:
+            payload["user"] = user
+        return await self.sio.call("join", payload, timeout=10)
+
+
+StartChat = Callable[..., Awaitable[str]]
+Connect = Callable[..., Awaitable[Peer]]
+
+
+@pytest.fixture
+async def start_chat() -> AsyncIterator[StartChat]:
+    """Start chat.py's real server in this event loop on a free port; returns its URL."""
+    running: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+
+    async def start(**overrides: Any) -> str:
+        settings = chat.Settings(port=0, **overrides)
+        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        stop = asyncio.Event()
+        task = asyncio.create_task(chat.serve(settings, ready=ready, stop=stop))
+        running.append((stop, task))
+        await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED, timeout=10)
+        if task.done():
+            task.result()
+        return ready.result()
+
+    yield start
+    for stop, _ in running:
+        stop.set()
+    for _, task in running:
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def url(start_chat: StartChat) -> str:
+    """A chat server with the shipped defaults, except no rate limit."""
+    return await start_chat(rate=0)
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Connect]:
+    """Connect python-socketio clients; all are disconnected at the end of the test."""
+    peers: list[Peer] = []
+
+    async def make(server_url: str, transports: list[str] | None = None, **kwargs: Any) -> Peer:
+        peer = Peer(socketio.AsyncClient(reconnection=False))
+        await peer.sio.connect(server_url, transports=transports or ["websocket"], wait_timeout=10, **kwargs)
+        peers.append(peer)
+        return peer
+
+    yield make
+    for peer in peers:
+        if peer.sio.connected:
+            await peer.sio.disconnect()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ChatProcess:
+    """chat.py run as a real process, as a user runs it."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "chat.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, **(env or {})})
+        self.banner = ""
+
+    def wait_ready(self, timeout: float = 10.0) -> str:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            match = re.search(r"(https?://\S+)", line)
+            if match:
+                self.banner = line
+                return match.group(1)
+        raise AssertionError(f"chat.py did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
+
+    def stop(self) -> tuple[int, str, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=10)
+        return self.proc.returncode, out, err
+
+
+# ---------------------------------------------------------------- the tutorial's protocol
+
+
+async def test_a_message_is_broadcast_to_every_client_including_the_sender(url: str, connect: Connect) -> None:
+    alice, bob, carol = [await connect(url) for _ in range(3)]
+    await alice.say("Good morning", user="Alice")
+    for peer in (alice, bob, carol):
+        msg = await peer.next("newmessage")
+        assert msg["user"] == "Alice"
+        assert msg["body"] == "Good morning"
+        assert isinstance(msg["id"], int)
+        assert isinstance(msg["ts"], int)
+
+
+async def test_the_tutorial_client_payload_without_ack_or_join_works(url: str, connect: Connect) -> None:
+    tutorial, other = await connect(url), await connect(url)
+    await tutorial.sio.emit("newmessage", {"user": "Tut", "body": "plain emit"})
+    msg = await other.next("newmessage")
+    assert (msg["user"], msg["body"]) == ("Tut", "plain emit")
+    assert msg["room"] == "lobby"
+
+
+async def test_the_sender_gets_an_ack_with_id_and_server_time(url: str, connect: Connect) -> None:
+    peer = await connect(url)
+    before = int(time.time() * 1000)
+    ack = await peer.say("hello?")
+    assert ack["ok"] is True
+    assert isinstance(ack["id"], int)
+    assert before - 1000 <= ack["ts"] <= int(time.time() * 1000) + 1000
+    msg = await peer.next("newmessage")
+    assert (msg["id"], msg["ts"]) == (ack["id"], ack["ts"])
+
+
+async def test_message_ids_increase(url: str, connect: Connect) -> None:
+    peer = await connect(url)
+    ids = [(await peer.say(f"m{i}"))["id"] for i in range(5)]
+    assert ids == sorted(ids) and len(set(ids)) == 5
+
+
+async def test_bot_replies_follow_the_user_message_in_order(url: str, connect: Connect) -> None:
+    alice, bob = await connect(url), await connect(url)
+    await alice.say("hi, anyone here?", user="Alice")
+    msg = await bob.next("newmessage")
+    replies = await bob.take("botmessage", 2)
+    assert [r["body"] for r in replies] == ["Hello, Alice!", "We will be right with you to answer your question."]
+    assert all(r["user"] == "ChatFriend" for r in replies)
+    assert msg["id"] < replies[0]["id"] < replies[1]["id"]
+
+
+async def test_bot_asks_for_a_question_when_there_is_none(url: str, connect: Connect) -> None:
+    peer = await connect(url)
+    await peer.say("just saying")
+    reply = await peer.next("botmessage")
+    assert reply["body"] == "Did you have a question for us today?"
+
+
+@pytest.mark.parametrize(("text", "greets"), [
+    ("hi", True), ("Hello there", True), ("hey!", True), ("oh, HI.", True),
+    ("this is it", False), ("which one", False), ("they said", False), ("shield", False), ("ohio", False),
+])
+async def test_keyword_bot_greets_only_on_whole_words(text: str, greets: bool) -> None:
+    replies = await chat.KeywordBot().reply("Ann", text, "lobby")
+    assert (replies[0] == "Hello, Ann!") is greets
+    assert len(replies) == (2 if greets else 1)
+
+
+async def test_bot_off_sends_no_replies(start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(bot="off", rate=0)
+    peer = await connect(url)
+    await peer.say("hi?")
+    await peer.next("newmessage")
+    await peer.say("second")  # the bot would have answered the first message before this one is stored
+    await peer.next("newmessage")
+    assert peer.pending("botmessage") == []
+
+
+async def test_a_slow_bot_never_delays_chat_traffic(start_chat: StartChat, connect: Connect,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    release = asyncio.Event()
+
+    async def slow_reply(self: Any, user: str, text: str, room: str) -> list[str]:
+        await release.wait()
+        return ["late"]
+
+    monkeypatch.setattr(chat.KeywordBot, "reply", slow_reply)
+    url = await start_chat(rate=0)
+    peer = await connect(url)
+    for body in ("one", "two", "three"):
+        assert (await peer.say(body))["ok"]
+    assert [m["body"] for m in await peer.take("newmessage", 3)] == ["one", "two", "three"]
+    release.set()
+    assert [r["body"] for r in await peer.take("botmessage", 3)] == ["late"] * 3
+
+
+@pytest.mark.parametrize("transports", [["websocket"], ["polling"], ["polling", "websocket"]],
+                         ids=["websocket-only", "polling-only", "polling-then-upgrade"])
+async def test_every_transport_delivers(url: str, connect: Connect, transports: list[str]) -> None:
+    sender = await connect(url, transports=transports)
+    receiver = await connect(url, transports=transports)
+    await sender.say("over " + "+".join(transports))
+    assert (await receiver.next("newmessage"))["body"] == "over " + "+".join(transports)
+    assert sender.sio.transport() == transports[-1] or transports == ["polling", "websocket"]
+
+
+async def test_a_200_message_burst_over_polling_arrives_complete_and_in_order(url: str, connect: Connect) -> None:
+    sender = await connect(url, transports=["polling"])
+    receiver = await connect(url, transports=["polling"])
+    for i in range(200):  # no awaiting acks: the client batches these into few large POSTs
+        await sender.sio.emit("newmessage", {"user": "Burst", "body": f"#{i}"})
+    received = await receiver.take("newmessage", 200, timeout=20)
+    assert [m["body"] for m in received] == [f"#{i}" for i in range(200)]
+
+
+async def test_fifty_clients_all_receive_one_broadcast(url: str, connect: Connect) -> None:
+    peers = await asyncio.gather(*(connect(url) for _ in range(50)))
+    await peers[0].say("to all fifty")
+    bodies = await asyncio.gather(*(p.next("newmessage") for p in peers))
+    assert {b["body"] for b in bodies} == {"to all fifty"}
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+async def test_healthz_reports_status_and_client_count(url: str, connect: Connect) -> None:
+    await connect(url)
+    await connect(url)
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/healthz") as resp:
+        assert resp.status == 200
+        data = await resp.json()
+    assert data["status"] == "ok"
+    assert data["clients"] == 2
+
+
+async def test_page_css_and_js_are_served(url: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        for path, kind in (("/", "text/html"), ("/chat.css", "text/css"), ("/chat.js", "text/javascript")):
+            async with http.get(url + path) as resp:
+                assert resp.status == 200, path
+                assert resp.content_type == kind
+        async with http.get(url + "/") as resp:
+            page = await resp.text()
+    assert "<script>" not in page and "style=" not in page, "no inline script or style"
+    assert '<label for="messageUser">Your name</label>' in page
+    assert '<label for="messageBody">Your message</label>' in page
+
+
+def sri_of(path: Path) -> str:
+    return "sha384-" + base64.b64encode(hashlib.sha384(path.read_bytes()).digest()).decode()
+
+
+async def test_default_page_loads_the_pinned_client_from_the_cdn_with_integrity(url: str) -> None:
+    require(CLIENT_JS.is_file(), f"the npm package socket.io-client ({CLIENT_JS})")
+    async with aiohttp.ClientSession() as http, http.get(url + "/") as resp:
+        page = await resp.text()
+    tag = re.search(r'<script src="([^"]+)" integrity="([^"]+)" crossorigin="anonymous"></script>', page)
+    assert tag, "the CDN script tag carries integrity and crossorigin"
+    assert tag.group(1) == f"https://cdn.socket.io/{chat.CLIENT_JS_VERSION}/socket.io.min.js"
+    package = json.loads((NODE_MODULES / "socket.io-client" / "package.json").read_text())
+    assert package["version"] == chat.CLIENT_JS_VERSION
+    assert tag.group(2) == sri_of(CLIENT_JS)
+
+
+# ---------------------------------------------------------------- command line and process
+
+
+def test_help_explains_every_flag() -> None:
+    out = subprocess.run([sys.executable, str(HERE / "chat.py"), "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for flag in ("--host", "--port", "--bot", "--log-level", "--client-js", "--history", "--db",
+                 "--rate", "--burst", "--allow-origin", "--password", "--tls-cert", "--trust-proxy"):
+        assert flag in out
+
+
+@pytest.mark.parametrize("args", [["--port", "eighty"], ["--port", "70000"], ["--bot", "magic"],
+                                  ["--history", "0"], ["--rate", "-1"], ["--no-such-flag"]])
+def test_bad_flag_values_exit_2_with_a_message(args: list[str]) -> None:
+    result = subprocess.run([sys.executable, str(HERE / "chat.py"), *args], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_port_in_use_prints_one_clear_line_and_exits_1() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--port", str(port)],
+                                capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"chat.py: port {port} is in use; try --port {port + 1}"
+
+
+def test_the_port_environment_variable_is_honoured() -> None:
+    port = free_port()
+    proc = ChatProcess(env={"PORT": str(port)})
+    try:
+        assert proc.wait_ready() == f"http://127.0.0.1:{port}"
+        assert "python-socketio" in proc.banner and "bot: keyword" in proc.banner
+    finally:
+        proc.stop()
+
+
+async def test_sigterm_with_clients_connected_exits_0_within_2_seconds(connect: Connect) -> None:
+    proc = ChatProcess("--port", "0")
+    try:
+        url = proc.wait_ready()
+        await connect(url)
+        await connect(url, transports=["polling"])
+        started = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.proc.wait, 10)
+        elapsed = time.monotonic() - started
+    finally:
+        code, _, err = proc.stop()
+    assert code == 0
+    assert elapsed < 2.0
+    assert "Traceback" not in err
+
+
+def test_ctrl_c_exits_0_without_a_traceback() -> None:
+    proc = ChatProcess("--port", "0")
+    proc.wait_ready()
+    proc.proc.send_signal(signal.SIGINT)
+    code, _, err = proc.stop()
+    assert code == 0
+    assert "Traceback" not in err
+
+
+def test_pep723_dependencies_equal_requirements_txt() -> None:
+    header = re.search(r"^# /// script\n(.*?)^# ///$", (HERE / "chat.py").read_text(), re.S | re.M)
+    assert header
+    script_deps = set(re.findall(r'^#\s+"([^"]+)",?$', header.group(1), re.M))
+    requirements = {line.strip() for line in (HERE / "requirements.txt").read_text().splitlines()
+                    if line.strip() and not line.startswith("#")}
+    assert script_deps == requirements
+
+
+# ---------------------------------------------------------------- the official JavaScript client in Node
+
+NODE_CLIENT = r"""
+const { io } = require('socket.io-client');
+const socket = io(process.argv[2], { transports: ['polling', 'websocket'] });
+const seen = [];
+const timer = setTimeout(() => { console.log(JSON.stringify({ timeout: seen })); process.exit(3); }, 8000);
+const done = () => { console.log(JSON.stringify(seen)); clearTimeout(timer); socket.close(); };
+socket.on('connect', () => {
+  socket.emit('newmessage', { user: 'Node', body: 'hello from node?' }, (ack) => seen.push(['ack', ack]));
+});
+socket.on('newmessage', (m) => seen.push(['newmessage', m]));
+socket.on('botmessage', (m) => { seen.push(['botmessage', m]); if (seen.filter((s) => s[0] === 'botmessage').length === 2) done(); });
+"""
+
+
+async def test_the_official_js_client_in_node_round_trips(url: str, tmp_path: Path) -> None:
+    require(shutil.which("node") is not None, "node")
+    require((NODE_MODULES / "socket.io-client").is_dir(), "the npm package socket.io-client")
+    script = tmp_path / "client.js"
+    script.write_text(NODE_CLIENT)
+    proc = await asyncio.create_subprocess_exec(
+        "node", str(script), url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "NODE_PATH": str(NODE_MODULES)})
+    out, err = await asyncio.wait_for(proc.communicate(), 15)
+    assert proc.returncode == 0, err.decode()
+    seen = json.loads(out)
+    kinds = [kind for kind, _ in seen]
+    assert kinds.index("newmessage") < kinds.index("botmessage")
+    ack = next(data for kind, data in seen if kind == "ack")
+    message = next(data for kind, data in seen if kind == "newmessage")
+    assert ack["ok"] and ack["id"] == message["id"]
+    assert (message["user"], message["body"]) == ("Node", "hello from node?")
+    assert [d["body"] for k, d in seen if k == "botmessage"] == [
+        "Hello, Node!", "We will be right with you to answer your question."]
+
+
+# ---------------------------------------------------------------- a real browser
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    """Debian's Chromium, headless, driven by Playwright."""
+    require(Path(CHROMIUM).exists(), f"Chromium at {CHROMIUM}")
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError:
+        require(False, "the playwright Python package")
+    async with async_playwright() as pw:
+        instance = await pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"])
+        yield instance
+        await instance.close()
+
+
+class BrowserPage:
+    """A browser tab on the chat that fails the test on any console error or page error."""
+
+    def __init__(self, page: Any) -> None:
+        self.page = page
+        self.errors: list[str] = []
+        page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+
+    async def send(self, user: str, body: str, via: str = "enter") -> None:
+        await self.page.get_by_label("Your name").fill(user)
+        await self.page.get_by_label("Your message").fill(body)
+        if via == "enter":
+            await self.page.get_by_label("Your message").press("Enter")
+        else:
+            await self.page.get_by_role("button", name="Send").click()
+
+    def message(self, body: str) -> Any:
+        exact = re.compile("^" + re.escape(body) + "$")
+        return self.page.locator("#messages li.message:not(.bot) .body").filter(has_text=exact)
+
+
+OpenPage = Callable[..., Awaitable[BrowserPage]]
+
+
+@pytest.fixture
+async def open_page(browser: Any) -> AsyncIterator[OpenPage]:
+    """Open the chat in a fresh browser context (its own storage, like another person)."""
+    pages: list[BrowserPage] = []
+
+    async def open_(url: str, path: str = "/", **context_options: Any) -> BrowserPage:
+        context = await browser.new_context(**context_options)
+        tab = BrowserPage(await context.new_page())
+        await tab.page.goto(url + path)
+        await tab.page.locator("#status[data-state=connected]").wait_for(timeout=10000)
+        pages.append(tab)
+        return tab
+
+    yield open_
+    for tab in pages:
+        assert tab.errors == [], f"console errors: {tab.errors}"
+        await tab.page.context.close()
+
+
+@pytest.fixture
+async def page_url(start_chat: StartChat) -> str:
+    """A chat server whose page loads the Socket.IO client same-origin (the test browser is offline)."""
+    require(CLIENT_JS.is_file(), f"the npm package socket.io-client ({CLIENT_JS})")
+    return await start_chat(client_js=CLIENT_JS)
+
+
+async def test_two_people_chat_in_the_browser(page_url: str, open_page: OpenPage) -> None:
+    alice, bob = await open_page(page_url), await open_page(page_url)
+    await alice.send("Alice", "Hi Bob, are you there?")
+    await bob.message("Hi Bob, are you there?").wait_for()
+    await bob.send("Bob", "Yes, hello Alice", via="button")
+    await alice.message("Yes, hello Alice").wait_for()
+    line = alice.page.locator("#messages li.message", has_text="Yes, hello Alice")
+    assert await line.locator(".author").text_content() == "Bob"
+    bot_line = alice.page.locator("#messages li.bot", has_text="Hello, Alice!")
+    await bot_line.wait_for()
+    assert await bot_line.locator(".author").text_content() == "ChatFriend"
+    mine = alice.page.locator("#messages li.mine", has_text="Hi Bob, are you there?")
+    await mine.wait_for()
+    assert await mine.locator(".time").text_content()
+
+
+async def test_enter_sends_clears_the_field_and_keeps_focus(page_url: str, open_page: OpenPage) -> None:
+    tab = await open_page(page_url)
+    await tab.send("Dana", "sent with Enter")
+    await tab.message("sent with Enter").wait_for()
+    body = tab.page.get_by_label("Your message")
+    assert await body.input_value() == ""
+    assert await body.evaluate("el => el === document.activeElement")
+
+
+async def test_the_name_is_remembered(page_url: str, open_page: OpenPage) -> None:
+    tab = await open_page(page_url)
+    await tab.send("Remembered Name", "hello")
+    await tab.message("hello").wait_for()
+    await tab.page.reload()
+    assert await tab.page.get_by_label("Your name").input_value() == "Remembered Name"
+
+
+@pytest.mark.parametrize(("user", "body", "expected"), [
+    ("", "", "Please enter your name and a message."),
+    ("Eve", "", "Please type a message."),
+    ("", "hello", "Please enter your name."),
+    ("   ", "   ", "Please enter your name and a message."),
+])
+async def test_an_incomplete_form_shows_an_error_and_sends_nothing(
+        page_url: str, open_page: OpenPage, connect: Connect, user: str, body: str, expected: str) -> None:
+    tab = await open_page(page_url)
+    watcher = await connect(page_url)
+    await tab.send(user, body)
+    assert await tab.page.locator("#errorMessage").text_content() == expected
+    await watcher.say("marker")  # anything the page sent would arrive before this
+    assert (await watcher.next("newmessage"))["body"] == "marker"
+
+
+XSS_NAMES = ["<img src=x onerror=__pwned=1>", "<script>__pwned=2</script>"]  # within the 32-char limit
+XSS_BODIES = ['<img src=x onerror="window.__pwned=3">', "<script>window.__pwned=4</script>",
+              '<a href="javascript:window.__pwned=5">click me</a>', "<svg onload=window.__pwned=6>"]
+
+
+async def test_html_in_names_and_messages_is_shown_as_text_and_never_runs(
+        page_url: str, open_page: OpenPage) -> None:
+    sender, viewer = await open_page(page_url), await open_page(page_url)
+    for name in XSS_NAMES:
+        for body in XSS_BODIES:
+            await sender.send(name, body)
+            await viewer.page.locator("#messages li.message", has_text=body).last.wait_for()
+    for tab in (sender, viewer):
+        items = tab.page.locator("#messages li.message:not(.bot)")
+        assert await items.count() == len(XSS_NAMES) * len(XSS_BODIES)
+        assert await tab.page.locator("#messages img, #messages script, #messages a, #messages svg").count() == 0
+        shown = await items.locator(".body").all_text_contents()
+        assert set(shown) == set(XSS_BODIES)
+        authors = await items.locator(".author").all_text_contents()
+        assert set(authors) == {" ".join(n.split()) for n in XSS_NAMES}
+        for link in await tab.page.locator("#messages a").all():
+            await link.click()
+        assert await tab.page.evaluate("window.__pwned") is None
+
+
+async def test_the_page_says_so_when_the_client_library_cannot_load(start_chat: StartChat,
+                                                                    browser: Any) -> None:
+    url = await start_chat()  # default page: the CDN, unreachable from the test machine
+    context = await browser.new_context()
+    page = await context.new_page()
+    await page.route("https://cdn.socket.io/**", lambda route: route.abort())
+    await page.goto(url)
+    banner = page.locator("#banner")
+    await banner.wait_for()
+    assert "could not load its Socket.IO client library" in (await banner.text_content() or "")
+    await context.close()
