@@ -42,6 +42,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
+import engineio
 import socketio
 from aiohttp import web
 from engineio import packet as eio_packet
@@ -228,10 +229,11 @@ class Message:
 class InvalidInput(Exception):
     """An inbound payload was refused; `message` is safe to show the sender."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, quiet: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.quiet = quiet  # already logged (e.g. the rest of a flood)
 
 
 def _strip_invisible(text: str) -> str:
@@ -504,13 +506,53 @@ def make_bot(settings: Settings) -> Bot:
 _ack_wanted: contextvars.ContextVar[bool] = contextvars.ContextVar("ack_wanted", default=False)
 
 
+RESERVED_EVENTS = frozenset({"connect", "disconnect", "connect_error", "message"})
+
+
+class EngineServer(engineio.AsyncServer):
+    """Engine.IO server whose disconnects never wait for the client to read.
+
+    python-engineio's disconnect() waits until the client has drained its
+    queue; a polling client that is not polling, or a WebSocket client that
+    stopped reading, never does, and the request or task hangs for good.
+    """
+
+    async def disconnect(self, sid: str | None = None) -> None:
+        for eio_sid in [sid] if sid is not None else list(self.sockets):
+            sock = self.sockets.get(eio_sid)
+            if sock is not None:
+                await sock.close(wait=False, reason=self.reason.SERVER_DISCONNECT)
+                self.sockets.pop(eio_sid, None)
+
+
 class ChatServer(socketio.AsyncServer):
-    """AsyncServer that records whether the client asked for an ack, so refusals go to the right place."""
+    """AsyncServer hardened against untrusted packets.
+
+    It records whether the client asked for an ack (so a refusal goes back the
+    way the client listens), refuses events named like Socket.IO's own
+    lifecycle events, and turns undecodable packets into one warning line.
+    """
+
+    def _engineio_server_class(self) -> type[engineio.AsyncServer]:
+        return EngineServer
+
+    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        try:
+            await super()._handle_eio_message(eio_sid, data)
+        except Exception as exc:  # a packet python-socketio could not decode
+            sid = self.manager.sid_from_eio_sid(eio_sid, "/")
+            log.warning("dropped a malformed packet from %s: %s", sid or eio_sid, type(exc).__name__)
+            if sid is not None:
+                await self.emit("chat_error", {"error": "The server could not read that packet.",
+                                               "code": "bad_packet", "event": None}, to=sid)
 
     async def _handle_event_internal(self, server: Any, sid: str, eio_sid: str, data: Any,
                                      namespace: str, id: int | None) -> None:
         token = _ack_wanted.set(id is not None)
         try:
+            if not isinstance(data, list) or not data or not isinstance(data[0], str) \
+                    or data[0] in RESERVED_EVENTS:
+                data = ["*invalid*", *(data[1:] if isinstance(data, list) else [])]
             await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
         finally:
             _ack_wanted.reset(token)
@@ -528,6 +570,7 @@ class FanoutManager(socketio.AsyncManager):
         super().__init__()
         self.max_queue = max_queue
         self._dropping: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def emit(self, event: str, data: Any, namespace: str, room: Any = None, skip_sid: Any = None,
                    callback: Any = None, to: Any = None, **kwargs: Any) -> None:
@@ -558,19 +601,24 @@ class FanoutManager(socketio.AsyncManager):
             return
         self._dropping.add(eio_sid)
         log.warning("disconnecting %s: it fell %d packets behind", sid, self.max_queue)
+        task = asyncio.get_running_loop().create_task(self._drop(eio_sid))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-        async def drop() -> None:
-            try:
-                await self.server.eio.disconnect(eio_sid)
-            finally:
-                self._dropping.discard(eio_sid)
-
-        task = asyncio.get_running_loop().create_task(drop())
-        _background.add(task)
-        task.add_done_callback(_background.discard)
-
-
-_background: set[asyncio.Task[Any]] = set()
+    async def _drop(self, eio_sid: str) -> None:
+        # Not eio.disconnect(): it waits for the queue to drain, which a client
+        # that stopped reading never does. Close without waiting, free the queue
+        # and wake the writer so it exits.
+        sock = self.server.eio.sockets.get(eio_sid)
+        try:
+            if sock is not None:
+                await sock.close(wait=False, abort=True, reason=self.server.reason.SERVER_DISCONNECT)
+                while not sock.queue.empty():
+                    sock.queue.get_nowait()
+                    sock.queue.task_done()
+                sock.queue.put_nowait(None)
+        finally:
+            self._dropping.discard(eio_sid)
 
 
 class TokenBucket:
@@ -606,6 +654,7 @@ class Session:
     bucket: TokenBucket | None = None
     flood_started: float | None = None
     last_refusal: float = 0.0
+    kicked: bool = False
     typing_timer: asyncio.TimerHandle | None = None
 
 
@@ -658,16 +707,17 @@ class ChatHub:
             try:
                 return await handler(sid, *args)
             except InvalidInput as exc:
-                return await self._refuse(sid, event, exc.code, exc.message)
+                return await self._refuse(sid, event, exc.code, exc.message, quiet=exc.quiet)
             except Exception:
                 log.exception("error while handling %r from %s", event, sid)
                 return await self._refuse(sid, event, "internal", "Something went wrong on the server; please retry.")
 
         return guarded
 
-    async def _refuse(self, sid: str, event: str, code: str, message: str) -> Any:
+    async def _refuse(self, sid: str, event: str, code: str, message: str, quiet: bool = False) -> Any:
         session = self.sessions.get(sid)
-        log.warning("refused %s from %s (%s): %s", event, session.ip if session else sid, code, message)
+        if not quiet:
+            log.warning("refused %s from %s (%s): %s", event, session.ip if session else sid, code, message)
         reply = {"ok": False, "error": message, "code": code}
         if _ack_wanted.get():
             return reply
@@ -719,6 +769,8 @@ class ChatHub:
             raise socketio.exceptions.ConnectionRefusedError("too many attempts; wait a minute")
         given = auth.get("password") if isinstance(auth, dict) else None
         if isinstance(given, str) and hmac.compare_digest(given.encode(), self.settings.password.encode()):
+            if not failures:
+                del self._auth_failures[ip]
             return True
         failures.append(now)
         return False
@@ -872,7 +924,6 @@ class ChatHub:
     def _rate_ok(self, session: Session) -> bool:
         assert session.bucket is not None
         if session.bucket.take():
-            session.flood_started = None
             return True
         now = time.monotonic()
         if session.flood_started is None or now - session.last_refusal > 2.0:
@@ -888,11 +939,14 @@ class ChatHub:
         body = clean_body(data.get("body"), self.settings.max_length)
         cid = clean_cid(data.get("cid"))
         if not self._rate_ok(session):
-            if session.flood_started is not None and \
-                    time.monotonic() - session.flood_started >= self.settings.flood_timeout:
-                log.warning("disconnecting %s (%s): flooding", sid, session.ip)
+            assert session.flood_started is not None
+            flooding_for = time.monotonic() - session.flood_started
+            if flooding_for >= self.settings.flood_timeout and not session.kicked:
+                session.kicked = True
+                log.warning("disconnecting %s (%s): over the rate limit for %.0f s", sid, session.ip, flooding_for)
                 self._spawn(self.sio.disconnect(sid))
-            raise InvalidInput("rate_limited", "You are sending messages too fast; slow down.")
+            raise InvalidInput("rate_limited", "You are sending messages too fast; slow down.",
+                               quiet=flooding_for > 0)
         room = session.room
         if cid is not None:
             earlier = await self.store.find_cid(room, cid)
@@ -926,7 +980,11 @@ class ChatHub:
         await self._set_typing(session, typing)
 
     async def on_unknown(self, event: str, sid: str, *args: Any) -> Any:
-        return await self._refuse(sid, str(event)[:40], "unknown_event", f"Unknown event '{str(event)[:40]}'.")
+        """Any other event name: refused with a reason, never an exception."""
+        if event == "*invalid*":
+            return await self._refuse(sid, event, "bad_event", "That is not a valid event.")
+        name = event[:40]
+        return await self._refuse(sid, name, "unknown_event", f"Unknown event '{name}'.")
 
     async def close(self) -> None:
         """Close every connection and stop background work.
@@ -939,9 +997,8 @@ class ChatHub:
             handle.cancel()
         for task in list(self._bot_tasks):
             task.cancel()
-        if self.sio.eio.sockets:
-            # A polling client that is not polling right now never drains its queue.
-            await asyncio.wait([asyncio.ensure_future(self.sio.eio.disconnect())], timeout=0.5)
+        await self.sio.eio.disconnect()
+        await asyncio.sleep(0.05)  # let WebSocket writers send their close packets
         await self.sio.shutdown()
 
 
@@ -967,7 +1024,6 @@ def render_page(settings: Settings) -> str:
 
 def build_app(settings: Settings, hub: ChatHub) -> web.Application:
     """The aiohttp application: page, assets, health check and the Socket.IO endpoint."""
-    app = web.Application(client_max_size=settings.max_payload)
     page = render_page(settings).encode()
     csp = content_security_policy(settings)
     client_js = settings.client_js.read_bytes() if settings.client_js else None
@@ -984,6 +1040,14 @@ def build_app(settings: Settings, hub: ChatHub) -> web.Application:
             "messages": hub.messages_sent, "uptime_s": round(time.monotonic() - hub.started, 1),
             "bot": settings.bot, "version": __version__})
 
+    @web.middleware
+    async def refuse_large_bodies(request: web.Request, handler: Any) -> web.StreamResponse:
+        # python-engineio would read the body first, then hang disconnecting the sender.
+        if (request.content_length or 0) > settings.max_payload:
+            raise web.HTTPRequestEntityTooLarge(max_size=settings.max_payload,
+                                                actual_size=request.content_length or 0)
+        return await handler(request)
+
     async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
         headers = response.headers
         headers.setdefault("X-Content-Type-Options", "nosniff")
@@ -992,6 +1056,7 @@ def build_app(settings: Settings, hub: ChatHub) -> web.Application:
             headers.setdefault("Content-Security-Policy", csp)
             headers.setdefault("X-Frame-Options", "DENY")
 
+    app = web.Application(client_max_size=settings.max_payload, middlewares=[refuse_large_bodies])
     app.router.add_get("/", static(page, "text/html"))
     app.router.add_get("/chat.css", static(PAGE_CSS.encode(), "text/css"))
     app.router.add_get("/chat.js", static(PAGE_JS.encode(), "text/javascript"))

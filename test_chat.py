@@ -29,6 +29,8 @@ from typing import Any
 import aiohttp
 import pytest
 import socketio
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 import chat
 
@@ -122,7 +124,12 @@ async def connect() -> AsyncIterator[Connect]:
 
     async def make(server_url: str, transports: list[str] | None = None, **kwargs: Any) -> Peer:
         peer = Peer(socketio.AsyncClient(reconnection=False))
-        await peer.sio.connect(server_url, transports=transports or ["websocket"], wait_timeout=10, **kwargs)
+        refusal: list[Any] = []
+        peer.sio.on("connect_error", refusal.append)
+        try:
+            await peer.sio.connect(server_url, transports=transports or ["websocket"], wait_timeout=10, **kwargs)
+        except socketio.exceptions.ConnectionError as exc:
+            raise socketio.exceptions.ConnectionError(f"{exc}: {refusal}") from None
         peers.append(peer)
         return peer
 
@@ -441,6 +448,433 @@ async def test_the_official_js_client_in_node_round_trips(url: str, tmp_path: Pa
         "Hello, Node!", "We will be right with you to answer your question."]
 
 
+# ---------------------------------------------------------------- safety: every input untrusted
+
+
+async def assert_chat_still_works(url: str, connect: Connect) -> None:
+    """After any abuse, a fresh pair of clients must still exchange a message."""
+    first, second = await connect(url), await connect(url, transports=["polling"])
+    await first.say("still alive?", user="Checker")
+    assert (await second.next("newmessage"))["body"] == "still alive?"
+
+
+async def assert_nothing_was_broadcast(watcher: Peer) -> None:
+    """Neither a message nor a bot reply went out before the watcher's own marker message."""
+    marker = await watcher.say("marker", user="Watcher")
+    assert (await watcher.next("newmessage"))["id"] == marker["id"]
+    assert all(reply["id"] > marker["id"] for reply in watcher.pending("botmessage"))
+
+
+DEEP = {"user": "A", "body": "x"}
+for _ in range(200):
+    DEEP = {"a": DEEP}
+
+BAD_PAYLOADS = {
+    "null": None, "string": "hello", "number": 42, "boolean": True, "list": ["A", "hi"], "empty object": {},
+    "no body": {"user": "A"}, "no user": {"body": "hi"}, "user not a string": {"user": 5, "body": "hi"},
+    "body not a string": {"user": "A", "body": ["hi"]}, "body an object": {"user": "A", "body": {"x": 1}},
+    "empty user": {"user": "", "body": "hi"}, "blank user": {"user": " \t ", "body": "hi"},
+    "empty body": {"user": "A", "body": ""}, "blank body": {"user": "A", "body": " \n\t "},
+    "user too long": {"user": "A" * 33, "body": "hi"}, "body too long": {"user": "A", "body": "x" * 2001},
+    "control character in user": {"user": "A\x07B", "body": "hi"},
+    "only control characters in body": {"user": "A", "body": "\x00\x01\x1b"},
+    "deeply nested": DEEP, "large list": [0] * 20000,
+    "bot name": {"user": "ChatFriend", "body": "hi"}, "bot name, other case": {"user": "chatfriend", "body": "hi"},
+    "bot name, spaces": {"user": "  Chat Friend ", "body": "hi"},
+    "bot name, zero-width": {"user": "Chat\u200bFriend", "body": "hi"},
+    "bot name, full-width": {"user": "\uff23\uff48\uff41\uff54\uff26\uff52\uff49\uff45\uff4e\uff44", "body": "hi"},
+    "bad cid": {"user": "A", "body": "hi", "cid": {"x": 1}},
+}
+
+
+@pytest.mark.parametrize("payload", BAD_PAYLOADS.values(), ids=BAD_PAYLOADS.keys())
+async def test_a_malformed_message_is_refused_with_a_reason_in_the_ack(
+        url: str, connect: Connect, payload: Any) -> None:
+    sender, watcher = await connect(url), await connect(url)
+    ack = await sender.sio.call("newmessage", payload, timeout=10)
+    assert ack["ok"] is False
+    assert isinstance(ack["error"], str) and ack["error"]
+    assert sender.sio.connected
+    await assert_nothing_was_broadcast(watcher)
+    await assert_chat_still_works(url, connect)
+
+
+@pytest.mark.parametrize("payload", [None, "hello", {"user": "A"}, {"user": "ChatFriend", "body": "hi"}, DEEP],
+                         ids=["null", "string", "no body", "bot name", "deeply nested"])
+async def test_without_an_ack_the_refusal_arrives_as_a_chat_error_event(
+        url: str, connect: Connect, payload: Any) -> None:
+    sender = await connect(url)
+    await sender.sio.emit("newmessage", payload)
+    error = await sender.next("chat_error")
+    assert error["error"] and error["code"]
+    await assert_chat_still_works(url, connect)
+
+
+async def test_extra_arguments_are_refused(url: str, connect: Connect) -> None:
+    sender = await connect(url)
+    ack = await sender.sio.call("newmessage", ({"user": "A", "body": "hi"}, "extra"), timeout=10)
+    assert ack["ok"] is False
+
+
+async def test_unknown_and_reserved_event_names_are_refused(url: str, connect: Connect) -> None:
+    sender = await connect(url)
+    for event in ("nonsense", "disconnect", "connect"):
+        await sender.sio.emit(event, {"x": 1})
+        assert (await sender.next("chat_error"))["code"] in ("unknown_event", "bad_event")
+    assert (await sender.say("I am still here"))["ok"]
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/healthz") as resp:
+        assert (await resp.json())["clients"] == 1
+
+
+async def test_bodies_keep_newlines_and_lose_other_control_characters(url: str, connect: Connect) -> None:
+    peer = await connect(url)
+    await peer.say("  line one\r\nline\x00 two\x1b[31m\n  ", user="  Zoë \u200b ")
+    msg = await peer.next("newmessage")
+    assert msg["body"] == "line one\nline two[31m"
+    assert msg["user"] == "Zoë"
+
+
+async def test_a_handler_bug_gives_a_generic_error_and_the_server_survives(
+        start_chat: StartChat, connect: Connect, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def broken(*args: Any) -> Any:
+        raise RuntimeError("boom")
+
+    url = await start_chat(rate=0)
+    sender = await connect(url)
+    monkeypatch.setattr(chat.MemoryStore, "append", broken)
+    ack = await sender.say("this will hit the bug")
+    assert ack == {"ok": False, "error": "Something went wrong on the server; please retry.", "code": "internal"}
+    assert "RuntimeError: boom" in caplog.text
+    monkeypatch.undo()
+    await assert_chat_still_works(url, connect)
+
+
+def _is_acceptable(payload: Any) -> bool:
+    try:
+        chat.expect_object((payload,), "newmessage")
+        chat.clean_user(payload.get("user"), "ChatFriend")
+        chat.clean_body(payload.get("body"), 2000)
+        chat.clean_cid(payload.get("cid"))
+    except chat.InvalidInput:
+        return False
+    return True
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12)
+message_like = st.fixed_dictionaries(
+    {}, optional={"user": json_values | st.text(max_size=40), "body": json_values, "cid": json_values})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=json_values | message_like, with_ack=st.booleans())
+async def test_any_json_payload_is_either_valid_or_refused_and_never_broadcast(
+        url: str, connect: Connect, payload: Any, with_ack: bool) -> None:
+    assume(not _is_acceptable(payload))
+    sender = await connect(url)
+    watcher = await connect(url)
+    if with_ack:
+        assert (await sender.sio.call("newmessage", payload, timeout=10))["ok"] is False
+    else:
+        await sender.sio.emit("newmessage", payload)
+        assert (await sender.next("chat_error"))["code"]
+    await assert_nothing_was_broadcast(watcher)
+    await sender.sio.disconnect()
+    await watcher.sio.disconnect()
+
+
+class RawClient:
+    """A bare Engine.IO v4 / Socket.IO v5 client over one TCP connection (WebSocket transport)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, url: str, receive_buffer: int | None = None, headers: str = "") -> RawClient:
+        host, port = url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        if receive_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write((f"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                      f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                      f"Sec-WebSocket-Version: 13\r\n{headers}\r\n").encode())
+        status = await reader.readuntil(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 101"), status
+        client = cls(reader, writer)
+        assert (await client.receive()).startswith("0{")  # Engine.IO open
+        client.send("40")  # Socket.IO connect to the default namespace
+        assert (await client.receive()).startswith("40")
+        return client
+
+    def send(self, text: str) -> None:
+        data, mask = text.encode(), os.urandom(4)
+        length = len(data)
+        header = bytes([0x81]) + (bytes([0x80 | length]) if length < 126 else
+                                  bytes([0x80 | 126]) + length.to_bytes(2, "big") if length < 65536 else
+                                  bytes([0x80 | 127]) + length.to_bytes(8, "big"))
+        self.writer.write(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+
+    async def receive(self) -> str:
+        """The next text frame; a close frame from the server raises ConnectionResetError."""
+        head = await self.reader.readexactly(2)
+        length = head[1] & 0x7F
+        if length == 126:
+            length = int.from_bytes(await self.reader.readexactly(2), "big")
+        elif length == 127:
+            length = int.from_bytes(await self.reader.readexactly(8), "big")
+        data = await self.reader.readexactly(length)
+        if head[0] & 0x0F == 0x8:
+            raise ConnectionResetError(f"closed by the server: {int.from_bytes(data[:2], 'big')}")
+        return data.decode()
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
+
+
+async def clients_connected(url: str) -> int:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/healthz") as resp:
+        return (await resp.json())["clients"]
+
+
+async def wait_until(condition: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Re-check a server-side condition that no event announces, until it holds."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_http_garbage_on_the_socketio_endpoint_gets_400s(url: str, connect: Connect) -> None:
+    async with aiohttp.ClientSession() as http:
+        for query in ("EIO=3&transport=polling", "EIO=4&transport=carrier-pigeon",
+                      "EIO=4&transport=polling&sid=not-a-session", "EIO=4&transport=websocket"):
+            async with http.get(f"{url}/socket.io/?{query}") as resp:
+                assert resp.status == 400, query
+        async with http.post(f"{url}/socket.io/?EIO=4&transport=polling&sid=nope", data="42[") as resp:
+            assert resp.status == 400
+    await assert_chat_still_works(url, connect)
+
+
+@pytest.mark.parametrize("packet", [
+    "42[", "4xyz", '42{"not": "a list"}', "42[1,2]", "4", "42[null]", "42[\"newmessage\"," + "[" * 30000 + "]" * 30000 + "]",
+    '42["newmessage",' + '{"a":' * 10000 + "1" + "}" * 10000 + "]"], ids=[
+    "unterminated", "bad type", "object", "numbers", "empty", "null event", "30000 nested lists", "10000 nested objects"])
+async def test_malformed_packets_are_dropped_with_a_chat_error(url: str, connect: Connect, packet: str) -> None:
+    raw = await RawClient.open(url)
+    raw.send(packet)
+    reply = await asyncio.wait_for(raw.receive(), 5)
+    assert reply.startswith('42["chat_error"'), reply
+    raw.abort()
+    await assert_chat_still_works(url, connect)
+
+
+async def test_an_oversized_polling_post_is_rejected_without_hurting_anyone(url: str, connect: Connect) -> None:
+    bystander = await connect(url)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/socket.io/?EIO=4&transport=polling") as resp:
+            sid = json.loads((await resp.text())[1:])["sid"]
+        big = "42" + json.dumps(["newmessage", {"user": "A", "body": "x" * (2 * 1024 * 1024)}])
+        try:
+            async with http.post(f"{url}/socket.io/?EIO=4&transport=polling&sid={sid}", data=big) as resp:
+                assert resp.status in (400, 413)
+        except aiohttp.ClientOSError:
+            pass  # the server answered 413 and closed the connection before reading the body
+    await bystander.say("bystander fine")
+    assert (await bystander.next("newmessage"))["body"] == "bystander fine"
+    await assert_chat_still_works(url, connect)
+
+
+async def test_an_oversized_websocket_frame_closes_only_that_connection(url: str, connect: Connect) -> None:
+    bystander = await connect(url)
+    raw = await RawClient.open(url)
+    raw.send("42" + json.dumps(["newmessage", {"user": "A", "body": "x" * (2 * 1024 * 1024)}]))
+    with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+        while True:  # the server closes this connection
+            await asyncio.wait_for(raw.receive(), 5)
+    await bystander.say("bystander fine")
+    assert (await bystander.next("newmessage"))["body"] == "bystander fine"
+
+
+@pytest.mark.parametrize("transport", ["polling", "websocket"])
+async def test_a_cross_site_page_cannot_connect(url: str, transport: str) -> None:
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        client = socketio.AsyncClient(reconnection=False)
+        await client.connect(url, transports=[transport], headers={"Origin": "http://evil.example"},
+                             wait_timeout=5)
+
+
+async def test_same_origin_and_allowed_origins_can_connect(start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(allow_origins=("https://embed.example",))
+    await connect(url, headers={"Origin": url}, transports=["polling"])
+    await connect(url, headers={"Origin": "https://embed.example"})
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await connect(url, headers={"Origin": "https://other.example"})
+
+
+async def test_origin_behind_a_tls_terminating_proxy(url: str, connect: Connect) -> None:
+    host = url.removeprefix("http://")
+    await connect(url, headers={"Origin": "https://chat.example", "X-Forwarded-Proto": "https",
+                                "X-Forwarded-Host": "chat.example"})
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await connect(url, headers={"Origin": f"https://{host}"})  # no proxy said it was https
+
+
+async def test_a_flood_is_refused_beyond_the_burst_and_then_disconnected(
+        start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(rate=5, burst=10, flood_timeout=1.0)
+    flooder, bystander = await connect(url), await connect(url)
+    acks = [await flooder.say(f"flood {i}", user="Flood") for i in range(12)]
+    assert all(a["ok"] for a in acks[:10])
+    assert acks[11] == {"ok": False, "error": "You are sending messages too fast; slow down.",
+                        "code": "rate_limited"}
+    await bystander.say("I can still talk", user="Calm")
+    assert "I can still talk" in [m["body"] for m in await bystander.take("newmessage", 11)]
+    deadline = time.monotonic() + 5
+    while flooder.sio.connected and time.monotonic() < deadline:  # keeps flooding until thrown out
+        await flooder.sio.emit("newmessage", {"user": "Flood", "body": "more"})
+        await asyncio.sleep(0.02)
+    assert not flooder.sio.connected
+    await assert_chat_still_works(url, connect)
+
+
+async def test_connections_per_address_are_capped_behind_a_trusted_proxy(
+        start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(trust_proxy=True, max_per_ip=3)
+    same = {"X-Forwarded-For": "203.0.113.7"}
+    for _ in range(3):
+        await connect(url, headers=same)
+    with pytest.raises(socketio.exceptions.ConnectionError, match="too many connections"):
+        await connect(url, headers=same)
+    await connect(url, headers={"X-Forwarded-For": "198.51.100.1, 203.0.113.8"})
+
+
+async def test_loopback_is_exempt_from_the_address_cap_without_trust_proxy(
+        start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(max_per_ip=2)
+    for _ in range(4):  # as through an SSH tunnel: everyone is 127.0.0.1
+        await connect(url, headers={"X-Forwarded-For": "203.0.113.7"})
+
+
+async def test_two_hundred_connections_dropped_abruptly_leave_the_server_fine(url: str, connect: Connect) -> None:
+    raws = await asyncio.gather(*(RawClient.open(url) for _ in range(200)))
+    for raw in raws:
+        raw.abort()
+    await wait_until(lambda: _equals(clients_connected(url), 0))
+    await assert_chat_still_works(url, connect)
+
+
+async def _equals(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected
+
+
+async def test_a_client_that_stops_reading_is_disconnected_and_others_keep_receiving(
+        start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(rate=0, bot="off", max_queue=50)
+    sender, watcher = await connect(url), await connect(url)
+    stalled = await RawClient.open(url, receive_buffer=4096)  # connected, then never reads again
+    body = "".join(chr(65 + (i * 7919) % 26) for i in range(1800))
+    count = 5000  # about 9 MB: more than the kernel's socket buffers can hide
+    for i in range(count):
+        await sender.sio.emit("newmessage", {"user": "Sender", "body": f"{i} {body}"})
+    received = await watcher.take("newmessage", count, timeout=30)
+    assert [int(m["body"].split()[0]) for m in received] == list(range(count))
+    await wait_until(lambda: _equals(clients_connected(url), 2))
+    stalled.abort()
+
+
+async def test_pages_carry_security_headers_and_other_paths_are_refused(url: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url + "/") as resp:
+            csp = resp.headers["Content-Security-Policy"]
+            assert resp.headers["X-Content-Type-Options"] == "nosniff"
+            assert resp.headers["Referrer-Policy"] == "no-referrer"
+        for directive in ("default-src 'self'", "connect-src 'self'", "frame-ancestors 'none'",
+                          "script-src 'self' https://cdn.socket.io", "style-src 'self'"):
+            assert directive in csp
+        assert "unsafe-inline" not in csp
+        async with http.get(url + "/chat.js") as resp:
+            assert resp.headers["X-Content-Type-Options"] == "nosniff"
+        async with http.get(url + "/nothing-here") as resp:
+            assert resp.status == 404
+        async with http.post(url + "/", data="x") as resp:
+            assert resp.status == 405
+        async with http.head(url + "/") as resp:
+            assert resp.status == 200
+
+
+async def test_with_a_local_client_the_csp_allows_no_cdn(start_chat: StartChat) -> None:
+    require(CLIENT_JS.is_file(), "the npm package socket.io-client")
+    url = await start_chat(client_js=CLIENT_JS)
+    async with aiohttp.ClientSession() as http, http.get(url + "/") as resp:
+        assert "cdn.socket.io" not in resp.headers["Content-Security-Policy"]
+        assert '<script src="/socket.io.min.js"></script>' in await resp.text()
+
+
+async def test_a_password_is_required_when_set(start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(password="s3cret")
+    with pytest.raises(socketio.exceptions.ConnectionError, match="unauthorized"):
+        await connect(url)
+    with pytest.raises(socketio.exceptions.ConnectionError, match="unauthorized"):
+        await connect(url, auth={"password": "wrong"})
+    peer = await connect(url, auth={"password": "s3cret"})
+    assert (await peer.say("let in"))["ok"]
+
+
+async def test_password_attempts_are_limited_per_address(start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(password="s3cret", trust_proxy=True)
+    attacker = {"X-Forwarded-For": "203.0.113.9"}
+    for _ in range(5):
+        with pytest.raises(socketio.exceptions.ConnectionError, match="unauthorized"):
+            await connect(url, auth={"password": "guess"}, headers=attacker)
+    with pytest.raises(socketio.exceptions.ConnectionError, match="too many attempts"):
+        await connect(url, auth={"password": "s3cret"}, headers=attacker)
+    await connect(url, auth={"password": "s3cret"}, headers={"X-Forwarded-For": "198.51.100.2"})
+
+
+def test_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHAT_PASSWORD", "from-env")
+    assert chat.parse_settings([]).password == "from-env"
+    assert "from-env" not in repr(chat.parse_settings([]))
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    require(shutil.which("openssl") is not None, "openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+async def test_tls_serves_https_and_wss(start_chat: StartChat, self_signed: tuple[Path, Path]) -> None:
+    import ssl
+
+    cert, key = self_signed
+    url = await start_chat(tls_cert=cert, tls_key=key, rate=0)
+    assert url.startswith("https://")
+    trust = ssl.create_default_context(cafile=str(cert))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as http:
+        async with http.get(url + "/healthz") as resp:
+            assert resp.status == 200
+        peers = []
+        for transports in (["websocket"], ["polling"]):
+            peer = Peer(socketio.AsyncClient(reconnection=False, http_session=http))
+            await peer.sio.connect(url, transports=transports, headers={"Origin": url}, wait_timeout=10)
+            peers.append(peer)
+        await peers[0].say("over TLS")
+        assert (await peers[1].next("newmessage"))["body"] == "over TLS"
+        for peer in peers:
+            await peer.sio.disconnect()
+
+
 # ---------------------------------------------------------------- a real browser
 
 
@@ -491,12 +925,13 @@ async def open_page(browser: Any) -> AsyncIterator[OpenPage]:
     """Open the chat in a fresh browser context (its own storage, like another person)."""
     pages: list[BrowserPage] = []
 
-    async def open_(url: str, path: str = "/", **context_options: Any) -> BrowserPage:
+    async def open_(url: str, path: str = "/", wait_connected: bool = True, **context_options: Any) -> BrowserPage:
         context = await browser.new_context(**context_options)
         tab = BrowserPage(await context.new_page())
-        await tab.page.goto(url + path)
-        await tab.page.locator("#status[data-state=connected]").wait_for(timeout=10000)
         pages.append(tab)
+        await tab.page.goto(url + path)
+        if wait_connected:
+            await tab.page.locator("#status[data-state=connected]").wait_for(timeout=10000)
         return tab
 
     yield open_
@@ -597,3 +1032,33 @@ async def test_the_page_says_so_when_the_client_library_cannot_load(start_chat: 
     await banner.wait_for()
     assert "could not load its Socket.IO client library" in (await banner.text_content() or "")
     await context.close()
+
+
+async def test_the_page_asks_for_the_password_and_refuses_a_wrong_one(
+        start_chat: StartChat, open_page: OpenPage) -> None:
+    require(CLIENT_JS.is_file(), "the npm package socket.io-client")
+    url = await start_chat(client_js=CLIENT_JS, password="open sesame")
+    tab = await open_page(url, wait_connected=False)
+    dialog = tab.page.get_by_role("dialog")
+    await dialog.wait_for()
+    await tab.page.get_by_label("Password", exact=True).fill("wrong")
+    await tab.page.get_by_role("button", name="Join").click()
+    await tab.page.locator("#password-error", has_text="unauthorized").wait_for()
+    await tab.page.get_by_label("Password", exact=True).fill("open sesame")
+    await tab.page.get_by_role("button", name="Join").click()
+    await tab.page.locator("#status[data-state=connected]").wait_for()
+    await tab.send("Ali", "in with the password")
+    await tab.message("in with the password").wait_for()
+    await tab.page.reload()  # remembered for the tab
+    await tab.page.locator("#status[data-state=connected]").wait_for()
+    assert not await dialog.is_visible()
+
+
+async def test_the_page_works_under_its_content_security_policy(page_url: str, open_page: OpenPage) -> None:
+    tab = await open_page(page_url)
+    response = await tab.page.goto(page_url)
+    assert "default-src 'self'" in (await response.all_headers())["content-security-policy"]
+    await tab.page.locator("#status[data-state=connected]").wait_for()
+    await tab.send("Csp", "works under CSP")
+    await tab.message("works under CSP").wait_for()
+    # open_page fails the test on any console error, and CSP violations are console errors
