@@ -320,9 +320,9 @@ class Store(Protocol):
 
     async def open(self) -> None: ...
 
-    async def append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> Message: ...
-
-    async def find_cid(self, room: str, cid: str) -> Message | None: ...
+    async def append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> tuple[Message, bool]:
+        """Store and number a message; if `cid` was already stored in the room, return that one and False."""
+        ...
 
     async def recent(self, room: str, limit: int) -> list[Message]: ...
 
@@ -344,11 +344,14 @@ class MemoryStore:
     async def open(self) -> None:
         return None
 
-    async def append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> Message:
+    async def append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> tuple[Message, bool]:
+        earlier = self._cids.get(room, {}).get(cid) if cid else None
+        if earlier is not None:
+            return earlier, False
         msg = Message(self._next_id, room, user, body, now_ms(), kind, cid)
         self._next_id += 1
         self.remember(msg)
-        return msg
+        return msg, True
 
     def remember(self, msg: Message) -> None:
         """Add an already numbered message to the room's window."""
@@ -362,9 +365,6 @@ class MemoryStore:
         window.append(msg)
         if msg.cid:
             cids[msg.cid] = msg
-
-    async def find_cid(self, room: str, cid: str) -> Message | None:
-        return self._cids.get(room, {}).get(cid)
 
     async def recent(self, room: str, limit: int) -> list[Message]:
         window = self._rooms.get(room, ())
@@ -398,6 +398,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_room_cid ON messages (room, cid) WHER
 class SqliteStore:
     """History in a SQLite file (WAL); all database work runs on one background thread."""
 
+    COLUMNS = "SELECT id, room, user, body, kind, ts, cid FROM messages"
+
     def __init__(self, path: Path, history: int) -> None:
         self.path = path
         self.history = history
@@ -421,34 +423,31 @@ class SqliteStore:
     def _row(row: tuple[Any, ...]) -> Message:
         return Message(id=row[0], room=row[1], user=row[2], body=row[3], kind=row[4], ts=row[5], cid=row[6])
 
-    def _append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> Message:
+    def _append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> tuple[Message, bool]:
         assert self._db is not None
         ts = now_ms()
-        cur = self._db.execute(
-            "INSERT INTO messages (room, user, body, kind, ts, cid) VALUES (?, ?, ?, ?, ?, ?)",
-            (room, user, body, kind, ts, cid))
-        return Message(int(cur.lastrowid or 0), room, user, body, ts, kind, cid)
+        try:
+            cur = self._db.execute(
+                "INSERT INTO messages (room, user, body, kind, ts, cid) VALUES (?, ?, ?, ?, ?, ?)",
+                (room, user, body, kind, ts, cid))
+        except sqlite3.IntegrityError:  # this cid is already stored in this room
+            return self._select(f"{self.COLUMNS} WHERE room = ? AND cid = ?", room, cid)[0], False
+        return Message(int(cur.lastrowid or 0), room, user, body, ts, kind, cid), True
 
-    async def append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> Message:
+    async def append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> tuple[Message, bool]:
         return await self._run(self._append, room, user, body, kind, cid)
 
     def _select(self, sql: str, *params: Any) -> list[Message]:
         assert self._db is not None
         return [self._row(r) for r in self._db.execute(sql, params).fetchall()]
 
-    async def find_cid(self, room: str, cid: str) -> Message | None:
-        rows = await self._run(self._select, "SELECT id, room, user, body, kind, ts, cid FROM messages "
-                               "WHERE room = ? AND cid = ?", room, cid)
-        return rows[0] if rows else None
-
     async def recent(self, room: str, limit: int) -> list[Message]:
-        rows = await self._run(self._select, "SELECT id, room, user, body, kind, ts, cid FROM messages "
-                               "WHERE room = ? ORDER BY id DESC LIMIT ?", room, limit)
+        rows = await self._run(self._select, f"{self.COLUMNS} WHERE room = ? ORDER BY id DESC LIMIT ?", room, limit)
         return rows[::-1]
 
     async def since(self, room: str, after_id: int, limit: int) -> tuple[list[Message], bool]:
-        rows = await self._run(self._select, "SELECT id, room, user, body, kind, ts, cid FROM messages "
-                               "WHERE room = ? AND id > ? ORDER BY id DESC LIMIT ?", room, after_id, limit + 1)
+        rows = await self._run(self._select, f"{self.COLUMNS} WHERE room = ? AND id > ? ORDER BY id DESC LIMIT ?",
+                               room, after_id, limit + 1)
         complete = len(rows) <= limit
         return rows[:limit][::-1], complete
 
@@ -948,12 +947,10 @@ class ChatHub:
             raise InvalidInput("rate_limited", "You are sending messages too fast; slow down.",
                                quiet=flooding_for > 0)
         room = session.room
-        if cid is not None:
-            earlier = await self.store.find_cid(room, cid)
-            if earlier is not None:
-                return {"ok": True, "id": earlier.id, "ts": earlier.ts, "duplicate": True}
         await self._rename(session, user)
-        msg = await self.store.append(room, user, body, "user", cid)
+        msg, created = await self.store.append(room, user, body, "user", cid)
+        if not created:  # a resend of a message already delivered: ack it again, show it once
+            return {"ok": True, "id": msg.id, "ts": msg.ts, "duplicate": True}
         await self.sio.emit("newmessage", msg.wire(), room=room)
         self.messages_sent += 1
         if session.user:
@@ -965,7 +962,7 @@ class ChatHub:
         try:
             replies = await self.bot.reply(msg.user, msg.body, msg.room)
             for text in replies:
-                reply = await self.store.append(msg.room, self.settings.bot_name, text, "bot", None)
+                reply, _ = await self.store.append(msg.room, self.settings.bot_name, text, "bot", None)
                 await self.sio.emit("botmessage", reply.wire(), room=msg.room)
         except Exception:
             log.exception("bot failed to answer message %d", msg.id)
@@ -1089,7 +1086,7 @@ PAGE_HTML = """<!doctype html>
 <body>
   <header class="topbar">
     <div class="brand"><span class="logo" aria-hidden="true"></span><h1>chat.py</h1></div>
-    <form id="room-form" class="room" aria-label="Room">
+    <form id="room-form" class="room" aria-label="Switch room">
       <label for="room-input">Room</label>
       <span class="hash" aria-hidden="true">#</span>
       <input id="room-input" name="room" autocomplete="off" spellcheck="false" maxlength="32"
@@ -1500,6 +1497,7 @@ PAGE_JS = r"""
     els.roomInput.value = room;
     els.messages.replaceChildren();
     rendered.clear();
+    lastSeen.delete(room);  // the list starts empty: ask for the room's recent history, not a replay
     els.empty.hidden = false;
     renderMembers([]);
     typingUsers = [];
@@ -1519,7 +1517,10 @@ PAGE_JS = r"""
     if (reason === 'io client disconnect') setStatus('offline', 'offline');
     else setStatus('reconnecting', 'reconnecting…');
   });
-  socket.io.on('reconnect_attempt', () => setStatus('reconnecting', 'reconnecting…'));
+  socket.io.on('reconnect_attempt', () => {
+    if (navigator.onLine === false) setStatus('offline', 'offline');
+    else setStatus('reconnecting', 'reconnecting…');
+  });
   socket.io.on('reconnect_failed', () => setStatus('offline', 'offline'));
   socket.on('connect_error', (err) => {
     const reason = err && err.message;

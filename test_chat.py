@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -446,6 +447,213 @@ async def test_the_official_js_client_in_node_round_trips(url: str, tmp_path: Pa
     assert (message["user"], message["body"]) == ("Node", "hello from node?")
     assert [d["body"] for k, d in seen if k == "botmessage"] == [
         "Hello, Node!", "We will be right with you to answer your question."]
+
+
+# ---------------------------------------------------------------- rooms, history, presence, typing
+
+
+async def test_a_message_in_one_room_never_reaches_another(url: str, connect: Connect) -> None:
+    team, lobby = await connect(url), await connect(url)
+    await team.join("team", user="Tess")
+    secret = await team.say("team only", user="Tess")
+    await lobby.say("lobby marker", user="Leo")
+    assert (await lobby.next("newmessage"))["body"] == "lobby marker"
+    assert all(m["id"] > secret["id"] for m in lobby.pending("botmessage"))
+    msg = await team.next("newmessage")
+    assert (msg["body"], msg["room"]) == ("team only", "team")
+    assert (await team.next("botmessage"))["room"] == "team", "the bot answers in the room it was asked in"
+
+
+async def test_join_ack_carries_room_history_members_and_typing(url: str, connect: Connect) -> None:
+    first = await connect(url)
+    await first.join("design", user="Ann")
+    await first.say("hello design?", user="Ann")
+    await first.take("botmessage", 2)
+    second = await connect(url)
+    ack = await second.join("design", user="Ben")
+    assert ack["ok"] is True and ack["room"] == "design" and ack["complete"] is True
+    assert [(m["user"], m["body"]) for m in ack["history"]] == [
+        ("Ann", "hello design?"), ("ChatFriend", "Hello, Ann!"),
+        ("ChatFriend", "We will be right with you to answer your question.")]
+    assert [m["kind"] for m in ack["history"]] == ["user", "bot", "bot"]
+    assert ack["members"] == ["Ann", "Ben"]
+    assert ack["typing"] == []
+
+
+async def test_history_keeps_the_last_n_messages_per_room(start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(history=5, rate=0, bot="off")
+    peer = await connect(url)
+    for i in range(12):
+        await peer.say(f"m{i}")
+    ack = await (await connect(url)).join("lobby")
+    assert [m["body"] for m in ack["history"]] == [f"m{i}" for i in range(7, 12)]
+
+
+@pytest.mark.parametrize("room", ["Team", "a b", "x" * 33, "", "émoji", "../etc", 7, ["lobby"]])
+async def test_bad_room_names_are_refused_with_a_reason(url: str, connect: Connect, room: Any) -> None:
+    ack = await (await connect(url)).sio.call("join", {"room": room, "user": "Al"}, timeout=10)
+    assert ack["ok"] is False
+    assert "Room names are 1-32 lowercase letters" in ack["error"]
+
+
+async def test_replay_since_an_id_is_exact_in_order_without_gaps_or_duplicates(
+        url: str, connect: Connect) -> None:
+    writer = await connect(url)
+    await writer.join("replay", user="Wes")
+    seen = await connect(url)
+    ack = await seen.join("replay", user="Sam")
+    ids = [(await writer.say(f"before {i}", user="Wes"))["id"] for i in range(3)]
+    last_seen = ids[-1]
+    await seen.sio.disconnect()
+    after = [(await writer.say(f"after {i}", user="Wes"))["id"] for i in range(4)]
+    expected = [m for m in (await (await connect(url)).join("replay"))["history"] if m["id"] > last_seen]
+    back = await connect(url)
+    ack = await back.join("replay", user="Sam", since=last_seen)
+    assert ack["complete"] is True
+    assert ack["history"] == expected
+    replayed = [m["id"] for m in ack["history"]]
+    assert replayed == sorted(set(replayed))
+    assert set(after) <= set(replayed)
+    assert all(m["id"] > last_seen for m in ack["history"])
+
+
+async def test_replay_older_than_history_says_it_is_incomplete(start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(history=3, rate=0, bot="off")
+    peer = await connect(url)
+    first = await peer.say("m0")
+    for i in range(1, 6):
+        await peer.say(f"m{i}")
+    ack = await (await connect(url)).join("lobby", since=first["id"])
+    assert ack["complete"] is False
+    assert [m["body"] for m in ack["history"]] == ["m3", "m4", "m5"]
+
+
+async def test_a_resent_cid_is_acked_with_the_original_id_and_shown_once(url: str, connect: Connect) -> None:
+    sender, watcher = await connect(url), await connect(url)
+    first = await sender.say("only once", cid="c-123")
+    again = await sender.say("only once", cid="c-123")
+    assert again == {"ok": True, "id": first["id"], "ts": first["ts"], "duplicate": True}
+    other = await connect(url)  # a resend after a reconnect, from a new connection
+    assert (await other.say("only once", cid="c-123"))["id"] == first["id"]
+    await watcher.say("marker", user="Watcher")
+    bodies = [m["body"] for m in await watcher.take("newmessage", 2)]
+    assert bodies == ["only once", "marker"]
+    assert [r["body"] for r in await watcher.take("botmessage", 1)] == ["Did you have a question for us today?"]
+
+
+async def test_the_same_cid_in_another_room_is_another_message(url: str, connect: Connect) -> None:
+    peer = await connect(url)
+    first = await peer.say("lobby copy", cid="same")
+    await peer.join("other")
+    assert (await peer.say("other copy", cid="same"))["id"] != first["id"]
+
+
+async def test_presence_counts_tabs_so_closing_one_of_two_announces_nothing(
+        start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(presence_grace=0.2)
+    watcher = await connect(url)
+    await watcher.join("lobby", user="Watcher")
+    assert (await watcher.next("system"))["text"] == "Watcher joined"
+    assert (await watcher.next("presence"))["members"] == ["Watcher"]
+    tab1, tab2 = await connect(url), await connect(url)
+    await tab1.join("lobby", user="Alice")
+    assert (await watcher.next("system"))["text"] == "Alice joined"
+    await tab2.join("lobby", user="Alice")
+    presence = [await watcher.next("presence") for _ in range(2)]
+    assert presence[-1]["members"] == ["Alice", "Watcher"] and presence[-1]["count"] == 2
+    await tab1.sio.disconnect()
+    await watcher.say("marker after closing one tab", user="Watcher")
+    await watcher.next("newmessage")
+    assert watcher.pending("system") == []
+    await tab2.sio.disconnect()
+    assert (await watcher.next("system"))["text"] == "Alice left"
+    assert (await watcher.next("presence"))["members"] == ["Watcher"]
+
+
+async def test_a_quick_reconnect_makes_no_leave_or_join_lines(start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(presence_grace=3.0)
+    watcher = await connect(url)
+    await watcher.join("lobby", user="Watcher")
+    assert (await watcher.next("system"))["text"] == "Watcher joined"
+    assert (await watcher.next("presence"))["members"] == ["Watcher"]
+    flappy = await connect(url)
+    await flappy.join("lobby", user="Flappy")
+    assert (await watcher.next("system"))["text"] == "Flappy joined"
+    await flappy.sio.disconnect()
+    again = await connect(url)
+    await again.join("lobby", user="Flappy")
+    await watcher.say("marker", user="Watcher")
+    await watcher.next("newmessage")
+    assert watcher.pending("system") == []
+
+
+async def test_typing_is_shown_to_the_room_and_expires(start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(typing_timeout=0.3)
+    typist, watcher = await connect(url), await connect(url)
+    await typist.join("lobby", user="Tia")
+    await watcher.join("lobby", user="Wat")
+    await typist.sio.emit("typing", {"typing": True})
+    assert (await watcher.next("typing"))["users"] == ["Tia"]
+    started = time.monotonic()
+    assert (await watcher.next("typing"))["users"] == []  # nobody said stop: the server expired it
+    assert time.monotonic() - started >= 0.25
+    await typist.sio.emit("typing", {"typing": True})
+    assert (await watcher.next("typing"))["users"] == ["Tia"]
+    await typist.say("done typing", user="Tia")
+    assert (await watcher.next("typing"))["users"] == [], "sending a message stops typing"
+
+
+async def test_typing_with_a_bad_payload_is_refused(url: str, connect: Connect) -> None:
+    peer = await connect(url)
+    await peer.sio.emit("typing", {"typing": "yes"})
+    assert (await peer.next("chat_error"))["code"] == "bad_typing"
+
+
+async def test_sqlite_history_and_ids_survive_a_restart(tmp_path: Path, connect: Connect) -> None:
+    db = tmp_path / "chat.db"
+    port = free_port()
+    first = ChatProcess("--port", str(port), "--db", str(db), "--rate", "0")
+    try:
+        url = first.wait_ready()
+        peer = await connect(url)
+        await peer.join("keep", user="Kim")
+        ids = [(await peer.say(f"persist {i}", user="Kim"))["id"] for i in range(3)]
+        await peer.take("botmessage", 3)
+        await peer.sio.disconnect()
+    finally:
+        assert first.stop()[0] == 0
+    second = ChatProcess("--port", str(port), "--db", str(db), "--rate", "0")
+    try:
+        url = second.wait_ready()
+        peer = await connect(url)
+        ack = await peer.join("keep", user="Kim", since=ids[0])
+        assert [m["body"] for m in ack["history"] if m["kind"] == "user"] == ["persist 1", "persist 2"]
+        assert (await peer.say("after restart", user="Kim"))["id"] > max(m["id"] for m in ack["history"])
+        assert (await peer.say("persist 2", user="Kim", cid="x1"))["ok"]
+    finally:
+        assert second.stop()[0] == 0
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_with_a_database_the_ack_comes_only_after_the_message_is_stored(
+        start_chat: StartChat, connect: Connect, tmp_path: Path) -> None:
+    db = tmp_path / "acked.db"
+    url = await start_chat(db=db, rate=0, bot="off")
+    peer = await connect(url)
+    for i in range(5):
+        ack = await peer.say(f"durable {i}", cid=f"d{i}")
+        with sqlite3.connect(db) as conn:  # a separate reader sees it the moment the ack arrives
+            row = conn.execute("SELECT body FROM messages WHERE id = ?", (ack["id"],)).fetchone()
+        assert row == (f"durable {i}",)
+
+
+async def test_a_bad_database_path_stops_with_one_clear_line(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--port", "0", "--db",
+                             str(tmp_path / "missing-dir" / "x.db")], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1
+    assert result.stderr.startswith("chat.py: cannot open the database")
+    assert "Traceback" not in result.stderr
 
 
 # ---------------------------------------------------------------- safety: every input untrusted
@@ -901,8 +1109,27 @@ class BrowserPage:
     def __init__(self, page: Any) -> None:
         self.page = page
         self.errors: list[str] = []
-        page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        self.expected_network_errors = False  # set by tests that cut the network on purpose
+        page.on("console", self._on_console)
         page.on("pageerror", lambda e: self.errors.append(str(e)))
+
+    def _on_console(self, message: Any) -> None:
+        if message.type != "error":
+            return
+        if self.expected_network_errors and re.search(
+                r"ERR_INTERNET_DISCONNECTED|ERR_CONNECTION_REFUSED|ERR_CONNECTION_RESET|WebSocket connection", message.text):
+            return
+        self.errors.append(message.text)
+
+    async def user_messages(self) -> list[str]:
+        return await self.page.locator("#messages li.message:not(.bot) .body").all_text_contents()
+
+    async def wait_for_messages(self, expected: list[str], timeout: float = 20.0) -> None:
+        """Until the page shows exactly these people's messages, in this order (no event to await here)."""
+        deadline = time.monotonic() + timeout
+        while (shown := await self.user_messages()) != expected:
+            assert time.monotonic() < deadline, f"page shows {shown}, expected {expected}"
+            await asyncio.sleep(0.1)
 
     async def send(self, user: str, body: str, via: str = "enter") -> None:
         await self.page.get_by_label("Your name").fill(user)
@@ -1062,3 +1289,89 @@ async def test_the_page_works_under_its_content_security_policy(page_url: str, o
     await tab.send("Csp", "works under CSP")
     await tab.message("works under CSP").wait_for()
     # open_page fails the test on any console error, and CSP violations are console errors
+
+
+async def test_offline_and_back_every_message_appears_once_in_the_same_order(
+        page_url: str, open_page: OpenPage) -> None:
+    alice, bob = await open_page(page_url), await open_page(page_url)
+    bob.expected_network_errors = True
+    await alice.send("Alice", "before")
+    await bob.wait_for_messages(["before"])
+    await bob.page.context.set_offline(True)
+    await bob.page.locator("#status[data-state=offline]").wait_for()
+    for i in range(3):
+        await alice.send("Alice", f"alice {i}")
+        await bob.send("Bob", f"bob {i}")
+    await alice.message("alice 2").wait_for()
+    pending = bob.page.locator("#messages li.pending .state", has_text="sending…")
+    assert await pending.count() == 3
+    await bob.page.context.set_offline(False)
+    expected = ["before", "alice 0", "alice 1", "alice 2", "bob 0", "bob 1", "bob 2"]
+    await bob.wait_for_messages(expected)
+    await alice.wait_for_messages(expected)
+    assert await pending.count() == 0
+
+
+async def test_after_a_server_restart_with_a_database_pages_reconnect_and_lose_nothing(
+        tmp_path: Path, open_page: OpenPage) -> None:
+    require(CLIENT_JS.is_file(), "the npm package socket.io-client")
+    port = free_port()
+    args = ("--port", str(port), "--db", str(tmp_path / "restart.db"), "--client-js", str(CLIENT_JS))
+    server = ChatProcess(*args)
+    url = server.wait_ready()
+    try:
+        alice, bob = await open_page(url), await open_page(url)
+        for tab in (alice, bob):
+            tab.expected_network_errors = True
+        await alice.send("Alice", "one")
+        await bob.send("Bob", "two")
+        await alice.wait_for_messages(["one", "two"])
+        assert server.stop()[0] == 0
+        await alice.page.locator("#status[data-state=reconnecting]").wait_for()
+        await alice.send("Alice", "three, sent while the server was down")
+        server = ChatProcess(*args)
+        server.wait_ready()
+        await bob.page.locator("#status[data-state=connected]").wait_for(timeout=15000)
+        await bob.send("Bob", "four")
+        expected = ["one", "two", "three, sent while the server was down", "four"]
+        await alice.wait_for_messages(expected)
+        await bob.wait_for_messages(expected)
+    finally:
+        server.stop()
+
+
+async def test_switching_rooms_changes_the_url_the_history_and_the_audience(
+        page_url: str, open_page: OpenPage) -> None:
+    alice, bob = await open_page(page_url), await open_page(page_url)
+    await alice.send("Alice", "in the lobby")
+    await bob.wait_for_messages(["in the lobby"])
+    await alice.page.get_by_label("Room", exact=True).fill("team")
+    await alice.page.get_by_role("button", name="Go").click()
+    await alice.page.wait_for_url("**/?room=team")
+    await alice.wait_for_messages([])
+    await alice.send("Alice", "in the team room")
+    await alice.message("in the team room").wait_for()
+    await bob.send("Bob", "still in the lobby")
+    await bob.wait_for_messages(["in the lobby", "still in the lobby"])
+    assert await alice.user_messages() == ["in the team room"]
+    direct = await open_page(page_url, path="/?room=team")
+    await direct.wait_for_messages(["in the team room"])
+    assert await direct.page.get_by_label("Room", exact=True).input_value() == "team"
+    await alice.page.go_back()
+    await alice.wait_for_messages(["in the lobby", "still in the lobby"])
+
+
+async def test_the_page_shows_who_is_online_and_who_is_typing(page_url: str, open_page: OpenPage) -> None:
+    alice, bob = await open_page(page_url), await open_page(page_url)
+    await alice.send("Alice", "hi")
+    await bob.page.get_by_label("Your name").fill("Bob")
+    await bob.page.get_by_label("Your name").press("Tab")
+    await alice.page.locator("#members li", has_text="Bob").wait_for()
+    assert await alice.page.locator("#member-count").text_content() == "2"
+    assert await alice.page.locator("#members li").all_text_contents() == ["Alice", "Bob"]
+    await bob.page.get_by_label("Your message").press_sequentially("typing away", delay=10)
+    await alice.page.locator("#typing", has_text="Bob is typing…").wait_for()
+    assert await bob.page.locator("#typing").text_content() == "", "you do not see yourself typing"
+    await bob.page.get_by_label("Your message").press("Enter")
+    await alice.page.locator("#typing:empty").wait_for()
+    await alice.page.locator("#messages li.system", has_text="Bob joined").wait_for()
