@@ -25,14 +25,18 @@ import asyncio
 import collections
 import contextvars
 import errno
+import hashlib
 import hmac
 import ipaddress
+import json
 import logging
 import os
+import random
 import re
 import signal
 import sqlite3
 import ssl
+import string
 import sys
 import time
 import unicodedata
@@ -42,6 +46,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
+import aiohttp
 import engineio
 import socketio
 from aiohttp import web
@@ -60,7 +65,7 @@ CLIENT_JS_ORIGIN = "https://cdn.socket.io"
 CLIENT_JS_CDN = f"{CLIENT_JS_ORIGIN}/{CLIENT_JS_VERSION}/socket.io.min.js"
 # sha384 of dist/socket.io.min.js in the socket.io-client 4.8.3 package.
 CLIENT_JS_SRI = "sha384-kzavj5fiMwLKzzD1f8S7TeoVIEi7uKHvbTA3ueZkrzYq75pNQUiUi6Dy98Q3fxb0"
-BOT_MODES = ("keyword", "off")
+BOT_MODES = ("keyword", "rasa", "openai", "off")
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,12 @@ class Settings:
     port: int = 3000
     bot: str = "keyword"
     bot_name: str = "ChatFriend"
+    bot_rules: Path | None = None
+    bot_url: str | None = None
+    bot_model: str = "llama3.2"
+    bot_prompt: str | None = None
+    bot_context: int = 10
+    bot_timeout: float = 20.0
     log_level: str = "info"
     client_js: Path | None = None
     history: int = 100
@@ -109,6 +120,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -132,9 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=_port(env_port) if env_port else 3000,
                    help="port to listen on (default 3000, or the PORT environment variable)")
     p.add_argument("--bot", choices=BOT_MODES, default="keyword",
-                   help="bot backend: keyword rules (default) or off")
+                   help="bot backend: keyword rules (default), rasa, openai (any OpenAI-compatible server) or off")
     p.add_argument("--bot-name", default="ChatFriend",
                    help="the bot's display name, reserved for the bot (default ChatFriend)")
+    p.add_argument("--bot-rules", type=Path, metavar="FILE",
+                   help="keyword mode: load the rules from this JSON file (format in the README)")
+    p.add_argument("--bot-url", metavar="URL",
+                   help="rasa: the Rasa server (default http://localhost:5005); openai: the API base "
+                        "(default http://localhost:11434/v1, Ollama). The key comes from OPENAI_API_KEY")
+    p.add_argument("--bot-model", default="llama3.2", metavar="NAME", help="openai: the model name (default llama3.2)")
+    p.add_argument("--bot-prompt", metavar="TEXT", help="openai: the system prompt (default: a friendly assistant)")
+    p.add_argument("--bot-context", type=_positive_int, default=10, metavar="K",
+                   help="openai: how many recent messages of the room to send as context (default 10)")
+    p.add_argument("--bot-timeout", type=_positive_float, default=20.0, metavar="SECONDS",
+                   help="give up on a bot answer after this long (default 20)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="server log verbosity (default info)")
     p.add_argument("--client-js", type=Path, metavar="PATH",
@@ -175,13 +204,19 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key must be given together")
+    if args.bot_rules and args.bot != "keyword":
+        parser.error("--bot-rules applies to --bot keyword only")
+    if args.bot_url and not re.match(r"https?://[^/\s]+", args.bot_url):
+        parser.error(f"--bot-url must be an http:// or https:// URL, got {args.bot_url!r}")
     password = args.password if args.password is not None else os.environ.get("CHAT_PASSWORD") or None
     try:
         bot_name = clean_user(args.bot_name, bot_name="")
     except InvalidInput as exc:
         parser.error(f"--bot-name: {exc.message}")
     return Settings(
-        host=args.host, port=args.port, bot=args.bot, bot_name=bot_name, log_level=args.log_level,
+        host=args.host, port=args.port, bot=args.bot, bot_name=bot_name, bot_rules=args.bot_rules,
+        bot_url=args.bot_url, bot_model=args.bot_model, bot_prompt=args.bot_prompt, bot_context=args.bot_context,
+        bot_timeout=args.bot_timeout, log_level=args.log_level,
         client_js=args.client_js, history=args.history, db=args.db, max_length=args.max_length,
         rate=args.rate, burst=args.burst, flood_timeout=args.flood_timeout, max_per_ip=args.max_per_ip,
         max_queue=args.max_queue, allow_origins=tuple(args.allow_origin), password=password,
@@ -461,43 +496,401 @@ class SqliteStore:
 # ---------------------------------------------------------------- bots
 
 
+@dataclass(frozen=True)
+class BotTurn:
+    """What a bot is asked: one person's message, who sent it, and the room's recent messages."""
+
+    user: str
+    text: str
+    room: str
+    sender_id: str  # stable per person and room, for backends that keep conversation state
+    context: tuple[Message, ...] = ()  # oldest first, ending with this message
+
+
 class Bot(Protocol):
     """A chat bot backend: a person's message in, zero or more replies out."""
 
-    async def reply(self, user: str, text: str, room: str) -> list[str]: ...
+    shows_typing: bool  # slow backends: the page shows the bot typing while it works
+
+    async def open(self) -> None: ...
+
+    async def reply(self, turn: BotTurn) -> list[str]: ...
+
+    async def check(self) -> str | None:
+        """None when the backend answers, else why not (checked once at start-up)."""
+        ...
+
+    async def close(self) -> None: ...
 
 
-_GREETING = re.compile(r"\b(hello|hi|hey)\b", re.IGNORECASE)
+class BotUnavailable(Exception):
+    """The backend failed; the message says why, for one log line."""
+
+
+class RulesError(Exception):
+    """A --bot-rules file is not valid; the message names the rule and the problem."""
+
+
+DEFAULT_RULES: dict[str, Any] = {
+    "rules": [
+        {"name": "greeting", "words": ["hello", "hi", "hey"], "replies": ["Hello, {user}!"]},
+        {"name": "question", "pattern": r"\?", "replies": ["We will be right with you to answer your question."]},
+        {"name": "no question", "pattern": r"^[^?]*$", "replies": ["Did you have a question for us today?"]},
+    ],
+    "fallback": [],
+}
+
+
+@dataclass(frozen=True)
+class KeywordRule:
+    """One rule: a pattern to look for and the reply templates to choose from."""
+
+    name: str
+    pattern: re.Pattern[str]
+    replies: tuple[str, ...]
+    stop: bool = False
+
+
+def _check_templates(where: str, templates: Any) -> tuple[str, ...]:
+    if not isinstance(templates, list) or not templates or not all(isinstance(t, str) and t for t in templates):
+        raise RulesError(f"{where}: 'replies' must be a non-empty list of non-empty strings")
+    for template in templates:
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        except ValueError as exc:
+            raise RulesError(f"{where}: bad template {template!r}: {exc}") from None
+        if fields - {"user"}:
+            raise RulesError(f"{where}: template {template!r} may only use {{user}}, not {sorted(fields - {'user'})}")
+    return tuple(templates)
+
+
+def parse_rules(data: Any) -> tuple[tuple[KeywordRule, ...], tuple[str, ...]]:
+    """Validate a rules document (see README, "Bots"); raises RulesError naming the rule."""
+    if not isinstance(data, dict):
+        raise RulesError("the file must hold a JSON object with \"rules\" and optionally \"fallback\"")
+    unknown = set(data) - {"rules", "fallback"}
+    if unknown:
+        raise RulesError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
+    raw_rules = data.get("rules")
+    if not isinstance(raw_rules, list) or not raw_rules:
+        raise RulesError("\"rules\" must be a non-empty list")
+    rules = []
+    for index, raw in enumerate(raw_rules, 1):
+        where = f"rule {index}"
+        if not isinstance(raw, dict):
+            raise RulesError(f"{where}: must be an object")
+        if isinstance(raw.get("name"), str):
+            where += f" ({raw['name']!r})"
+        unknown = set(raw) - {"name", "words", "pattern", "replies", "stop"}
+        if unknown:
+            raise RulesError(f"{where}: unknown key(s): {', '.join(sorted(unknown))}")
+        if ("words" in raw) == ("pattern" in raw):
+            raise RulesError(f"{where}: give exactly one of 'words' or 'pattern'")
+        if "words" in raw:
+            words = raw["words"]
+            if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
+                raise RulesError(f"{where}: 'words' must be a non-empty list of non-empty strings")
+            pattern = re.compile(r"\b(?:" + "|".join(re.escape(w.strip()) for w in words) + r")\b", re.IGNORECASE)
+        else:
+            if not isinstance(raw["pattern"], str) or not raw["pattern"]:
+                raise RulesError(f"{where}: 'pattern' must be a non-empty string")
+            try:
+                pattern = re.compile(raw["pattern"], re.IGNORECASE)
+            except re.error as exc:
+                raise RulesError(f"{where}: 'pattern' is not a valid regular expression: {exc}") from None
+        if not isinstance(raw.get("stop", False), bool):
+            raise RulesError(f"{where}: 'stop' must be true or false")
+        rules.append(KeywordRule(str(raw.get("name", index)), pattern, _check_templates(where, raw.get("replies")),
+                                 raw.get("stop", False)))
+    fallback = data.get("fallback", [])
+    if fallback != []:
+        fallback = _check_templates("fallback", fallback)
+    return tuple(rules), tuple(fallback)
+
+
+def load_rules(path: Path) -> tuple[tuple[KeywordRule, ...], tuple[str, ...]]:
+    """Read and validate a --bot-rules JSON file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RulesError(f"cannot read the file: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RulesError(f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    return parse_rules(data)
 
 
 class KeywordBot:
-    """The tutorial's rules: greet on hello/hi/hey as words, then answer questions or ask for one."""
+    """Ordered keyword rules: every matching rule adds one reply; a rule with stop ends the search.
 
-    async def reply(self, user: str, text: str, room: str) -> list[str]:
-        if not user:
-            return ["Hello!", "What is your name?"]
-        if not text:
-            return ["What did you want to ask?"]
+    The default rules are the tutorial's, with its bug fixed: greet only on the
+    words hello/hi/hey, then answer a question or ask for one.
+    """
+
+    shows_typing = False
+
+    def __init__(self, rules: tuple[tuple[KeywordRule, ...], tuple[str, ...]] | None = None) -> None:
+        self.rules, self.fallback = rules or parse_rules(DEFAULT_RULES)
+        self._random = random.Random()
+
+    async def open(self) -> None:
+        return None
+
+    async def check(self) -> str | None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _fill(self, templates: tuple[str, ...], user: str) -> str:
+        return self._random.choice(templates).format(user=user)
+
+    async def reply(self, turn: BotTurn) -> list[str]:
         replies = []
-        if _GREETING.search(text):
-            replies.append(f"Hello, {user}!")
-        if "?" in text:
-            replies.append("We will be right with you to answer your question.")
-        else:
-            replies.append("Did you have a question for us today?")
+        for rule in self.rules:
+            if rule.pattern.search(turn.text):
+                replies.append(self._fill(rule.replies, turn.user))
+                if rule.stop:
+                    break
+        if not replies and self.fallback:
+            replies.append(self._fill(self.fallback, turn.user))
         return replies
 
 
-class SilentBot:
+class SilentBot(KeywordBot):
     """--bot off: never replies."""
 
-    async def reply(self, user: str, text: str, room: str) -> list[str]:
+    def __init__(self) -> None:
+        super().__init__()
+
+    async def reply(self, turn: BotTurn) -> list[str]:
         return []
+
+
+class HttpBot:
+    """Shared plumbing for bots behind an HTTP API: one client session, clear failure reasons."""
+
+    shows_typing = True
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout))
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def _probe(self, url: str) -> str | None:
+        assert self.session is not None
+        try:
+            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=3)) as resp:
+                return None if resp.status < 400 else f"HTTP {resp.status} from {url}"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            return f"{url}: {describe_error(exc)}"
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short human reason for a failed HTTP call."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect ({exc.os_error.strerror or exc.os_error})"
+    return str(exc) or type(exc).__name__
+
+
+def _json_error(body: Any) -> str | None:
+    if isinstance(body, dict) and "error" in body:
+        error = body["error"]
+        message = error.get("message") if isinstance(error, dict) else error
+        return f"error from the backend: {str(message)[:200]}"
+    return None
+
+
+class RasaBot(HttpBot):
+    """Rasa's REST channel: POST {url}/webhooks/rest/webhook {sender, message} -> [{text|image|buttons}]."""
+
+    async def check(self) -> str | None:
+        return await self._probe(self.url + "/")
+
+    async def reply(self, turn: BotTurn) -> list[str]:
+        assert self.session is not None
+        url = self.url + "/webhooks/rest/webhook"
+        async with self.session.post(url, json={"sender": turn.sender_id, "message": turn.text}) as resp:
+            try:
+                body = await resp.json(content_type=None)
+            except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+                raise BotUnavailable(f"HTTP {resp.status}, malformed JSON from {url}") from None
+            if resp.status >= 400:
+                raise BotUnavailable(_json_error(body) or f"HTTP {resp.status} from {url}")
+        if not isinstance(body, list):
+            raise BotUnavailable(_json_error(body) or f"expected a JSON list from {url}")
+        replies = []
+        for item in body:  # Rasa answers errors with 200 and []: no reply, not a failure
+            if not isinstance(item, dict):
+                continue
+            if isinstance(item.get("text"), str) and item["text"].strip():
+                replies.append(item["text"])
+            if isinstance(item.get("image"), str) and item["image"].strip():
+                replies.append(item["image"])
+            buttons = item.get("buttons")
+            if isinstance(buttons, list):
+                titles = [str(b.get("title") or b.get("payload")) for b in buttons
+                          if isinstance(b, dict) and (b.get("title") or b.get("payload"))]
+                if titles:
+                    replies.append("Options: " + " | ".join(titles))
+        return replies
+
+
+class OpenAIBot(HttpBot):
+    """Any OpenAI-compatible chat completions server (Ollama, llama.cpp, vLLM, ...), streamed."""
+
+    def __init__(self, url: str, timeout: float, model: str, prompt: str, bot_name: str) -> None:
+        super().__init__(url, timeout)
+        self.model = model
+        self.prompt = prompt
+        self.bot_name = bot_name
+
+    async def check(self) -> str | None:
+        return await self._probe(self.url + "/models")
+
+    def request_body(self, turn: BotTurn) -> dict[str, Any]:
+        """The chat completions request: system prompt, then the room's recent messages with roles."""
+        messages = [{"role": "system", "content": self.prompt}]
+        for msg in turn.context:
+            if msg.kind == "bot":
+                messages.append({"role": "assistant", "content": msg.body})
+            else:
+                messages.append({"role": "user", "content": f"{msg.user}: {msg.body}"})
+        return {"model": self.model, "messages": messages, "stream": True}
+
+    async def reply(self, turn: BotTurn) -> list[str]:
+        assert self.session is not None
+        url = self.url + "/chat/completions"
+        headers = {"Accept": "text/event-stream"}
+        key = os.environ.get("OPENAI_API_KEY")
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        async with self.session.post(url, json=self.request_body(turn), headers=headers) as resp:
+            if resp.status >= 400 or resp.content_type != "text/event-stream":
+                raw = await resp.read()
+                try:
+                    body = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise BotUnavailable(f"HTTP {resp.status}, malformed JSON from {url}") from None
+                if resp.status >= 400 or _json_error(body):
+                    raise BotUnavailable(_json_error(body) or f"HTTP {resp.status} from {url}")
+                return self._whole_answer(body, url)
+            text = await self._read_stream(resp, url)
+        return [text] if text.strip() else []
+
+    @staticmethod
+    def _whole_answer(body: Any, url: str) -> list[str]:
+        try:
+            content = body["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise BotUnavailable(f"no choices[0].message.content in the answer from {url}") from None
+        return [content] if isinstance(content, str) and content.strip() else []
+
+    @staticmethod
+    async def _read_stream(resp: aiohttp.ClientResponse, url: str) -> str:
+        parts: list[str] = []
+        async for raw_line in resp.content:
+            line = raw_line.decode("utf-8", "replace").strip()
+            if not line or line.startswith(":"):
+                continue  # blank separators and keep-alive comments
+            if not line.startswith("data:"):
+                continue  # event:, id:, retry: fields carry nothing we need
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return "".join(parts)
+            try:
+                chunk = json.loads(data)
+            except json.JSONDecodeError:
+                raise BotUnavailable(f"malformed JSON in the stream from {url}") from None
+            if _json_error(chunk):
+                raise BotUnavailable(_json_error(chunk) or "")
+            try:
+                delta = chunk["choices"][0].get("delta") or {}
+            except (KeyError, IndexError, TypeError, AttributeError):
+                continue
+            if isinstance(delta.get("content"), str):
+                parts.append(delta["content"])
+        raise BotUnavailable(f"the stream from {url} ended before [DONE]")
+
+
+def default_prompt(bot_name: str) -> str:
+    return (f"You are {bot_name}, a friendly assistant in a group chat. Answer briefly and helpfully, "
+            "in plain text. People's messages are prefixed with their names.")
 
 
 def make_bot(settings: Settings) -> Bot:
     """The bot backend the settings ask for."""
-    return SilentBot() if settings.bot == "off" else KeywordBot()
+    if settings.bot == "off":
+        return SilentBot()
+    if settings.bot == "rasa":
+        return RasaBot(settings.bot_url or "http://localhost:5005", settings.bot_timeout)
+    if settings.bot == "openai":
+        return OpenAIBot(settings.bot_url or "http://localhost:11434/v1", settings.bot_timeout,
+                         settings.bot_model, settings.bot_prompt or default_prompt(settings.bot_name),
+                         settings.bot_name)
+    return KeywordBot(load_rules(settings.bot_rules) if settings.bot_rules else None)
+
+
+class BotRunner:
+    """Runs a bot off the receive path, so that the bot can never hurt the chat.
+
+    At most `limit` calls run at once; a call waiting longer than the timeout for a
+    slot is dropped; each call has the timeout; any failure logs one warning and
+    the room sees at most one "unavailable" line a minute; replies are capped.
+    """
+
+    UNAVAILABLE_EVERY = 60.0
+
+    def __init__(self, bot: Bot, settings: Settings) -> None:
+        self.bot = bot
+        self.name = settings.bot_name
+        self.timeout = settings.bot_timeout
+        self.max_length = settings.max_length
+        self.slots = asyncio.Semaphore(4)
+        self._last_unavailable: dict[str, float] = {}
+
+    async def answer(self, turn: BotTurn) -> list[str] | None:
+        """The capped replies, or None when the backend failed (already logged)."""
+        try:
+            await asyncio.wait_for(self.slots.acquire(), self.timeout)
+        except asyncio.TimeoutError:
+            log.warning("bot busy: dropped a message in #%s after waiting %.0f s", turn.room, self.timeout)
+            return []
+        try:
+            replies = await asyncio.wait_for(self.bot.reply(turn), self.timeout)
+        except asyncio.TimeoutError:
+            log.warning("%s is unavailable: no answer within %.0f s", self.name, self.timeout)
+            return None
+        except BotUnavailable as exc:
+            log.warning("%s is unavailable: %s", self.name, exc)
+            return None
+        except (aiohttp.ClientError, OSError) as exc:
+            log.warning("%s is unavailable: %s", self.name, describe_error(exc))
+            return None
+        finally:
+            self.slots.release()
+        return [self._cap(str(r).strip()) for r in replies if str(r).strip()][:10]
+
+    def _cap(self, text: str) -> str:
+        return text if len(text) <= self.max_length else text[: self.max_length - 1] + "…"
+
+    def should_announce(self, room: str) -> bool:
+        """True at most once a minute per room: time to say the bot is unavailable."""
+        now = time.monotonic()
+        if now - self._last_unavailable.get(room, -self.UNAVAILABLE_EVERY) < self.UNAVAILABLE_EVERY:
+            return False
+        self._last_unavailable[room] = now
+        return True
 
 
 # ---------------------------------------------------------------- chat hub (Socket.IO events)
@@ -663,7 +1056,7 @@ class ChatHub:
     def __init__(self, settings: Settings, store: Store, bot: Bot) -> None:
         self.settings = settings
         self.store = store
-        self.bot = bot
+        self.bot = BotRunner(bot, settings)
         # python-engineio refuses a whole long-polling POST that batches more than
         # 16 packets, which silently loses bursts; allow as many as fit the size cap.
         eio_payload.Payload.max_decode_packets = max(eio_payload.Payload.max_decode_packets,
@@ -771,7 +1164,10 @@ class ChatHub:
             if not failures:
                 del self._auth_failures[ip]
             return True
-        failures.append(now)
+        if given:  # a page that has not asked for the password yet is not an attempt
+            failures.append(now)
+        elif not failures:
+            del self._auth_failures[ip]
         return False
 
     # -- connection lifecycle
@@ -959,13 +1355,44 @@ class ChatHub:
         return {"ok": True, "id": msg.id, "ts": msg.ts}
 
     async def _answer(self, msg: Message) -> None:
+        """Ask the bot about one message and post its replies (or one "unavailable" line)."""
+        room = msg.room
+        shows_typing = self.bot.bot.shows_typing
         try:
-            replies = await self.bot.reply(msg.user, msg.body, msg.room)
+            context: tuple[Message, ...] = ()
+            if isinstance(self.bot.bot, OpenAIBot):
+                context = tuple(await self.store.recent(room, self.settings.bot_context))
+            sender_id = "chatpy-" + hashlib.sha256(f"{room}\0{msg.user}".encode()).hexdigest()[:16]
+            turn = BotTurn(msg.user, msg.body, room, sender_id, context)
+            if shows_typing:
+                await self._set_bot_typing(room, True)
+            replies = await self.bot.answer(turn)
+            if shows_typing:
+                await self._set_bot_typing(room, False)
+            if replies is None:
+                if self.bot.should_announce(room):
+                    await self._announce(room, f"{self.settings.bot_name} is unavailable right now.")
+                return
             for text in replies:
-                reply, _ = await self.store.append(msg.room, self.settings.bot_name, text, "bot", None)
-                await self.sio.emit("botmessage", reply.wire(), room=msg.room)
+                reply, _ = await self.store.append(room, self.settings.bot_name, text, "bot", None)
+                await self.sio.emit("botmessage", reply.wire(), room=room)
+        except asyncio.CancelledError:
+            raise
         except Exception:
-            log.exception("bot failed to answer message %d", msg.id)
+            log.exception("the bot failed to answer message %d", msg.id)
+            if shows_typing:
+                await self._set_bot_typing(room, False)
+
+    async def _set_bot_typing(self, room: str, typing: bool) -> None:
+        room_typing = self.typing.setdefault(room, {})
+        if typing:
+            room_typing[self.settings.bot_name] = time.monotonic()
+        else:
+            room_typing.pop(self.settings.bot_name, None)
+        users = sorted(room_typing)
+        if not room_typing:
+            self.typing.pop(room, None)
+        await self.sio.emit("typing", {"room": room, "users": users}, room=room)
 
     async def on_typing(self, sid: str, *args: Any) -> None:
         """`typing` {typing: bool}: show or clear this person's typing indicator."""
@@ -1016,7 +1443,8 @@ def render_page(settings: Settings) -> str:
     else:
         script = f'<script src="{CLIENT_JS_CDN}" integrity="{CLIENT_JS_SRI}" crossorigin="anonymous"></script>'
     return (PAGE_HTML.replace("{{CLIENT_SCRIPT}}", script)
-            .replace("{{BOT_NAME}}", settings.bot_name).replace("{{VERSION}}", __version__))
+            .replace("{{BOT_NAME}}", settings.bot_name).replace("{{VERSION}}", __version__)
+            .replace("{{TRANSPORTS}}", ",".join(sorted(settings.transports, reverse=True))))
 
 
 def build_app(settings: Settings, hub: ChatHub) -> web.Application:
@@ -1038,12 +1466,15 @@ def build_app(settings: Settings, hub: ChatHub) -> web.Application:
             "bot": settings.bot, "version": __version__})
 
     @web.middleware
-    async def refuse_large_bodies(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def guard_requests(request: web.Request, handler: Any) -> web.StreamResponse:
         # python-engineio would read the body first, then hang disconnecting the sender.
         if (request.content_length or 0) > settings.max_payload:
             raise web.HTTPRequestEntityTooLarge(max_size=settings.max_payload,
                                                 actual_size=request.content_length or 0)
-        return await handler(request)
+        try:
+            return await handler(request)
+        except ConnectionResetError:  # the client left mid-request (say, a reload during an upgrade)
+            raise web.HTTPBadRequest() from None
 
     async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
         headers = response.headers
@@ -1053,7 +1484,7 @@ def build_app(settings: Settings, hub: ChatHub) -> web.Application:
             headers.setdefault("Content-Security-Policy", csp)
             headers.setdefault("X-Frame-Options", "DENY")
 
-    app = web.Application(client_max_size=settings.max_payload, middlewares=[refuse_large_bodies])
+    app = web.Application(client_max_size=settings.max_payload, middlewares=[guard_requests])
     app.router.add_get("/", static(page, "text/html"))
     app.router.add_get("/chat.css", static(PAGE_CSS.encode(), "text/css"))
     app.router.add_get("/chat.js", static(PAGE_JS.encode(), "text/javascript"))
@@ -1079,6 +1510,7 @@ PAGE_HTML = """<!doctype html>
   <meta charset="utf-8">
   <meta name="viewport" content="width=device-width, initial-scale=1">
   <meta name="color-scheme" content="light dark">
+  <meta name="chat-transports" content="{{TRANSPORTS}}">
   <title>chat.py</title>
   <link rel="icon" href="/favicon.svg" type="image/svg+xml">
   <link rel="stylesheet" href="/chat.css">
@@ -1291,7 +1723,12 @@ PAGE_JS = r"""
   els.roomInput.value = room;
   document.title = `#${room} · chat.py`;
 
+  // WebSocket first (one round trip, no upgrade dance), falling back to long-polling.
+  const transports = (document.querySelector('meta[name="chat-transports"]')?.content || 'websocket,polling')
+    .split(',');
   const socket = io({
+    transports,
+    tryAllTransports: true,
     auth: (cb) => cb({ password: tabStore.get('chat.password') || undefined }),
   });
 
@@ -1626,7 +2063,9 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
         await store.open()
     except (sqlite3.Error, OSError) as exc:
         raise StartupError(f"cannot open the database {settings.db}: {exc}") from None
-    hub = ChatHub(settings, store, make_bot(settings))
+    bot = make_bot(settings)
+    await bot.open()
+    hub = ChatHub(settings, store, bot)
     app = build_app(settings, hub)
     ssl_context = None
     if settings.tls_cert and settings.tls_key:
@@ -1642,6 +2081,7 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
         await site.start()
     except OSError as exc:
         await runner.cleanup()
+        await bot.close()
         await store.close()
         if exc.errno == errno.EADDRINUSE:
             raise StartupError(f"port {settings.port} is in use; try --port {settings.port + 1}") from None
@@ -1658,12 +2098,23 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
         log.warning("anyone who can reach %s can join: set CHAT_PASSWORD to require a password", settings.host)
     if ready is not None:
         ready.set_result(url)
+    reachability = asyncio.create_task(warn_if_bot_unreachable(bot, settings))
     try:
         await stop.wait()
     finally:
+        reachability.cancel()
         await hub.close()
         await runner.cleanup()
+        await bot.close()
         await store.close()
+
+
+async def warn_if_bot_unreachable(bot: Bot, settings: Settings) -> None:
+    """One warning at start-up when the bot's backend does not answer; chat.py runs regardless."""
+    problem = await bot.check()
+    if problem:
+        log.warning("%s (--bot %s) is not reachable: %s; the chat works, and each message tries again",
+                    settings.bot_name, settings.bot, problem)
 
 
 def _is_loopback_host(host: str) -> bool:
@@ -1684,6 +2135,12 @@ def main(argv: list[str] | None = None) -> int:
     if settings.client_js and not settings.client_js.is_file():
         print(f"chat.py: --client-js {settings.client_js}: no such file", file=sys.stderr)
         return 2
+    if settings.bot_rules:
+        try:
+            load_rules(settings.bot_rules)
+        except RulesError as exc:
+            print(f"chat.py: --bot-rules {settings.bot_rules}: {exc}", file=sys.stderr)
+            return 2
 
     async def run() -> None:
         stop = asyncio.Event()
