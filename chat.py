@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import contextvars
 import errno
 import hashlib
@@ -101,6 +102,8 @@ class Settings:
     transports: tuple[str, ...] = ("polling", "websocket")
     presence_grace: float = 3.0
     typing_timeout: float = 5.0
+    redis: str | None = None
+    presence_ttl: float = 15.0
 
 
 def _positive_int(text: str) -> int:
@@ -194,7 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", type=Path, metavar="FILE", help="TLS private key (PEM) for --tls-cert")
     p.add_argument("--transports", choices=("polling,websocket", "websocket", "polling"),
                    default="polling,websocket",
-                   help="Socket.IO transports to accept (default polling,websocket)")
+                   help="Socket.IO transports to accept (default polling,websocket; websocket alone needs "
+                        "no sticky sessions behind a load balancer)")
+    p.add_argument("--redis", metavar="URL",
+                   help="run as one node of several sharing this Redis (redis://HOST:6379/0): messages, "
+                        "history, ids, presence and typing are shared")
+    p.add_argument("--presence-ttl", type=_positive_float, default=15.0, metavar="SECONDS",
+                   help="with --redis: a node that stops heartbeating loses its users after this long (default 15)")
     return p
 
 
@@ -204,6 +213,10 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key must be given together")
+    if args.redis and args.db:
+        parser.error("--db and --redis cannot be combined: with --redis, history lives in Redis")
+    if args.redis and not re.match(r"(rediss?|unix)://", args.redis):
+        parser.error(f"--redis must be a redis://, rediss:// or unix:// URL, got {args.redis!r}")
     if args.bot_rules and args.bot != "keyword":
         parser.error("--bot-rules applies to --bot keyword only")
     if args.bot_url and not re.match(r"https?://[^/\s]+", args.bot_url):
@@ -221,7 +234,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         rate=args.rate, burst=args.burst, flood_timeout=args.flood_timeout, max_per_ip=args.max_per_ip,
         max_queue=args.max_queue, allow_origins=tuple(args.allow_origin), password=password,
         trust_proxy=args.trust_proxy, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        transports=tuple(args.transports.split(",")),
+        transports=tuple(args.transports.split(",")), redis=args.redis, presence_ttl=args.presence_ttl,
     )
 
 
@@ -491,6 +504,311 @@ class SqliteStore:
             await self._run(self._db.close)
             self._db = None
         self._pool.shutdown(wait=True)
+
+
+REDIS_APPEND = """
+local cid = ARGV[1]
+if cid ~= '' then
+  local found = redis.call('HGET', KEYS[3], cid)
+  if found then return {0, found} end
+end
+local id = redis.call('INCR', KEYS[1])
+local msg = '{"id":' .. id .. ',' .. string.sub(ARGV[3], 2)
+redis.call('RPUSH', KEYS[2], msg)
+local limit = tonumber(ARGV[2])
+local excess = redis.call('LLEN', KEYS[2]) - limit
+if excess > 0 then
+  redis.call('SET', KEYS[5], cjson.decode(redis.call('LINDEX', KEYS[2], excess - 1))['id'])
+  redis.call('LTRIM', KEYS[2], excess, -1)
+end
+if cid ~= '' then
+  redis.call('HSET', KEYS[3], cid, msg)
+  redis.call('ZADD', KEYS[4], id, cid)
+  local over = redis.call('ZCARD', KEYS[4]) - limit * 2
+  if over > 0 then
+    local old = redis.call('ZRANGE', KEYS[4], 0, over - 1)
+    redis.call('HDEL', KEYS[3], unpack(old))
+    redis.call('ZREMRANGEBYRANK', KEYS[4], 0, over - 1)
+  end
+end
+return {1, msg}
+"""
+
+REDIS_RAISE_IDS = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+"""
+
+
+class RedisStore:
+    """History and ids shared by every node through Redis.
+
+    Ids come from INCR; each room keeps a capped list of messages and a window of
+    client ids (twice the history length) for de-duplication, all updated by one
+    Lua script so that concurrent nodes cannot interleave. While Redis is down,
+    this node numbers and keeps messages in memory, continuing after the highest
+    id it has seen, and raises the shared counter past them when Redis is back.
+    """
+
+    def __init__(self, client: Any, health: RedisHealth, history: int) -> None:
+        self.client = client
+        self.health = health
+        self.history = history
+        self.local = MemoryStore(history)
+        self.highest_id = 0
+        self._append = client.register_script(REDIS_APPEND)
+        self._raise_ids = client.register_script(REDIS_RAISE_IDS)
+        health.on_recovery.append(self._after_outage)
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _message(self, raw: bytes | str) -> Message:
+        data = json.loads(raw)
+        self.highest_id = max(self.highest_id, data["id"])
+        return Message(data["id"], data["room"], data["user"], data["body"], data["ts"], data["kind"],
+                       data.get("cid"))
+
+    async def _after_outage(self) -> None:
+        await self._raise_ids(keys=["chat:ids"], args=[max(self.highest_id, self.local._next_id - 1)])
+
+    async def append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> tuple[Message, bool]:
+        fields = {"room": room, "user": user, "body": body, "ts": now_ms(), "kind": kind}
+        if cid:
+            fields["cid"] = cid
+        keys = ["chat:ids", f"chat:history:{room}", f"chat:cids:{room}", f"chat:cid-order:{room}",
+                f"chat:evicted:{room}"]
+        try:
+            created, raw = await self.health.call(self._append, keys, [cid or "", self.history, json.dumps(fields)])
+        except RedisDown:
+            self.local._next_id = max(self.local._next_id, self.highest_id + 1)
+            return await self.local.append(room, user, body, kind, cid)
+        return self._message(raw), bool(created)
+
+    async def _window(self, room: str) -> tuple[list[Message], int]:
+        async def read() -> tuple[list[Any], Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.lrange(f"chat:history:{room}", 0, -1)
+                pipe.get(f"chat:evicted:{room}")
+                return await pipe.execute()
+
+        raws, evicted = await self.health.call(read)
+        return [self._message(r) for r in raws], int(evicted or 0)
+
+    async def recent(self, room: str, limit: int) -> list[Message]:
+        try:
+            window, _ = await self._window(room)
+        except RedisDown:
+            return await self.local.recent(room, limit)
+        return window[-limit:] if limit else []
+
+    async def since(self, room: str, after_id: int, limit: int) -> tuple[list[Message], bool]:
+        try:
+            window, evicted = await self._window(room)
+        except RedisDown:
+            return await self.local.since(room, after_id, limit)
+        missed = [m for m in window if m.id > after_id]
+        return missed[-limit:], after_id >= evicted and len(missed) <= limit
+
+
+class Board:
+    """Who is online and who is typing in each room, as this process sees it.
+
+    Presence is counted per name across a person's tabs (connections).
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[str, collections.Counter[str]] = {}
+        self.typists: dict[str, dict[str, float]] = {}
+
+    def add(self, room: str, user: str) -> int:
+        counts = self.counts.setdefault(room, collections.Counter())
+        counts[user] += 1
+        return counts[user]
+
+    def remove(self, room: str, user: str) -> int:
+        """One tab fewer; returns how many this name still has here."""
+        counts = self.counts.get(room)
+        if not counts or counts[user] <= 0:
+            return 0
+        counts[user] -= 1
+        return counts[user]
+
+    def forget(self, room: str, user: str) -> None:
+        counts = self.counts.get(room)
+        if counts is not None and counts[user] <= 0:
+            del counts[user]
+            if not counts:
+                del self.counts[room]
+
+    def local_count(self, room: str, user: str) -> int:
+        return self.counts.get(room, collections.Counter())[user]
+
+    def local_names(self, room: str) -> list[str]:
+        return [name for name, n in self.counts.get(room, {}).items() if n > 0]
+
+    async def members(self, room: str) -> list[str]:
+        return sorted(self.counts.get(room, {}), key=str.casefold)
+
+    async def publish(self, room: str) -> None:
+        """Share this process's members of the room (nothing to do without Redis)."""
+        return None
+
+    async def set_typing(self, room: str, user: str, typing: bool, ttl: float) -> list[str] | None:
+        """Record typing on or off; returns the room's typists when that changed, else None."""
+        room_typing = self.typists.setdefault(room, {})
+        was = user in room_typing
+        if typing:
+            room_typing[user] = time.time() + ttl
+        else:
+            room_typing.pop(user, None)
+        users = sorted(room_typing)
+        if not room_typing:
+            del self.typists[room]
+        return users if was != typing else None
+
+    async def typing_users(self, room: str) -> list[str]:
+        return sorted(self.typists.get(room, {}))
+
+
+class RedisHealth:
+    """Tracks whether Redis answers, logs an outage once and its end once, and probes with backoff."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.down = False
+        self._probe: asyncio.Task[None] | None = None
+        self.on_recovery: list[Any] = []
+
+    def failed(self, exc: BaseException) -> None:
+        if self.down:
+            return
+        self.down = True
+        log.warning("Redis is unreachable (%s): each node keeps chatting on its own; retrying",
+                    describe_error(exc))
+        self._probe = asyncio.get_running_loop().create_task(self._wait_for_redis())
+
+    async def _wait_for_redis(self) -> None:
+        delay = 0.25
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await asyncio.wait_for(self.client.ping(), 2)
+            except Exception:
+                delay = min(delay * 2, 5.0)
+                continue
+            for callback in self.on_recovery:
+                try:
+                    await callback()
+                except Exception as exc:  # still flapping: try again later
+                    log.debug("recovery step failed: %s", exc)
+            self.down = False
+            log.warning("Redis is back: messages reach every node again")
+            return
+
+    async def call(self, coro_fn: Any, *args: Any) -> Any:
+        """Run a Redis call, raising RedisDown (after logging once) when Redis does not answer."""
+        if self.down:
+            raise RedisDown()
+        try:
+            return await asyncio.wait_for(coro_fn(*args), 2)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.failed(exc)
+            raise RedisDown() from None
+        except Exception as exc:
+            if type(exc).__module__.startswith("redis"):
+                self.failed(exc)
+                raise RedisDown() from None
+            raise
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+
+
+class RedisDown(Exception):
+    """Redis is unreachable right now; the caller falls back to this process's own state."""
+
+
+class RedisBoard(Board):
+    """Presence and typing shared through Redis: each node keeps its own members under a key
+    that expires unless the node's heartbeat refreshes it, so a dead node's users vanish."""
+
+    def __init__(self, client: Any, health: RedisHealth, node: str, ttl: float) -> None:
+        super().__init__()
+        self.client = client
+        self.health = health
+        self.node = node
+        self.ttl = ttl
+
+    def _key(self, room: str) -> str:
+        return f"chat:presence:{room}:{self.node}"
+
+    async def publish(self, room: str) -> None:
+        names = {name: n for name, n in self.counts.get(room, {}).items() if n > 0}
+
+        async def write() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.delete(self._key(room))
+                if names:
+                    pipe.hset(self._key(room), mapping=names)
+                    pipe.pexpire(self._key(room), int(self.ttl * 1000))
+                    pipe.sadd(f"chat:presence-nodes:{room}", self.node)
+                await pipe.execute()
+
+        with contextlib.suppress(RedisDown):
+            await self.health.call(write)
+
+    async def members(self, room: str) -> list[str]:
+        async def read() -> list[str]:
+            nodes = await self.client.smembers(f"chat:presence-nodes:{room}")
+            names: set[str] = set()
+            for node in nodes:
+                node = node.decode() if isinstance(node, bytes) else node
+                found = await self.client.hkeys(f"chat:presence:{room}:{node}")
+                if not found and node != self.node:
+                    await self.client.srem(f"chat:presence-nodes:{room}", node)  # expired: that node died
+                names.update(n.decode() if isinstance(n, bytes) else n for n in found)
+            return sorted(names, key=str.casefold)
+
+        try:
+            return await self.health.call(read)
+        except RedisDown:
+            return await super().members(room)
+
+    async def set_typing(self, room: str, user: str, typing: bool, ttl: float) -> list[str] | None:
+        key = f"chat:typing:{room}"
+
+        async def write() -> list[str] | None:
+            if typing:
+                changed = await self.client.hset(key, user, int((time.time() + ttl) * 1000))
+                await self.client.pexpire(key, int((ttl + 5) * 1000))
+            else:
+                changed = await self.client.hdel(key, user)
+            return await self._typists(key) if changed else None
+
+        try:
+            return await self.health.call(write)
+        except RedisDown:
+            return await super().set_typing(room, user, typing, ttl)
+
+    async def _typists(self, key: str) -> list[str]:
+        now = time.time() * 1000
+        entries = await self.client.hgetall(key)
+        return sorted((k.decode() if isinstance(k, bytes) else k) for k, v in entries.items() if float(v) > now)
+
+    async def typing_users(self, room: str) -> list[str]:
+        try:
+            return await self.health.call(self._typists, f"chat:typing:{room}")
+        except RedisDown:
+            return await super().typing_users(room)
+
+    async def refresh(self) -> None:
+        """Heartbeat: re-publish this node's members of every room so they do not expire."""
+        for room in list(self.counts):
+            await self.publish(room)
 
 
 # ---------------------------------------------------------------- bots
@@ -958,7 +1276,7 @@ class FanoutManager(socketio.AsyncManager):
     a client that stopped reading is disconnected instead of growing server memory.
     """
 
-    def __init__(self, max_queue: int) -> None:
+    def __init__(self, max_queue: int = 1000) -> None:
         super().__init__()
         self.max_queue = max_queue
         self._dropping: set[str] = set()
@@ -1013,6 +1331,52 @@ class FanoutManager(socketio.AsyncManager):
             self._dropping.discard(eio_sid)
 
 
+class RedisFanoutManager(socketio.AsyncRedisManager, FanoutManager):
+    """python-socketio's Redis manager (broadcasts reach every node) with the local fast path.
+
+    Each node delivers to its own clients first, then publishes for the others.
+    While Redis is down, publishing is skipped (logged once, through RedisHealth)
+    and the subscription retries every few seconds instead of backing off to a minute.
+    """
+
+    def __init__(self, url: str, max_queue: int, health: RedisHealth) -> None:
+        quiet = logging.getLogger("chat.redis-manager")
+        quiet.setLevel(logging.CRITICAL)  # outages are reported once by RedisHealth
+        super().__init__(url, channel="chat.py", logger=quiet, redis_options={"socket_connect_timeout": 2})
+        self.max_queue = max_queue
+        self.health = health
+
+    async def _publish(self, data: Any) -> None:
+        if self.health.down:
+            return
+        try:
+            if not self.connected:
+                self._redis_connect()
+            await asyncio.wait_for(self.redis.publish(self.channel, self.json.dumps(data)), 2)
+        except Exception as exc:
+            self.connected = False
+            self.health.failed(exc)
+
+    async def _redis_listen_with_retries(self) -> Any:
+        delay = 0.25
+        subscribed = False
+        while True:
+            try:
+                if not subscribed:
+                    self._redis_connect()
+                    await self.pubsub.subscribe(self.channel)
+                    subscribed, delay = True, 0.25
+                async for message in self.pubsub.listen():
+                    yield message
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                subscribed = False
+                self.health.failed(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 3.0)
+
+
 class TokenBucket:
     """Allows `rate` events per second with bursts of up to `burst`; rate 0 allows everything."""
 
@@ -1053,7 +1417,8 @@ class Session:
 class ChatHub:
     """Owns the Socket.IO server: rooms, presence, typing, messages and the bot."""
 
-    def __init__(self, settings: Settings, store: Store, bot: Bot) -> None:
+    def __init__(self, settings: Settings, store: Store, bot: Bot, board: Board | None = None,
+                 manager: socketio.AsyncManager | None = None) -> None:
         self.settings = settings
         self.store = store
         self.bot = BotRunner(bot, settings)
@@ -1063,7 +1428,7 @@ class ChatHub:
                                                      settings.max_payload // 2)
         self.sio = ChatServer(
             async_mode="aiohttp",
-            client_manager=FanoutManager(settings.max_queue),
+            client_manager=manager or FanoutManager(settings.max_queue),
             async_handlers=False,  # one client's events are handled strictly in order
             cors_allowed_origins=self._origin_allowed,
             max_http_buffer_size=settings.max_payload,
@@ -1073,8 +1438,8 @@ class ChatHub:
         )
         self.sessions: dict[str, Session] = {}
         self.per_ip: collections.Counter[str] = collections.Counter()
-        self.members: dict[str, collections.Counter[str]] = {}
-        self.typing: dict[str, dict[str, float]] = {}
+        self.board = board or Board()
+        self._last_members: dict[str, list[str]] = {}
         self._pending_leaves: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._auth_failures: dict[str, collections.deque[float]] = {}
         self._bot_tasks: set[asyncio.Task[Any]] = set()
@@ -1210,51 +1575,60 @@ class ChatHub:
 
     # -- presence and typing
 
-    def member_list(self, room: str) -> list[str]:
-        return sorted(self.members.get(room, {}), key=str.casefold)
-
     async def _announce(self, room: str, text: str) -> None:
         await self.sio.emit("system", {"room": room, "text": text, "ts": now_ms()}, room=room)
 
-    async def _emit_presence(self, room: str) -> None:
-        members = self.member_list(room)
-        await self.sio.emit("presence", {"room": room, "members": members, "count": len(members)}, room=room)
+    async def _emit_presence(self, room: str, members: list[str] | None = None, local_only: bool = False) -> None:
+        members = await self.board.members(room) if members is None else members
+        self._last_members[room] = members
+        await self.sio.emit("presence", {"room": room, "members": members, "count": len(members)}, room=room,
+                            ignore_queue=local_only)
 
     async def _enter_presence(self, room: str, user: str | None) -> None:
         if not user:
             return
-        counts = self.members.setdefault(room, collections.Counter())
-        counts[user] += 1
+        known = await self.board.members(room) if self.board.local_count(room, user) == 0 else [user]
+        self.board.add(room, user)
+        await self.board.publish(room)
         pending = self._pending_leaves.pop((room, user), None)
         if pending is not None:
             pending.cancel()  # a quick reconnect: no leave and no join line
-        elif counts[user] == 1:
+        elif user not in known:
             await self._announce(room, f"{user} joined")
         await self._emit_presence(room)
 
     async def _leave_presence(self, room: str, user: str | None) -> None:
-        if not user:
+        if not user or self.board.local_count(room, user) <= 0:
             return
-        counts = self.members.get(room)
-        if not counts or counts[user] <= 0:
-            return
-        counts[user] -= 1
-        if counts[user] > 0:
-            return
+        if self.board.remove(room, user) > 0:
+            return  # another tab of this person is still here
         loop = asyncio.get_running_loop()
         self._pending_leaves[(room, user)] = loop.call_later(
             self.settings.presence_grace, lambda: self._spawn(self._finish_leave(room, user)))
 
     async def _finish_leave(self, room: str, user: str) -> None:
         self._pending_leaves.pop((room, user), None)
-        counts = self.members.get(room)
-        if counts is None or counts[user] > 0:
+        if self.board.local_count(room, user) > 0:
             return
-        del counts[user]
-        if not counts:
-            del self.members[room]
-        await self._announce(room, f"{user} left")
-        await self._emit_presence(room)
+        self.board.forget(room, user)
+        await self.board.publish(room)
+        members = await self.board.members(room)
+        if user not in members:  # not still here through another node
+            await self._announce(room, f"{user} left")
+        await self._emit_presence(room, members)
+
+    async def heartbeat(self, every: float) -> None:
+        """With Redis: keep this node's presence alive and heal lists when another node dies."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.board.refresh()
+                for room in {s.room for s in self.sessions.values()}:
+                    members = await self.board.members(room)
+                    if members != self._last_members.get(room):
+                        await self._emit_presence(room, members, local_only=True)
+            except Exception:
+                log.exception("presence heartbeat failed")
 
     async def _rename(self, session: Session, user: str | None) -> None:
         if user == session.user:
@@ -1271,19 +1645,13 @@ class ChatHub:
             session.typing_timer = None
         if not session.user:
             return
-        room_typing = self.typing.setdefault(session.room, {})
-        was = session.user in room_typing
         if typing:
-            room_typing[session.user] = time.monotonic()
             loop = asyncio.get_running_loop()
             session.typing_timer = loop.call_later(
                 self.settings.typing_timeout, lambda: self._spawn(self._set_typing(session, False)))
-        else:
-            room_typing.pop(session.user, None)
-        if not room_typing:
-            self.typing.pop(session.room, None)
-        if was != typing:
-            await self.sio.emit("typing", {"room": session.room, "users": sorted(room_typing)}, room=session.room)
+        users = await self.board.set_typing(session.room, session.user, typing, self.settings.typing_timeout)
+        if users is not None:
+            await self.sio.emit("typing", {"room": session.room, "users": users}, room=session.room)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -1313,8 +1681,8 @@ class ChatHub:
         else:
             history, complete = await self.store.since(room, since, self.settings.history)
         return {"ok": True, "room": room, "user": user, "history": [m.wire() for m in history],
-                "complete": complete, "members": self.member_list(room),
-                "typing": sorted(self.typing.get(room, {}))}
+                "complete": complete, "members": await self.board.members(room),
+                "typing": await self.board.typing_users(room)}
 
     def _rate_ok(self, session: Session) -> bool:
         assert session.bucket is not None
@@ -1384,15 +1752,9 @@ class ChatHub:
                 await self._set_bot_typing(room, False)
 
     async def _set_bot_typing(self, room: str, typing: bool) -> None:
-        room_typing = self.typing.setdefault(room, {})
-        if typing:
-            room_typing[self.settings.bot_name] = time.monotonic()
-        else:
-            room_typing.pop(self.settings.bot_name, None)
-        users = sorted(room_typing)
-        if not room_typing:
-            self.typing.pop(room, None)
-        await self.sio.emit("typing", {"room": room, "users": users}, room=room)
+        users = await self.board.set_typing(room, self.settings.bot_name, typing, self.settings.bot_timeout + 5)
+        if users is not None:
+            await self.sio.emit("typing", {"room": room, "users": users}, room=room)
 
     async def on_typing(self, sid: str, *args: Any) -> None:
         """`typing` {typing: bool}: show or clear this person's typing indicator."""
@@ -1461,7 +1823,7 @@ def build_app(settings: Settings, hub: ChatHub) -> web.Application:
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({
-            "status": "ok", "clients": len(hub.sessions), "rooms": len(hub.members),
+            "status": "ok", "clients": len(hub.sessions), "rooms": len({s.room for s in hub.sessions.values()}),
             "messages": hub.messages_sent, "uptime_s": round(time.monotonic() - hub.started, 1),
             "bot": settings.bot, "version": __version__})
 
@@ -2043,11 +2405,47 @@ def make_store(settings: Settings) -> Store:
     return MemoryStore(settings.history)
 
 
+@dataclass
+class SharedState:
+    """The Redis-backed parts of one node: store, presence board and Socket.IO manager."""
+
+    client: Any
+    health: RedisHealth
+    store: RedisStore
+    board: RedisBoard
+    manager: RedisFanoutManager
+
+    async def close(self) -> None:
+        await self.health.close()
+        await self.client.aclose()
+
+
+async def connect_redis(settings: Settings) -> SharedState:
+    """Connect to Redis for --redis, or stop start-up with one clear line."""
+    try:
+        import redis.asyncio as aioredis  # only needed with --redis
+    except ImportError:
+        raise StartupError("--redis needs the redis package: pip install redis") from None
+    assert settings.redis is not None
+    client = aioredis.Redis.from_url(settings.redis, socket_connect_timeout=2)
+    try:
+        await asyncio.wait_for(client.ping(), 3)
+    except Exception as exc:
+        await client.aclose()
+        raise StartupError(f"cannot reach Redis at {settings.redis}: {describe_error(exc)}") from None
+    health = RedisHealth(client)
+    node = os.urandom(6).hex()
+    return SharedState(client, health, RedisStore(client, health, settings.history),
+                       RedisBoard(client, health, node, settings.presence_ttl),
+                       RedisFanoutManager(settings.redis, settings.max_queue, health))
+
+
 def banner(settings: Settings, url: str) -> str:
     share = ("share on a LAN or server with --host 0.0.0.0" if settings.host in ("127.0.0.1", "localhost", "::1")
              else "listening on all given addresses")
     versions = ", ".join(f"{name} {metadata.version(name)}" for name in ("python-socketio", "aiohttp"))
-    return f"chat.py {__version__}: {url}  (bot: {settings.bot}; {versions}; {share}; Ctrl-C stops)"
+    node = "; shared through Redis" if settings.redis else ""
+    return f"chat.py {__version__}: {url}  (bot: {settings.bot}{node}; {versions}; {share}; Ctrl-C stops)"
 
 
 class StartupError(Exception):
@@ -2058,14 +2456,16 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
                 stop: asyncio.Event | None = None) -> None:
     """Run the chat until `stop` is set; `ready` receives the URL once it is listening."""
     stop = stop or asyncio.Event()
-    store = make_store(settings)
+    shared = await connect_redis(settings) if settings.redis else None
+    store: Store = shared.store if shared else make_store(settings)
     try:
         await store.open()
     except (sqlite3.Error, OSError) as exc:
         raise StartupError(f"cannot open the database {settings.db}: {exc}") from None
     bot = make_bot(settings)
     await bot.open()
-    hub = ChatHub(settings, store, bot)
+    hub = ChatHub(settings, store, bot, board=shared.board if shared else None,
+                  manager=shared.manager if shared else None)
     app = build_app(settings, hub)
     ssl_context = None
     if settings.tls_cert and settings.tls_key:
@@ -2098,15 +2498,20 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
         log.warning("anyone who can reach %s can join: set CHAT_PASSWORD to require a password", settings.host)
     if ready is not None:
         ready.set_result(url)
-    reachability = asyncio.create_task(warn_if_bot_unreachable(bot, settings))
+    background = [asyncio.create_task(warn_if_bot_unreachable(bot, settings))]
+    if shared:
+        background.append(asyncio.create_task(hub.heartbeat(settings.presence_ttl / 3)))
     try:
         await stop.wait()
     finally:
-        reachability.cancel()
+        for task in background:
+            task.cancel()
         await hub.close()
         await runner.cleanup()
         await bot.close()
         await store.close()
+        if shared:
+            await shared.close()
 
 
 async def warn_if_bot_unreachable(bot: Bot, settings: Settings) -> None:

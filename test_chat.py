@@ -13,6 +13,7 @@ import asyncio
 import base64
 import collections
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -683,7 +684,7 @@ class FakeBackend:
         app.router.add_post("/webhooks/rest/webhook", self.rasa)
         app.router.add_get("/v1/models", lambda r: web.json_response({"object": "list", "data": [{"id": "tiny"}]}))
         app.router.add_post("/v1/chat/completions", self.completions)
-        self.runner = web.AppRunner(app)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.1)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
@@ -996,6 +997,181 @@ def test_a_missing_rules_file_is_reported(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=20)
     assert result.returncode == 2
     assert "cannot read the file: No such file or directory" in result.stderr
+
+
+# ---------------------------------------------------------------- scale out: several nodes through Redis
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, with no persistence; can be stopped and restarted."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def redis_server() -> Any:
+    require(shutil.which("redis-server") is not None, "redis-server")
+    require(importlib.util.find_spec("redis") is not None, "the redis Python package")
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def nodes(redis_server: RedisServer) -> Any:
+    """Start chat.py processes that share the test's Redis; returns a function that starts one more."""
+    started: list[ChatProcess] = []
+
+    def start(*extra: str) -> tuple[ChatProcess, str]:
+        proc = ChatProcess("--port", "0", "--redis", redis_server.url, "--presence-ttl", "1.5",
+                           "--rate", "0", *extra)
+        started.append(proc)
+        return proc, proc.wait_ready()
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+async def test_two_nodes_are_one_chat(nodes: Any, connect: Connect) -> None:
+    _, url_a = nodes("--bot", "off")
+    _, url_b = nodes("--bot", "off")
+    ann, bob, lou = await connect(url_a), await connect(url_b), await connect(url_b)
+    await ann.join("team", user="Ann")
+    ack = await bob.join("team", user="Bob")
+    assert ack["members"] == ["Ann", "Bob"], "presence across nodes"
+    await ann.say("from A", user="Ann")
+    await bob.say("from B", user="Bob")
+    for peer in (ann, bob):
+        assert {m["body"] for m in await peer.take("newmessage", 2)} == {"from A", "from B"}
+    await lou.say("lobby marker", user="Lou")
+    assert (await lou.next("newmessage"))["body"] == "lobby marker", "room isolation across nodes"
+    await ann.say("team marker", user="Ann")
+    assert (await bob.next("newmessage"))["body"] == "team marker"
+    assert bob.pending("newmessage") == []
+    members_a = (await (await connect(url_a)).join("team"))["members"]
+    members_b = (await (await connect(url_b)).join("team"))["members"]
+    assert members_a == members_b == ["Ann", "Bob"], "presence lists agree"
+
+
+async def test_exactly_one_node_answers_as_the_bot(nodes: Any, connect: Connect) -> None:
+    _, url_a = nodes()
+    _, url_b = nodes()
+    ann, bob = await connect(url_a), await connect(url_b)
+    await ann.join("r", user="Ann")
+    await bob.join("r", user="Bob")
+    await bob.say("first", user="Bob")
+    assert (await ann.next("botmessage"))["body"] == "Did you have a question for us today?"
+    await bob.say("second", user="Bob")
+    await ann.take("botmessage", 1)
+    history = (await (await connect(url_a)).join("r"))["history"]
+    assert [(m["kind"], m["body"]) for m in history] == [
+        ("user", "first"), ("bot", "Did you have a question for us today?"),
+        ("user", "second"), ("bot", "Did you have a question for us today?")]
+
+
+async def test_reconnecting_to_another_node_replays_exactly_the_missed_messages(
+        nodes: Any, connect: Connect) -> None:
+    _, url_a = nodes("--bot", "off")
+    _, url_b = nodes("--bot", "off")
+    writer = await connect(url_a)
+    await writer.join("replay", user="Wes")
+    reader = await connect(url_a)
+    await reader.join("replay", user="Rea")
+    seen = (await writer.say("seen", user="Wes"))["id"]
+    await reader.next("newmessage")
+    await reader.sio.disconnect()
+    missed = [(await writer.say(f"missed {i}", user="Wes"))["id"] for i in range(5)]
+    back = await connect(url_b)
+    ack = await back.join("replay", user="Rea", since=seen)
+    assert [m["id"] for m in ack["history"]] == missed
+    assert ack["complete"] is True
+    assert (await back.say("dup", user="Rea", cid="k1"))["id"] == (await writer.say("dup", user="Wes", cid="k1"))["id"], \
+        "cid de-duplication works across nodes"
+
+
+async def test_when_a_node_dies_its_users_leave_the_other_nodes_presence(nodes: Any, connect: Connect) -> None:
+    node_a, url_a = nodes()
+    _, url_b = nodes()
+    ann, bob = await connect(url_a), await connect(url_b)
+    await ann.join("r", user="Ann")
+    assert (await bob.join("r", user="Bob"))["members"] == ["Ann", "Bob"]
+    node_a.proc.kill()  # SIGKILL: no goodbye
+    started = time.monotonic()
+    while True:
+        presence = await bob.next("presence", timeout=10)
+        if presence["members"] == ["Bob"]:
+            break
+    assert time.monotonic() - started < 5, "the bound is --presence-ttl plus one heartbeat"
+    await bob.say("B still works", user="Bob")
+    assert (await bob.next("newmessage"))["body"] == "B still works"
+
+
+async def test_a_redis_restart_breaks_nothing_and_cross_node_delivery_resumes(
+        redis_server: RedisServer, nodes: Any, connect: Connect) -> None:
+    node_a, url_a = nodes("--bot", "off")
+    node_b, url_b = nodes("--bot", "off")
+    ann, bob = await connect(url_a), await connect(url_b)
+    ann2 = await connect(url_a)
+    redis_server.stop()
+    assert (await ann.say("during the outage", user="Ann"))["ok"]
+    assert (await ann2.next("newmessage"))["body"] == "during the outage", "local chat continues"
+    redis_server.start()
+    deadline = time.monotonic() + 20
+    while True:  # cross-node delivery comes back once the nodes notice Redis is back
+        await ann.say("probe", user="Ann")
+        try:
+            msg = await bob.next("newmessage", timeout=0.5)
+        except asyncio.TimeoutError:
+            assert time.monotonic() < deadline, "cross-node delivery did not resume"
+            continue
+        if msg["body"] == "probe":
+            break
+    await bob.say("back from B", user="Bob")
+    while (await ann.next("newmessage"))["body"] != "back from B":
+        pass
+    assert node_a.proc.poll() is None and node_b.proc.poll() is None
+    _, _, err = node_a.stop()
+    assert err.count("Redis is unreachable") == 1 and "Redis is back" in err
+    assert "Traceback" not in err
+
+
+def test_an_unreachable_redis_at_start_exits_with_one_clear_line() -> None:
+    port = free_port()
+    result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--port", "0", "--redis",
+                             f"redis://127.0.0.1:{port}/0"], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"chat.py: cannot reach Redis at redis://127.0.0.1:{port}/0")
+    assert result.stderr.count("\n") == 1
+
+
+def test_without_the_redis_package_redis_mode_says_how_to_install_it() -> None:
+    code = "import sys; sys.modules['redis'] = None; import chat; sys.exit(chat.main(['--port', '0', " \
+           "'--redis', 'redis://127.0.0.1:1/0']))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20, cwd=HERE)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "chat.py: --redis needs the redis package: pip install redis"
 
 
 # ---------------------------------------------------------------- safety: every input untrusted
