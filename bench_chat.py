@@ -1,0 +1,605 @@
+#!/usr/bin/env python3
+"""Benchmark chat.py against two baselines it contains, in one run, on this machine.
+
+Servers under test (each started here on a loopback port):
+  chat   - chat.py as shipped (keyword bot on, validation and history on), except
+           --rate 0 so that ten senders can saturate it;
+  floor  - a plain python-socketio + aiohttp broadcast server: the library floor;
+  limit  - a raw aiohttp WebSocket broadcast server (plain text frames, no
+           Engine.IO framing, no compression): the practical limit of the stack.
+
+The load generator is one process with a hand-written WebSocket client per
+connection (an asyncio Protocol speaking Engine.IO v4 / Socket.IO v5, no task per
+connection), offering permessage-deflate as browsers do. Its own CPU share is
+printed for every measurement so that it can be seen not to be the bottleneck.
+With two or more cores, servers are pinned to core 0 and the generator to core 1.
+
+Workloads: fan-out (C clients, 10 senders, offered rate ramped to the highest that
+keeps >= 95 % delivery and p99 <= 250 ms), idle capacity, start-up time, a slow
+consumer in a flooded room, and (with --redis-server available) one node vs two
+nodes sharing Redis.
+
+    python bench_chat.py            # the full run (several minutes)
+    python bench_chat.py --quick    # under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+CORES = os.cpu_count() or 1
+PIN = CORES >= 2 and shutil.which("taskset") is not None
+
+FLOOR_SERVER = '''
+import sys
+import socketio
+from aiohttp import web
+
+sio = socketio.AsyncServer(async_mode="aiohttp")
+app = web.Application()
+sio.attach(app)
+
+@sio.on("newmessage")
+async def newmessage(sid, data):
+    await sio.emit("newmessage", data)
+
+async def index(request):
+    return web.Response(text="floor")
+
+app.router.add_get("/", index)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+'''
+
+LIMIT_SERVER = '''
+import sys
+from aiohttp import web, WSMsgType
+
+clients = set()
+
+async def ws_handler(request):
+    ws = web.WebSocketResponse(compress=False)
+    await ws.prepare(request)
+    clients.add(ws)
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                for peer in list(clients):
+                    if not peer.closed:
+                        await peer.send_str(msg.data)
+    finally:
+        clients.discard(ws)
+    return ws
+
+async def index(request):
+    return web.Response(text="limit")
+
+app = web.Application()
+app.router.add_get("/", index)
+app.router.add_get("/ws", ws_handler)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+'''
+
+
+# ---------------------------------------------------------------- servers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Server:
+    """One server under test, as a process pinned to core 0."""
+
+    def __init__(self, kind: str, workdir: Path, extra: tuple[str, ...] = ()) -> None:
+        self.kind = kind
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        if kind == "chat":
+            cmd = [sys.executable, str(HERE / "chat.py"), "--port", str(self.port), "--rate", "0",
+                   "--log-level", "error", *extra]
+        else:
+            script = workdir / f"{kind}_server.py"
+            script.write_text(FLOOR_SERVER if kind == "floor" else LIMIT_SERVER)
+            cmd = [sys.executable, str(script), str(self.port)]
+        if PIN:
+            cmd = ["taskset", "-c", "0", *cmd]
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    async def ready(self, timeout: float = 20.0) -> float:
+        """Seconds from process start to the first 200 on GET /."""
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                status = await reader.readline()
+                writer.close()
+                if b" 200 " in status:
+                    return time.perf_counter() - self.started
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} server exited: {self.proc.stderr.read().decode()[-2000:]}")
+            await asyncio.sleep(0.005)
+        raise RuntimeError(f"{self.kind} server did not start")
+
+    @property
+    def pid(self) -> int:
+        # under taskset the child replaces taskset through exec, so the pid is the server's
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None and self.kind != "chat":
+            self.proc.kill()  # the baselines keep no state; aiohttp's run_app would wait for open sockets
+            self.proc.wait()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(3)
+            except subprocess.TimeoutExpired:  # aiohttp's run_app waits up to a minute for open sockets
+                self.proc.kill()
+                self.proc.wait()
+
+
+# ---------------------------------------------------------------- load generator
+
+
+@dataclass
+class Stats:
+    """Counters shared by every client of the generator."""
+
+    new: int = 0
+    bot: int = 0
+    latencies: list[float] = field(default_factory=list)
+    sample_every: int = 1
+    seen: int = 0
+
+    def reset(self) -> None:
+        self.new = self.bot = self.seen = 0
+        self.latencies = []
+
+
+TAIL = b"\x00\x00\xff\xff"
+
+
+class WSClient(asyncio.Protocol):
+    """A minimal WebSocket client speaking Engine.IO v4 / Socket.IO v5 (or raw text for `limit`)."""
+
+    def __init__(self, stats: Stats, raw: bool, read: bool = True) -> None:
+        self.stats = stats
+        self.raw = raw
+        self.read = read
+        self.buf = bytearray()
+        self.handshaken = False
+        self.inflater: Any = None
+        self.transport: asyncio.Transport | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def handshake(self, path: str) -> None:
+        key = base64.b64encode(os.urandom(16)).decode()
+        assert self.transport is not None
+        self.transport.write((
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n").encode())
+        if not self.read:
+            return
+
+    def send(self, text: str) -> None:
+        data = text.encode()
+        n = len(data)
+        if n < 126:
+            header = bytes((0x81, 0x80 | n))
+        elif n < 65536:
+            header = bytes((0x81, 0xFE)) + n.to_bytes(2, "big")
+        else:
+            header = bytes((0x81, 0xFF)) + n.to_bytes(8, "big")
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(header + b"\x00\x00\x00\x00" + data)  # an all-zero mask leaves data as is
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if not self.handshaken:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(buf[:end]).lower()
+            del buf[: end + 4]
+            if not head.startswith(b"http/1.1 101"):
+                if not self.ready.done():
+                    self.ready.set_exception(ConnectionError(head[:80].decode()))
+                return
+            self.handshaken = True
+            if b"permessage-deflate" in head:
+                self.inflater = zlib.decompressobj(-15)
+            if self.raw and not self.ready.done():
+                self.ready.set_result(None)
+        pos = 0
+        size = len(buf)
+        while size - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            length = b1 & 0x7F
+            start = pos + 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length = int.from_bytes(buf[pos + 2:pos + 4], "big")
+                start = pos + 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length = int.from_bytes(buf[pos + 2:pos + 10], "big")
+                start = pos + 10
+            if size - start < length:
+                break
+            payload = bytes(buf[start:start + length])
+            pos = start + length
+            opcode = b0 & 0x0F
+            if opcode == 1:
+                if b0 & 0x40 and self.inflater is not None:
+                    payload = self.inflater.decompress(payload + TAIL)
+                self.on_text(payload)
+            elif opcode == 9 and self.transport is not None:
+                self.transport.write(bytes((0x8A, 0x80)) + b"\x00\x00\x00\x00")
+            elif opcode == 8:
+                self.closed = True
+        del buf[:pos]
+
+    def on_text(self, text: bytes) -> None:
+        stats = self.stats
+        if self.raw or text.startswith(b'42["newmessage"'):
+            stats.new += 1
+            stats.seen += 1
+            if stats.seen % stats.sample_every == 0:
+                mark = text.find(b"t=")
+                if mark >= 0:
+                    end = text.find(b" ", mark)
+                    stats.latencies.append(time.perf_counter() - int(text[mark + 2:end]) / 1e9)
+        elif text.startswith(b'42["botmessage"'):
+            stats.bot += 1
+        elif text == b"2":
+            self.send("3")
+        elif text.startswith(b"0{"):
+            self.send("40")
+        elif text.startswith(b"40") and not self.ready.done():
+            self.ready.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.ready.done():
+            self.ready.set_exception(exc or ConnectionError("closed"))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+async def open_client(server: Server, stats: Stats, read: bool = True, rcvbuf: int | None = None) -> WSClient:
+    loop = asyncio.get_running_loop()
+    raw = server.kind == "limit"
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", server.port))
+    _, client = await loop.create_connection(lambda: WSClient(stats, raw, read), sock=sock)
+    client.handshake("/ws" if raw else "/socket.io/?EIO=4&transport=websocket")
+    await asyncio.wait_for(client.ready, 30)
+    if not read and client.transport is not None:
+        client.transport.pause_reading()
+    return client
+
+
+async def open_clients(server: Server, stats: Stats, count: int, batch: int = 100) -> list[WSClient]:
+    clients: list[WSClient] = []
+    for first in range(0, count, batch):
+        clients += await asyncio.gather(*(open_client(server, stats) for _ in range(min(batch, count - first))))
+    return clients
+
+
+def message(server: Server, sender: int, seq: int) -> str:
+    body = f"t={time.perf_counter_ns()} from sender {sender}, message {seq}"
+    payload = {"user": f"sender{sender}", "body": body}
+    return json.dumps(payload) if server.kind == "limit" else "42" + json.dumps(["newmessage", payload])
+
+
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def offer(server: Server, senders: list[WSClient], rate: float, seconds: float) -> int:
+    """Send `rate` messages a second, spread over the senders, for `seconds`; returns how many were sent."""
+    start = time.perf_counter()
+    sent = 0
+    while True:
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return sent
+        due = int(elapsed * rate) + 1
+        while sent < due:
+            sender = senders[sent % len(senders)]
+            sender.send(message(server, sent % len(senders), sent))
+            sent += 1
+        await asyncio.sleep(0.002)
+
+
+async def settle(stats: Stats, quiet: float = 0.3, limit: float = 5.0) -> None:
+    """Wait until deliveries stop arriving (bounded)."""
+    deadline = time.perf_counter() + limit
+    last = -1
+    while time.perf_counter() < deadline:
+        total = stats.new + stats.bot
+        if total == last:
+            return
+        last = total
+        await asyncio.sleep(quiet)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Step:
+    rate: float
+    new_per_s: float
+    bot_per_s: float
+    delivered: float
+    p50_ms: float
+    p99_ms: float
+    gen_cpu: float
+    server_cpu: float
+
+    @property
+    def ok(self) -> bool:
+        return self.delivered >= 0.95 and self.p99_ms <= 250
+
+
+async def measure(server: Server, clients: list[WSClient], stats: Stats, rate: float, seconds: float) -> Step:
+    senders = clients[:10]
+    await settle(stats)
+    stats.reset()
+    stats.sample_every = max(1, len(clients) // 50)
+    cpu0, scpu0, t0 = own_cpu(), cpu_seconds(server.pid), time.perf_counter()
+    sent = await offer(server, senders, rate, seconds)
+    wall = time.perf_counter() - t0
+    cpu1, scpu1 = own_cpu(), cpu_seconds(server.pid)
+    await settle(stats, quiet=0.25, limit=3)
+    expected = sent * len(clients)
+    return Step(rate=rate, new_per_s=stats.new / wall, bot_per_s=stats.bot / wall,
+                delivered=stats.new / expected if expected else 0,
+                p50_ms=percentile(stats.latencies, 0.50) * 1000, p99_ms=percentile(stats.latencies, 0.99) * 1000,
+                gen_cpu=(cpu1 - cpu0) / wall, server_cpu=(scpu1 - scpu0) / wall)
+
+
+async def fanout(server: Server, clients_n: int, seconds: float, steps: int) -> dict[str, Any]:
+    """Ramp the offered rate until delivery or latency fails; then latency at half that rate."""
+    stats = Stats()
+    clients = await open_clients(server, stats, clients_n)
+    await asyncio.sleep(0.3)
+    rate = max(20.0, 4000.0 / clients_n)
+    best: Step | None = None
+    tried = []
+    for _ in range(steps):
+        step = await measure(server, clients, stats, rate, seconds)
+        tried.append(step)
+        if not step.ok:
+            break
+        best = step
+        rate *= 1.6
+    if best is None:
+        best = tried[0]
+    half = await measure(server, clients, stats, best.rate / 2, seconds)
+    for client in clients:
+        client.close()
+    return {"clients": clients_n, "best": best.__dict__, "half": half.__dict__, "steps": [s.__dict__ for s in tried]}
+
+
+async def idle(server: Server, count: int) -> dict[str, Any]:
+    """Connect `count` idle clients: RSS per connection, connect rate, one broadcast to all."""
+    stats = Stats()
+    await asyncio.sleep(0.2)
+    before = rss_kb(server.pid)
+    started = time.perf_counter()
+    clients = await open_clients(server, stats, count)
+    connect_s = time.perf_counter() - started
+    await asyncio.sleep(0.5)
+    after = rss_kb(server.pid)
+    stats.reset()
+    started = time.perf_counter()
+    clients[0].send(message(server, 0, 0))
+    while stats.new < count and time.perf_counter() - started < 30:
+        await asyncio.sleep(0.001)
+    broadcast_ms = (time.perf_counter() - started) * 1000
+    for client in clients:
+        client.close()
+    return {"connections": count, "rss_kb_per_conn": (after - before) / count, "connects_per_s": count / connect_s,
+            "broadcast_ms": broadcast_ms, "received": stats.new}
+
+
+async def slow_consumer(server: Server, messages: int, readers: int = 20) -> dict[str, Any]:
+    """One client that never reads, in a room flooded with `messages` by others."""
+    stats = Stats()
+    clients = await open_clients(server, stats, readers)
+    stalled = await open_client(server, Stats(), read=False, rcvbuf=4096)
+    base_rss = rss_kb(server.pid)
+    peak = base_rss
+    samples = []
+    started = time.perf_counter()
+    sent = 0
+    senders = clients[:5]
+    while sent < messages:
+        for _ in range(50):
+            senders[sent % 5].send(message(server, sent % 5, sent))
+            sent += 1
+        await asyncio.sleep(0.002)
+        now = rss_kb(server.pid)
+        peak = max(peak, now)
+        if not samples or time.perf_counter() - samples[-1][0] - started > 0.5:
+            samples.append((time.perf_counter() - started, now))
+    await settle(stats, quiet=0.3, limit=20)
+    wall = time.perf_counter() - started
+    peak = max(peak, rss_kb(server.pid))
+    stalled.close()
+    for client in clients:
+        client.close()
+    return {"messages": messages, "rss_base_mb": base_rss / 1024, "rss_peak_mb": peak / 1024,
+            "rss_growth_mb": (peak - base_rss) / 1024, "others_delivered": stats.new / (sent * readers),
+            "others_rate": stats.new / wall, "rss_samples_mb": [(round(t, 1), round(r / 1024, 1)) for t, r in samples]}
+
+
+# ---------------------------------------------------------------- running it all
+
+
+T0 = time.perf_counter()
+
+
+def progress(text: str) -> None:
+    print(f"  [{time.perf_counter() - T0:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+
+def fmt(value: float, digits: int = 0) -> str:
+    return f"{value:,.{digits}f}"
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a shorter run (under a minute)")
+    parser.add_argument("--smoke", action="store_true", help="with --quick: seconds, just to check it works")
+    parser.add_argument("--servers", default="chat,floor,limit", help="which servers to run (default all)")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    args = parser.parse_args()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if PIN:
+        os.sched_setaffinity(0, {1})
+    if args.smoke:
+        sizes, seconds, steps, idle_n, flood = [20], 0.5, 2, 100, 500
+    elif args.quick:
+        sizes, seconds, steps, idle_n, flood = [100, 1000], 1.0, 5, 1000, 10000
+    else:
+        sizes, seconds, steps, idle_n, flood = [100, 500, 1000], 2.0, 9, 5000, 50000
+    kinds = args.servers.split(",")
+    print(f"bench_chat.py: Python {sys.version.split()[0]}, {CORES} cores; "
+          + ("servers pinned to core 0, load generator to core 1" if PIN else
+             "NOT pinned (one core, or no taskset): server and load generator share the CPU"))
+    print("chat.py runs as shipped (keyword bot on, validation, history) except --rate 0 so ten senders can "
+          "saturate it; clients offer permessage-deflate like browsers.")
+    results: dict[str, Any] = {"python": sys.version.split()[0], "cores": CORES, "pinned": PIN}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        # start-up
+        results["startup"] = {}
+        progress("start-up")
+        for kind in kinds:
+            times = []
+            for _ in range(1 if args.smoke else 3):
+                server = Server(kind, workdir)
+                times.append(await server.ready())
+                server.stop()
+            results["startup"][kind] = statistics.median(times)
+        # fan-out
+        results["fanout"] = {kind: [] for kind in kinds}
+        for size in sizes:
+            for kind in kinds:
+                progress(f"fan-out: {kind}, {size} clients")
+                server = Server(kind, workdir)
+                await server.ready()
+                results["fanout"][kind].append(await fanout(server, size, seconds, steps))
+                server.stop()
+        # idle capacity and slow consumer
+        results["idle"], results["slow"] = {}, {}
+        for kind in kinds:
+            progress(f"idle capacity: {kind}, {idle_n} connections")
+            server = Server(kind, workdir)
+            await server.ready()
+            results["idle"][kind] = await idle(server, idle_n)
+            server.stop()
+            if kind != "limit":
+                progress(f"slow consumer: {kind}, {flood} messages")
+                server = Server(kind, workdir, ("--bot", "off") if kind == "chat" else ())
+                await server.ready()
+                results["slow"][kind] = await slow_consumer(server, flood)
+                server.stop()
+    report(results, kinds)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def report(results: dict[str, Any], kinds: list[str]) -> None:
+    print("\n## Fan-out: highest offered rate with >= 95 % delivered and p99 <= 250 ms")
+    print("| server | clients | msgs/s offered | newmessage frames/s | botmessage frames/s | all frames/s "
+          "| vs limit | p50 / p99 ms at half rate | server CPU | generator CPU |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    limit_by_size = {r["clients"]: r["best"]["new_per_s"] + r["best"]["bot_per_s"]
+                     for r in results["fanout"].get("limit", [])}
+    for kind in kinds:
+        for r in results["fanout"][kind]:
+            best, half = r["best"], r["half"]
+            total = best["new_per_s"] + best["bot_per_s"]
+            ratio = total / limit_by_size[r["clients"]] if r["clients"] in limit_by_size else float("nan")
+            flag = "" if best["delivered"] >= 0.95 and best["p99_ms"] <= 250 else " (never met)"
+            print(f"| {kind} | {r['clients']:,} | {fmt(best['rate'])}{flag} | {fmt(best['new_per_s'])} "
+                  f"| {fmt(best['bot_per_s'])} | {fmt(total)} | {ratio:.2f}x | {half['p50_ms']:.1f} / "
+                  f"{half['p99_ms']:.1f} | {best['server_cpu'] * 100:.0f} % | {best['gen_cpu'] * 100:.0f} % |")
+    print("\n## Idle capacity, start-up and a slow consumer")
+    print("| server | connections | RSS per connection | connects/s | one broadcast to all | start-up to first 200 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for kind in kinds:
+        i = results["idle"][kind]
+        print(f"| {kind} | {i['connections']:,} | {i['rss_kb_per_conn']:.1f} KB | {fmt(i['connects_per_s'])} "
+              f"| {i['broadcast_ms']:.0f} ms ({i['received']:,} got it) | {results['startup'][kind] * 1000:.0f} ms |")
+    print("\n| server | flood | server RSS before -> peak | others delivered | others' rate |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for kind, s in results["slow"].items():
+        print(f"| {kind} | {s['messages']:,} msgs, 1 stalled reader | {s['rss_base_mb']:.0f} -> "
+              f"{s['rss_peak_mb']:.0f} MB (+{s['rss_growth_mb']:.0f}) | {s['others_delivered'] * 100:.1f} % "
+              f"| {fmt(s['others_rate'])} frames/s |")
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
