@@ -46,6 +46,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 CORES = os.cpu_count() or 1
 PIN = CORES >= 2 and shutil.which("taskset") is not None
+CHAT_ARGS: list[str] = []
 
 FLOOR_SERVER = '''
 import sys
@@ -129,7 +130,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         if kind == "chat":
             cmd = [sys.executable, str(HERE / "chat.py"), "--port", str(self.port), "--rate", "0",
-                   "--log-level", "error", *extra]
+                   "--log-level", "error", *CHAT_ARGS, *extra]
         else:
             script = workdir / f"{kind}_server.py"
             script.write_text(FLOOR_SERVER if kind == "floor" else LIMIT_SERVER)
@@ -398,15 +399,17 @@ class Step:
         return self.delivered >= 0.95 and self.p99_ms <= 250
 
 
-async def measure(server: Server, clients: list[WSClient], stats: Stats, rate: float, seconds: float) -> Step:
+async def measure(server: Server, clients: list[WSClient], stats: Stats, rate: float, seconds: float,
+                  pids: list[int] | None = None) -> Step:
     senders = clients[:10]
+    pids = pids or [server.pid]
     await settle(stats)
     stats.reset()
     stats.sample_every = max(1, len(clients) // 50)
-    cpu0, scpu0, t0 = own_cpu(), cpu_seconds(server.pid), time.perf_counter()
+    cpu0, scpu0, t0 = own_cpu(), sum(map(cpu_seconds, pids)), time.perf_counter()
     sent = await offer(server, senders, rate, seconds)
     wall = time.perf_counter() - t0
-    cpu1, scpu1 = own_cpu(), cpu_seconds(server.pid)
+    cpu1, scpu1 = own_cpu(), sum(map(cpu_seconds, pids))
     await settle(stats, quiet=0.25, limit=3)
     expected = sent * len(clients)
     return Step(rate=rate, new_per_s=stats.new / wall, bot_per_s=stats.bot / wall,
@@ -415,24 +418,42 @@ async def measure(server: Server, clients: list[WSClient], stats: Stats, rate: f
                 gen_cpu=(cpu1 - cpu0) / wall, server_cpu=(scpu1 - scpu0) / wall)
 
 
-async def fanout(server: Server, clients_n: int, seconds: float, steps: int) -> dict[str, Any]:
-    """Ramp the offered rate until delivery or latency fails; then latency at half that rate."""
+async def fanout(server: Server, clients_n: int, seconds: float, steps: int,
+                 cluster: list[Server] | None = None) -> dict[str, Any]:
+    """Ramp the offered rate until delivery or latency fails; then latency at half that rate.
+
+    With a cluster, clients are spread over its nodes round-robin (senders too).
+    """
     stats = Stats()
-    clients = await open_clients(server, stats, clients_n)
+    nodes = cluster or [server]
+    clients = []
+    for i in range(len(nodes)):
+        clients += await open_clients(nodes[i], stats, clients_n // len(nodes))
+    clients = [clients[(i % len(nodes)) * (clients_n // len(nodes)) + i // len(nodes)] for i in range(len(clients))]
+    pids = [n.pid for n in nodes]
     await asyncio.sleep(0.3)
-    rate = max(20.0, 4000.0 / clients_n)
+    rate = max(2.0, 2000.0 / clients_n)
     best: Step | None = None
+    failed: float | None = None
     tried = []
-    for _ in range(steps):
-        step = await measure(server, clients, stats, rate, seconds)
+    for _ in range(steps):  # double until it fails, then bisect between the last good and the failed rate
+        step = await measure(server, clients, stats, rate, seconds, pids)
         tried.append(step)
-        if not step.ok:
-            break
-        best = step
-        rate *= 1.6
+        if step.ok:
+            best = step
+        else:
+            failed = rate
+        if failed is None:
+            rate *= 2
+        elif best is None:
+            rate /= 2
+        else:
+            rate = (best.rate * failed) ** 0.5
+            if failed / best.rate < 1.15:
+                break
     if best is None:
-        best = tried[0]
-    half = await measure(server, clients, stats, best.rate / 2, seconds)
+        best = min(tried, key=lambda s: s.rate)
+    half = await measure(server, clients, stats, best.rate / 2, seconds, pids)
     for client in clients:
         client.close()
     return {"clients": clients_n, "best": best.__dict__, "half": half.__dict__, "steps": [s.__dict__ for s in tried]}
@@ -491,6 +512,29 @@ async def slow_consumer(server: Server, messages: int, readers: int = 20) -> dic
             "others_rate": stats.new / wall, "rss_samples_mb": [(round(t, 1), round(r / 1024, 1)) for t, r in samples]}
 
 
+async def redis_scaling(workdir: Path, clients_n: int, seconds: float, steps: int) -> dict[str, Any]:
+    """chat.py alone, one node with --redis, and two nodes sharing Redis: fan-out at `clients_n`."""
+    port = free_port()
+    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    redis = subprocess.Popen((["taskset", "-c", "0"] if PIN else []) + cmd, stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    out: dict[str, Any] = {}
+    try:
+        await asyncio.sleep(0.3)
+        for label, count in (("one node, no Redis", 0), ("one node + Redis", 1), ("two nodes + Redis", 2)):
+            progress(f"scale-out: {label}")
+            nodes = [Server("chat", workdir, ("--redis", url) if count else ()) for _ in range(max(count, 1))]
+            for node in nodes:
+                await node.ready()
+            out[label] = await fanout(nodes[0], clients_n, seconds, steps, cluster=nodes)
+            for node in nodes:
+                node.stop()
+    finally:
+        redis.kill()
+        redis.wait()
+    return out
+
+
 # ---------------------------------------------------------------- running it all
 
 
@@ -511,6 +555,9 @@ async def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="with --quick: seconds, just to check it works")
     parser.add_argument("--servers", default="chat,floor,limit", help="which servers to run (default all)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--workloads", default="startup,fanout,idle,slow,redis", help="which workloads to run")
+    parser.add_argument("--sizes", help="fan-out client counts, comma-separated (default by mode)")
+    parser.add_argument("--chat-args", default="", help="extra chat.py flags, e.g. '--gc default' to measure a lever")
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -519,10 +566,13 @@ async def main() -> int:
     if args.smoke:
         sizes, seconds, steps, idle_n, flood = [20], 0.5, 2, 100, 500
     elif args.quick:
-        sizes, seconds, steps, idle_n, flood = [100, 1000], 1.0, 5, 1000, 10000
+        sizes, seconds, steps, idle_n, flood = [100, 1000], 1.0, 8, 1000, 10000
     else:
-        sizes, seconds, steps, idle_n, flood = [100, 500, 1000], 2.0, 9, 5000, 50000
+        sizes, seconds, steps, idle_n, flood = [100, 500, 1000], 2.0, 12, 5000, 50000
     kinds = args.servers.split(",")
+    if args.sizes:
+        sizes = [int(n) for n in args.sizes.split(",")]
+    CHAT_ARGS.extend(args.chat_args.split())
     print(f"bench_chat.py: Python {sys.version.split()[0]}, {CORES} cores; "
           + ("servers pinned to core 0, load generator to core 1" if PIN else
              "NOT pinned (one core, or no taskset): server and load generator share the CPU"))
@@ -532,9 +582,10 @@ async def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         # start-up
+        work = args.workloads.split(",")
         results["startup"] = {}
         progress("start-up")
-        for kind in kinds:
+        for kind in kinds if "startup" in work else []:
             times = []
             for _ in range(1 if args.smoke else 3):
                 server = Server(kind, workdir)
@@ -543,7 +594,7 @@ async def main() -> int:
             results["startup"][kind] = statistics.median(times)
         # fan-out
         results["fanout"] = {kind: [] for kind in kinds}
-        for size in sizes:
+        for size in sizes if "fanout" in work else []:
             for kind in kinds:
                 progress(f"fan-out: {kind}, {size} clients")
                 server = Server(kind, workdir)
@@ -553,17 +604,20 @@ async def main() -> int:
         # idle capacity and slow consumer
         results["idle"], results["slow"] = {}, {}
         for kind in kinds:
-            progress(f"idle capacity: {kind}, {idle_n} connections")
-            server = Server(kind, workdir)
-            await server.ready()
-            results["idle"][kind] = await idle(server, idle_n)
-            server.stop()
-            if kind != "limit":
+            if "idle" in work:
+                progress(f"idle capacity: {kind}, {idle_n} connections")
+                server = Server(kind, workdir)
+                await server.ready()
+                results["idle"][kind] = await idle(server, idle_n)
+                server.stop()
+            if kind != "limit" and "slow" in work:
                 progress(f"slow consumer: {kind}, {flood} messages")
                 server = Server(kind, workdir, ("--bot", "off") if kind == "chat" else ())
                 await server.ready()
                 results["slow"][kind] = await slow_consumer(server, flood)
                 server.stop()
+        if "redis" in work and shutil.which("redis-server"):
+            results["redis"] = await redis_scaling(workdir, max(sizes), seconds, steps)
     report(results, kinds)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -572,27 +626,47 @@ async def main() -> int:
 
 def report(results: dict[str, Any], kinds: list[str]) -> None:
     print("\n## Fan-out: highest offered rate with >= 95 % delivered and p99 <= 250 ms")
-    print("| server | clients | msgs/s offered | newmessage frames/s | botmessage frames/s | all frames/s "
-          "| vs limit | p50 / p99 ms at half rate | server CPU | generator CPU |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    limit_by_size = {r["clients"]: r["best"]["new_per_s"] + r["best"]["bot_per_s"]
-                     for r in results["fanout"].get("limit", [])}
+    print("| server | clients | msgs/s | newmessage frames/s | botmessage frames/s | all frames/s "
+          "| server CPU | generator CPU | server µs/frame | frames/s per server core | vs limit "
+          "| p50 / p99 ms at half rate |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+
+    def capacity(best: dict[str, Any]) -> float:
+        return (best["new_per_s"] + best["bot_per_s"]) / max(best["server_cpu"], 1e-9)
+
+    limit_by_size = {r["clients"]: capacity(r["best"]) for r in results["fanout"].get("limit", [])}
     for kind in kinds:
         for r in results["fanout"][kind]:
             best, half = r["best"], r["half"]
             total = best["new_per_s"] + best["bot_per_s"]
-            ratio = total / limit_by_size[r["clients"]] if r["clients"] in limit_by_size else float("nan")
+            ratio = capacity(best) / limit_by_size[r["clients"]] if r["clients"] in limit_by_size else float("nan")
             flag = "" if best["delivered"] >= 0.95 and best["p99_ms"] <= 250 else " (never met)"
             print(f"| {kind} | {r['clients']:,} | {fmt(best['rate'])}{flag} | {fmt(best['new_per_s'])} "
-                  f"| {fmt(best['bot_per_s'])} | {fmt(total)} | {ratio:.2f}x | {half['p50_ms']:.1f} / "
-                  f"{half['p99_ms']:.1f} | {best['server_cpu'] * 100:.0f} % | {best['gen_cpu'] * 100:.0f} % |")
+                  f"| {fmt(best['bot_per_s'])} | {fmt(total)} | {best['server_cpu'] * 100:.0f} % "
+                  f"| {best['gen_cpu'] * 100:.0f} % | {1e6 * best['server_cpu'] / max(total, 1):.1f} "
+                  f"| {fmt(capacity(best))} | {ratio:.2f}x | {half['p50_ms']:.1f} / {half['p99_ms']:.1f} |")
+    print("(frames/s per server core = delivered frames/s ÷ the server's CPU share: what one core sustains "
+          "when the generator, not the server, is the limit; 'vs limit' compares that.)")
+    if results.get("redis"):
+        print("\n## Scale-out through Redis (chat.py, all nodes and redis-server on the server core)")
+        print("| setup | clients | msgs/s | all frames/s | server CPU (all nodes) | frames/s per server core "
+              "| p50 / p99 ms at half rate |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for label, r in results["redis"].items():
+            best, half = r["best"], r["half"]
+            total = best["new_per_s"] + best["bot_per_s"]
+            print(f"| {label} | {r['clients']:,} | {fmt(best['rate'])} | {fmt(total)} | "
+                  f"{best['server_cpu'] * 100:.0f} % | {fmt(total / max(best['server_cpu'], 1e-9))} "
+                  f"| {half['p50_ms']:.1f} / {half['p99_ms']:.1f} |")
+    if not results["idle"]:
+        return
     print("\n## Idle capacity, start-up and a slow consumer")
     print("| server | connections | RSS per connection | connects/s | one broadcast to all | start-up to first 200 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for kind in kinds:
         i = results["idle"][kind]
         print(f"| {kind} | {i['connections']:,} | {i['rss_kb_per_conn']:.1f} KB | {fmt(i['connects_per_s'])} "
-              f"| {i['broadcast_ms']:.0f} ms ({i['received']:,} got it) | {results['startup'][kind] * 1000:.0f} ms |")
+              f"| {i['broadcast_ms']:.0f} ms ({i['received']:,} got it) | {results['startup'].get(kind, float('nan')) * 1000:.0f} ms |")
     print("\n| server | flood | server RSS before -> peak | others delivered | others' rate |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for kind, s in results["slow"].items():
@@ -602,4 +676,9 @@ def report(results: dict[str, Any], kinds: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    try:  # the generator's per-frame cost is mostly the event loop's: uvloop makes it cheaper
+        import uvloop
+
+        sys.exit(uvloop.run(main()))
+    except ImportError:
+        sys.exit(asyncio.run(main()))
