@@ -658,21 +658,26 @@ def report(results: dict[str, Any], kinds: list[str]) -> None:
             print(f"| {label} | {r['clients']:,} | {fmt(best['rate'])} | {fmt(total)} | "
                   f"{best['server_cpu'] * 100:.0f} % | {fmt(total / max(best['server_cpu'], 1e-9))} "
                   f"| {half['p50_ms']:.1f} / {half['p99_ms']:.1f} |")
-    if not results["idle"]:
-        return
-    print("\n## Idle capacity, start-up and a slow consumer")
+    if results["idle"]:
+        report_idle(results, kinds)
+    if results["slow"]:
+        print("\n## A slow consumer: one client that stops reading, in a flooded room")
+        print("| server | flood | server RSS before -> peak | others delivered | others' rate |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for kind, s in results["slow"].items():
+            print(f"| {kind} | {s['messages']:,} msgs, 1 stalled reader | {s['rss_base_mb']:.0f} -> "
+                  f"{s['rss_peak_mb']:.0f} MB (+{s['rss_growth_mb']:.0f}) | {s['others_delivered'] * 100:.1f} % "
+                  f"| {fmt(s['others_rate'])} frames/s |")
+
+
+def report_idle(results: dict[str, Any], kinds: list[str]) -> None:
+    print("\n## Idle capacity and start-up")
     print("| server | connections | RSS per connection | connects/s | one broadcast to all | start-up to first 200 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for kind in kinds:
         i = results["idle"][kind]
         print(f"| {kind} | {i['connections']:,} | {i['rss_kb_per_conn']:.1f} KB | {fmt(i['connects_per_s'])} "
               f"| {i['broadcast_ms']:.0f} ms ({i['received']:,} got it) | {results['startup'].get(kind, float('nan')) * 1000:.0f} ms |")
-    print("\n| server | flood | server RSS before -> peak | others delivered | others' rate |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for kind, s in results["slow"].items():
-        print(f"| {kind} | {s['messages']:,} msgs, 1 stalled reader | {s['rss_base_mb']:.0f} -> "
-              f"{s['rss_peak_mb']:.0f} MB (+{s['rss_growth_mb']:.0f}) | {s['others_delivered'] * 100:.1f} % "
-              f"| {fmt(s['others_rate'])} frames/s |")
 
 
 if __name__ == "__main__":

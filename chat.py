@@ -842,7 +842,7 @@ class BotTurn:
 class Bot(Protocol):
     """A chat bot backend: a person's message in, zero or more replies out."""
 
-    shows_typing: bool  # slow backends: the page shows the bot typing while it works
+    remote: bool  # calls a service: limited, timed out, and shown typing while it works
 
     async def open(self) -> None: ...
 
@@ -960,7 +960,7 @@ class KeywordBot:
     words hello/hi/hey, then answer a question or ask for one.
     """
 
-    shows_typing = False
+    remote = False
 
     def __init__(self, rules: tuple[tuple[KeywordRule, ...], tuple[str, ...]] | None = None) -> None:
         self.rules, self.fallback = rules or parse_rules(DEFAULT_RULES)
@@ -1003,7 +1003,7 @@ class SilentBot(KeywordBot):
 class HttpBot:
     """Shared plumbing for bots behind an HTTP API: one client session, clear failure reasons."""
 
-    shows_typing = True
+    remote = True
 
     def __init__(self, url: str, timeout: float) -> None:
         self.url = url.rstrip("/")
@@ -1191,8 +1191,14 @@ class BotRunner:
         self.slots = asyncio.Semaphore(4)
         self._last_unavailable: dict[str, float] = {}
 
+    @property
+    def enabled(self) -> bool:
+        return not isinstance(self.bot, SilentBot)
+
     async def answer(self, turn: BotTurn) -> list[str] | None:
         """The capped replies, or None when the backend failed (already logged)."""
+        if not self.bot.remote:  # in-process rules: microseconds, no I/O, nothing to limit
+            return [self._cap(r) for r in await self.bot.reply(turn)]
         try:
             await asyncio.wait_for(self.slots.acquire(), self.timeout)
         except asyncio.TimeoutError:
@@ -1839,23 +1845,24 @@ class ChatHub:
         self.messages_sent += 1
         if session.user:
             await self._set_typing(session, False)
-        self._spawn(self._answer(msg))
+        if self.bot.enabled:
+            self._spawn(self._answer(msg))
         return {"ok": True, "id": msg.id, "ts": msg.ts}
 
     async def _answer(self, msg: Message) -> None:
         """Ask the bot about one message and post its replies (or one "unavailable" line)."""
         room = msg.room
-        shows_typing = self.bot.bot.shows_typing
+        remote = self.bot.bot.remote
         try:
             context: tuple[Message, ...] = ()
             if isinstance(self.bot.bot, OpenAIBot):
                 context = tuple(await self.store.recent(room, self.settings.bot_context))
             sender_id = "chatpy-" + hashlib.sha256(f"{room}\0{msg.user}".encode()).hexdigest()[:16]
             turn = BotTurn(msg.user, msg.body, room, sender_id, context)
-            if shows_typing:
+            if remote:
                 await self._set_bot_typing(room, True)
             replies = await self.bot.answer(turn)
-            if shows_typing:
+            if remote:
                 await self._set_bot_typing(room, False)
             if replies is None:
                 if self.bot.should_announce(room):
@@ -1868,7 +1875,7 @@ class ChatHub:
             raise
         except Exception:
             log.exception("the bot failed to answer message %d", msg.id)
-            if shows_typing:
+            if remote:
                 await self._set_bot_typing(room, False)
 
     async def _set_bot_typing(self, room: str, typing: bool) -> None:

@@ -1900,3 +1900,16 @@ async def test_the_page_shows_who_is_online_and_who_is_typing(page_url: str, ope
     await bob.page.get_by_label("Your message").press("Enter")
     await alice.page.locator("#typing:empty").wait_for()
     await alice.page.locator("#messages li.system", has_text="Bob joined").wait_for()
+
+
+# ---------------------------------------------------------------- the benchmark keeps working
+
+
+def test_the_benchmark_smoke_run_works() -> None:
+    result = subprocess.run([sys.executable, str(HERE / "bench_chat.py"), "--quick", "--smoke",
+                             "--workloads", "startup,fanout,idle,slow"],
+                            capture_output=True, text=True, timeout=180, cwd=HERE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "## Fan-out" in result.stdout and "| chat | 20 |" in result.stdout
+    assert "| floor |" in result.stdout and "| limit |" in result.stdout
+    assert "stalled reader" in result.stdout
