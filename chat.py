@@ -1156,6 +1156,7 @@ class OpenAIBot(HttpBot):
 
 
 def default_prompt(bot_name: str) -> str:
+    """The system prompt used when --bot-prompt is not given."""
     return (f"You are {bot_name}, a friendly assistant in a group chat. Answer briefly and helpfully, "
             "in plain text. People's messages are prefixed with their names.")
 
@@ -1304,6 +1305,8 @@ class ChatWebSocket(eio_aiohttp.WebSocket):
 
 
 class CompressingWebSocket(ChatWebSocket):
+    """--compress: accept permessage-deflate when the browser offers it."""
+
     compress = True
 
 
@@ -1919,6 +1922,7 @@ class ChatHub:
 
 
 def content_security_policy(settings: Settings) -> str:
+    """The page's CSP: nothing inline, scripts from here (and the pinned CDN unless --client-js)."""
     script_src = "'self'" if settings.client_js else f"'self' {CLIENT_JS_ORIGIN}"
     return ("default-src 'self'; "
             f"script-src {script_src}; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -2568,6 +2572,7 @@ async def connect_redis(settings: Settings) -> SharedState:
 
 
 def banner(settings: Settings, url: str) -> str:
+    """The one line printed at start-up: where to go, which bot, which libraries."""
     share = ("share on a LAN or server with --host 0.0.0.0" if settings.host in ("127.0.0.1", "localhost", "::1")
              else "listening on all given addresses")
     versions = ", ".join(f"{name} {metadata.version(name)}" for name in ("python-socketio", "aiohttp"))
@@ -2687,6 +2692,7 @@ def loop_name(choice: str) -> str:
 
 
 def run_event_loop(coro: Any, choice: str) -> None:
+    """Run `coro` to completion on the event loop `--loop` asks for."""
     if loop_name(choice) == "uvloop":
         import uvloop
 
