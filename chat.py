@@ -1571,7 +1571,7 @@ class ChatHub:
         self._last_members: dict[str, list[str]] = {}
         self._pending_leaves: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._auth_failures: dict[str, collections.deque[float]] = {}
-        self._bot_tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.started = time.monotonic()
         self.messages_sent = 0
         self._register()
@@ -1784,8 +1784,8 @@ class ChatHub:
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
-        self._bot_tasks.add(task)
-        task.add_done_callback(self._bot_tasks.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- events
 
@@ -1911,7 +1911,7 @@ class ChatHub:
         """
         for handle in self._pending_leaves.values():
             handle.cancel()
-        for task in list(self._bot_tasks):
+        for task in list(self._tasks):
             task.cancel()
         await self.sio.eio.disconnect()
         await asyncio.sleep(0.05)  # let WebSocket writers send their close packets
