@@ -1913,3 +1913,42 @@ def test_the_benchmark_smoke_run_works() -> None:
     assert "## Fan-out" in result.stdout and "| chat | 20 |" in result.stdout
     assert "| floor |" in result.stdout and "| limit |" in result.stdout
     assert "stalled reader" in result.stdout
+
+
+async def test_an_unacknowledged_message_is_retried_then_marked_failed_with_a_retry_button(
+        page_url: str, browser: Any) -> None:
+    context = await browser.new_context()
+    page = await context.new_page()
+    await page.clock.install()  # the page's 8 s ack timeouts run on a clock the test can move
+    dropping = {"on": True}
+
+    def route(ws: Any) -> None:  # stand between the page and chat.py, dropping the page's messages
+        server = ws.connect_to_server()
+
+        def from_page(message: Any) -> None:
+            if dropping["on"] and isinstance(message, str) and message.startswith('42') and "newmessage" in message:
+                dropping["sent"] = dropping.get("sent", 0) + 1
+                return
+            server.send(message)
+
+        ws.on_message(from_page)
+        server.on_message(lambda message: ws.send(message))
+
+    await page.route_web_socket(re.compile(r".*/socket\.io/.*"), route)
+    tab = BrowserPage(page)
+    await page.goto(page_url)
+    await page.locator("#status[data-state=connected]").wait_for()
+    await tab.send("Ria", "will this arrive?")
+    state = page.locator("#messages li.pending .state")
+    assert await state.text_content() == "sending…"
+    for _ in range(4):
+        await page.clock.run_for(8_100)
+    await page.locator("#messages li.failed .state", has_text="failed").wait_for()
+    assert dropping["sent"] == 4, "sent once and retried three times"
+    dropping["on"] = False
+    await page.get_by_role("button", name="retry").click()
+    await tab.message("will this arrive?").wait_for()
+    await page.locator("#messages li.failed").wait_for(state="detached")
+    assert await tab.user_messages() == ["will this arrive?"]
+    assert tab.errors == []
+    await context.close()
