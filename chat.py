@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="port to listen on (default 3000, or the PORT environment variable)")
     p.add_argument("--bot", choices=BOT_MODES, default="keyword",
                    help="bot backend: keyword rules (default), rasa, openai (any OpenAI-compatible server) or off")
-    p.add_argument("--bot-name", default="ChatFriend",
+    p.add_argument("--bot-name", default="ChatFriend", metavar="NAME",
                    help="the bot's display name, reserved for the bot (default ChatFriend)")
     p.add_argument("--bot-rules", type=Path, metavar="FILE",
                    help="keyword mode: load the rules from this JSON file (format in the README)")
@@ -192,19 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-per-ip", type=_positive_int, default=100, metavar="N",
                    help="concurrent connections allowed per address; loopback is exempt unless --trust-proxy (default 100)")
     p.add_argument("--max-queue", type=_positive_int, default=1000, metavar="N",
-                   help="outgoing packets a client may fall behind by before it is disconnected (default 1000)")
+                   help="a client more than N packets (or N KB of WebSocket data) behind is disconnected "
+                        "(default 1000)")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="also accept Socket.IO connections from pages on ORIGIN (repeatable; * for any)")
-    p.add_argument("--password",
+    p.add_argument("--password", metavar="PW",
                    help="shared password people must enter (prefer the CHAT_PASSWORD environment variable)")
     p.add_argument("--trust-proxy", action="store_true",
                    help="take the client address from X-Forwarded-For (only behind your own reverse proxy)")
     p.add_argument("--tls-cert", type=Path, metavar="FILE", help="TLS certificate chain (PEM) to serve https/wss")
     p.add_argument("--tls-key", type=Path, metavar="FILE", help="TLS private key (PEM) for --tls-cert")
     p.add_argument("--transports", choices=("polling,websocket", "websocket", "polling"),
-                   default="polling,websocket",
-                   help="Socket.IO transports to accept (default polling,websocket; websocket alone needs "
-                        "no sticky sessions behind a load balancer)")
+                   default="polling,websocket", metavar="LIST",
+                   help="Socket.IO transports to accept: polling,websocket (the default), websocket or polling; "
+                        "websocket alone needs no sticky sessions behind a load balancer")
     p.add_argument("--redis", metavar="URL",
                    help="run as one node of several sharing this Redis (redis://HOST:6379/0): messages, "
                         "history, ids, presence and typing are shared")

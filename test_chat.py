@@ -281,6 +281,17 @@ async def test_every_transport_delivers(url: str, connect: Connect, transports: 
     assert sender.sio.transport() == transports[-1] or transports == ["polling", "websocket"]
 
 
+async def test_transports_websocket_accepts_only_websocket_and_tells_the_page(
+        start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(transports=("websocket",))
+    peer = await connect(url, transports=["websocket"])
+    assert (await peer.say("over websocket only"))["ok"]
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await connect(url, transports=["polling"])
+    async with aiohttp.ClientSession() as http, http.get(url + "/") as resp:
+        assert '<meta name="chat-transports" content="websocket">' in await resp.text()
+
+
 async def test_a_200_message_burst_over_polling_arrives_complete_and_in_order(url: str, connect: Connect) -> None:
     sender = await connect(url, transports=["polling"])
     receiver = await connect(url, transports=["polling"])
