@@ -2697,9 +2697,11 @@ def run_event_loop(coro: Any, choice: str) -> None:
     if loop_name(choice) == "uvloop":
         import uvloop
 
-        uvloop.run(coro)
-    else:
-        asyncio.run(coro)
+        if hasattr(uvloop, "run"):
+            uvloop.run(coro)
+            return
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # uvloop before 0.18
+    asyncio.run(coro)
 
 
 def main(argv: list[str] | None = None) -> int:
