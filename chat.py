@@ -394,6 +394,14 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
+def replay_from_window(window: Any, after_id: int, evicted_upto: int,
+                       limit: int) -> tuple[list[Message], bool]:
+    """The messages after `after_id` in a room's window of recent messages, and whether that is all of them
+    (nothing newer than `after_id` was evicted from the window, and no more than `limit` were missed)."""
+    missed = [m for m in window if m.id > after_id]
+    return missed[-limit:], after_id >= evicted_upto and len(missed) <= limit
+
+
 class MemoryStore:
     """History in memory: a bounded deque per room; ids increase across the whole server."""
 
@@ -434,10 +442,7 @@ class MemoryStore:
         return list(window)[-limit:] if limit else []
 
     async def since(self, room: str, after_id: int, limit: int) -> tuple[list[Message], bool]:
-        window = self._rooms.get(room, collections.deque())
-        missed = [m for m in window if m.id > after_id]
-        complete = after_id >= self._evicted_upto.get(room, 0) and len(missed) <= limit
-        return missed[-limit:], complete
+        return replay_from_window(self._rooms.get(room, ()), after_id, self._evicted_upto.get(room, 0), limit)
 
     async def close(self) -> None:
         return None
@@ -624,8 +629,7 @@ class RedisStore:
             window, evicted = await self._window(room)
         except RedisDown:
             return await self.local.since(room, after_id, limit)
-        missed = [m for m in window if m.id > after_id]
-        return missed[-limit:], after_id >= evicted and len(missed) <= limit
+        return replay_from_window(window, after_id, evicted, limit)
 
 
 class Board:
@@ -660,9 +664,6 @@ class Board:
 
     def local_count(self, room: str, user: str) -> int:
         return self.counts.get(room, collections.Counter())[user]
-
-    def local_names(self, room: str) -> list[str]:
-        return [name for name, n in self.counts.get(room, {}).items() if n > 0]
 
     async def members(self, room: str) -> list[str]:
         return sorted(self.counts.get(room, {}), key=str.casefold)
@@ -758,8 +759,8 @@ class RedisBoard(Board):
         self.node = node
         self.ttl = ttl
 
-    def _key(self, room: str) -> str:
-        return f"chat:presence:{room}:{self.node}"
+    def _key(self, room: str, node: str | None = None) -> str:
+        return f"chat:presence:{room}:{node or self.node}"
 
     async def publish(self, room: str) -> None:
         names = {name: n for name, n in self.counts.get(room, {}).items() if n > 0}
@@ -782,7 +783,7 @@ class RedisBoard(Board):
             names: set[str] = set()
             for node in nodes:
                 node = node.decode() if isinstance(node, bytes) else node
-                found = await self.client.hkeys(f"chat:presence:{room}:{node}")
+                found = await self.client.hkeys(self._key(room, node))
                 if not found and node != self.node:
                     await self.client.srem(f"chat:presence-nodes:{room}", node)  # expired: that node died
                 names.update(n.decode() if isinstance(n, bytes) else n for n in found)
@@ -993,9 +994,6 @@ class KeywordBot:
 
 class SilentBot(KeywordBot):
     """--bot off: never replies."""
-
-    def __init__(self) -> None:
-        super().__init__()
 
     async def reply(self, turn: BotTurn) -> list[str]:
         return []
@@ -1445,9 +1443,8 @@ class FanoutManager(socketio.AsyncManager):
         task.add_done_callback(self._tasks.discard)
 
     async def _drop(self, eio_sid: str) -> None:
-        # Not eio.disconnect(): it waits for the queue to drain, which a client
-        # that stopped reading never does. Close without waiting, free the queue
-        # and wake the writer so it exits.
+        # abort=True: a client that stopped reading would never read a CLOSE
+        # packet. Close, free what is queued for it and wake the writer so it exits.
         sock = self.server.eio.sockets.get(eio_sid)
         try:
             if sock is not None:
@@ -1779,9 +1776,13 @@ class ChatHub:
             loop = asyncio.get_running_loop()
             session.typing_timer = loop.call_later(
                 self.settings.typing_timeout, lambda: self._spawn(self._set_typing(session, False)))
-        users = await self.board.set_typing(session.room, session.user, typing, self.settings.typing_timeout)
+        await self._update_typing(session.room, session.user, typing, self.settings.typing_timeout)
+
+    async def _update_typing(self, room: str, user: str, typing: bool, ttl: float) -> None:
+        """Record one person (or the bot) typing or not, and tell the room when the list changed."""
+        users = await self.board.set_typing(room, user, typing, ttl)
         if users is not None:
-            await self.sio.emit("typing", {"room": session.room, "users": users}, room=session.room)
+            await self.sio.emit("typing", {"room": room, "users": users}, room=room)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -1861,7 +1862,7 @@ class ChatHub:
             context: tuple[Message, ...] = ()
             if isinstance(self.bot.bot, OpenAIBot):
                 context = tuple(await self.store.recent(room, self.settings.bot_context))
-            sender_id = "chatpy-" + hashlib.sha256(f"{room}\0{msg.user}".encode()).hexdigest()[:16]
+            sender_id = "chatpy-" + hashlib.sha256(f"{room}\0{msg.user}".encode()).hexdigest()[:16] if remote else ""
             turn = BotTurn(msg.user, msg.body, room, sender_id, context)
             if remote:
                 await self._set_bot_typing(room, True)
@@ -1883,9 +1884,7 @@ class ChatHub:
                 await self._set_bot_typing(room, False)
 
     async def _set_bot_typing(self, room: str, typing: bool) -> None:
-        users = await self.board.set_typing(room, self.settings.bot_name, typing, self.settings.bot_timeout + 5)
-        if users is not None:
-            await self.sio.emit("typing", {"room": room, "users": users}, room=room)
+        await self._update_typing(room, self.settings.bot_name, typing, self.settings.bot_timeout + 5)
 
     async def on_typing(self, sid: str, *args: Any) -> None:
         """`typing` {typing: bool}: show or clear this person's typing indicator."""
