@@ -2189,6 +2189,7 @@ PAGE_JS = r"""
       'Check your internet connection and reload, or start chat.py with --client-js PATH to serve it locally.');
     els.status.textContent = 'offline';
     els.status.dataset.state = 'error';
+    for (const control of document.querySelectorAll('input, textarea, button')) control.disabled = true;
     return;
   }
 

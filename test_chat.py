@@ -1791,6 +1791,8 @@ async def test_the_page_says_so_when_the_client_library_cannot_load(start_chat: 
     banner = page.locator("#banner")
     await banner.wait_for()
     assert "could not load its Socket.IO client library" in (await banner.text_content() or "")
+    assert await page.get_by_label("Your message").is_disabled(), "no typing into a page that cannot send"
+    assert await page.get_by_role("button", name="Send").is_disabled()
     await context.close()
 
 
