@@ -4,7 +4,7 @@
 # dependencies = [
 #     "python-socketio>=5.18,<5.19",
 #     "python-engineio>=4.15,<4.16",
-#     "aiohttp>=3.9,<4",
+#     "aiohttp>=3.14,<3.15",
 # ]
 # ///
 """chat.py: a real-time chat server with a chat bot, in one file.
@@ -45,21 +45,281 @@ import time
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiohttp
-import engineio
-import socketio
-from aiohttp import web
-from engineio import packet as eio_packet
-from engineio import payload as eio_payload
-from engineio.async_drivers import aiohttp as eio_aiohttp
-from socketio import packet as sio_packet
+_IMPORT_ERROR: ImportError | None = None
+try:  # the two packages chat.py is built on; without them, see "first run" below
+    import aiohttp
+    import engineio
+    import socketio
+    from aiohttp import web
+    from engineio import packet as eio_packet
+    from engineio import payload as eio_payload
+    from engineio.async_drivers import aiohttp as eio_aiohttp
+    from socketio import packet as sio_packet
+except ImportError as _exc:
+    _IMPORT_ERROR = _exc
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 log = logging.getLogger("chat")
+
+# ---------------------------------------------------------------- first run: a private environment (stdlib only)
+# `python3 chat.py` on a machine without the dependencies (a fresh Debian or Ubuntu, whose
+# system Python refuses `pip install`, PEP 668) installs them once into a per-user cache
+# directory and re-runs itself there. Nothing below may use a third-party package.
+
+MIN_PYTHON = (3, 10)
+IMPORT_NAMES = {"python-socketio": "socketio", "python-engineio": "engineio", "aiohttp": "aiohttp"}
+PIP_NETWORK_HINTS = ("NewConnectionError", "Failed to establish a new connection", "Max retries exceeded",
+                     "ConnectTimeoutError", "ReadTimeoutError", "Temporary failure in name resolution",
+                     "Network is unreachable", "Connection refused", "ProxyError", "SSLError",
+                     "(from versions: none)")
+
+
+def read_own_header() -> str:
+    """The start of this file, where the PEP 723 header is."""
+    with open(__file__, encoding="utf-8") as own:
+        return own.read(4096)
+
+
+def script_requirements(source: str) -> list[str]:
+    """The `dependencies` of this file's PEP 723 header: the one list of what chat.py needs."""
+    header = re.search(r"^# /// script\n(.*?)^# ///$", source, re.M | re.S)
+    block = re.search(r"dependencies\s*=\s*\[(.*?)\]", header.group(1) if header else "", re.S)
+    return re.findall(r'"([^"]+)"', block.group(1)) if block else []
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(re.match(r"\d*", part).group() or 0) for part in text.split("."))  # type: ignore[union-attr]
+
+
+def version_satisfies(version: str, specifiers: str) -> bool:
+    """Whether `version` meets comma-separated specifiers such as ">=5.18,<5.19"."""
+    have = _version_tuple(version)
+    checks = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, "==": lambda a, b: a == b,
+              "!=": lambda a, b: a != b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
+    for spec in filter(None, (s.strip() for s in specifiers.split(","))):
+        op = re.match(r"[<>=!]=?", spec)
+        want = _version_tuple(spec[op.end():]) if op else ()
+        width = max(len(have), len(want))
+        if op and not checks[op.group()](have + (0,) * (width - len(have)), want + (0,) * (width - len(want))):
+            return False
+    return True
+
+
+def split_requirement(requirement: str) -> tuple[str, str]:
+    """("python-socketio", ">=5.18,<5.19") from "python-socketio>=5.18,<5.19"."""
+    name = re.match(r"[A-Za-z0-9._-]+", requirement).group()  # type: ignore[union-attr]
+    return name, requirement[len(name):].strip()
+
+
+def installed_version(distribution: str, module: Any) -> str | None:
+    """The installed version of `distribution`, read from its dist-info next to `module` (cheap)."""
+    prefix = re.sub(r"[-_.]+", "_", distribution).lower() + "-"
+    site = os.path.dirname(os.path.dirname(module.__file__ or ""))
+    with contextlib.suppress(OSError), os.scandir(site) as entries:
+        for entry in entries:
+            if entry.name.lower().startswith(prefix) and entry.name.endswith(".dist-info"):
+                return entry.name[len(prefix):-len(".dist-info")]
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def dependency_problem(requirements: list[str], import_error: ImportError | None) -> str | None:
+    """Why the pinned dependencies cannot be used here, or None when they can."""
+    if sys.version_info < MIN_PYTHON:
+        return None  # reported by first_run() before anything else
+    if import_error is not None:
+        return f"{import_error.name or 'a dependency'} is not installed"
+    for requirement in requirements:
+        name, specifiers = split_requirement(requirement)
+        module = sys.modules.get(IMPORT_NAMES.get(name, name))
+        version = installed_version(name, module) if module else None
+        if version and not version_satisfies(version, specifiers):
+            return f"{name} {version} is installed, chat.py needs {name}{specifiers}"
+    return None
+
+
+def private_env_dir(requirements: list[str]) -> Path:
+    """Where the private environment for these pins and this Python lives (never next to chat.py)."""
+    chosen = os.environ.get("CHAT_ENV_DIR")
+    if chosen:
+        root = Path(chosen).expanduser()
+    else:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = Path(cache) / "chat.py"
+    key = "\n".join([*requirements, sys.version, os.path.realpath(sys.executable)])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return root / f"env-py{sys.version_info[0]}.{sys.version_info[1]}-{digest}"
+
+
+def env_python(env: Path) -> Path:
+    """The interpreter inside a virtual environment."""
+    return env / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def manual_install_hint(requirements: list[str]) -> str:
+    """The commands that install the dependencies by hand."""
+    quoted = " ".join(f"'{r}'" for r in requirements)
+    return (f"python3 -m venv ~/chat-env && ~/chat-env/bin/pip install {quoted} && "
+            f"~/chat-env/bin/python {sys.argv[0] or 'chat.py'}")
+
+
+class FirstRunError(Exception):
+    """A first-run set-up step failed; the message is the one line the user sees."""
+
+
+def _remove_stale_partials(env: Path) -> None:
+    for partial in env.parent.glob(f"{env.name}.partial-*"):
+        pid = partial.name.rsplit("-", 1)[-1]
+        alive = pid.isdigit() and Path(f"/proc/{pid}").exists()
+        if not alive:
+            import shutil
+
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _run_streaming(command: list[str]) -> tuple[int, list[str]]:
+    """Run `command`, copying its output to stderr as it comes; return its status and output lines."""
+    import subprocess
+
+    lines: list[str] = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace", stdin=subprocess.DEVNULL) as process:
+        try:
+            for line in process.stdout or ():
+                sys.stderr.write(line)
+                sys.stderr.flush()
+                lines.append(line.rstrip())
+            return process.wait(), lines
+        except BaseException:
+            process.terminate()
+            process.wait()
+            raise
+
+
+def install_private_env(env: Path, requirements: list[str]) -> None:
+    """Create `env` with the requirements: built under a temporary name, renamed when complete."""
+    import shutil
+    import subprocess
+
+    try:
+        env.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(env)
+    except OSError as exc:
+        raise FirstRunError(f"cannot create {env.parent}: {exc.strerror or exc}; "
+                            "set CHAT_ENV_DIR to a writable directory") from None
+    apt_hint = ("this python3 cannot create virtual environments (no ensurepip); on Debian or Ubuntu run "
+                "`sudo apt install python3-venv`, then run chat.py again")
+    try:
+        import ensurepip  # noqa: F401  (Debian and Ubuntu ship it separately, in python3-venv)
+        import venv  # noqa: F401
+    except ImportError:
+        raise FirstRunError(apt_hint) from None
+    wanted = ", ".join(f"{name} {re.sub(r'^[<>=!~]=?', '', spec.split(',')[0])}".strip()
+                       for name, spec in map(split_requirement, requirements))
+    print(f"chat.py: first run: installing {wanted} into {env} (about 10 s, once)", file=sys.stderr, flush=True)
+    partial = env.with_name(f"{env.name}.partial-{os.getpid()}")
+    try:
+        made = subprocess.run([sys.executable, "-m", "venv", str(partial)], capture_output=True, text=True,
+                              errors="replace", stdin=subprocess.DEVNULL)
+        if made.returncode != 0:
+            output = (made.stdout + made.stderr).strip()
+            if "ensurepip" in output or "python3-venv" in output:
+                raise FirstRunError(apt_hint)
+            raise FirstRunError(f"python3 -m venv failed: {output.splitlines()[-1] if output else made.returncode}")
+        status, lines = _run_streaming([str(env_python(partial)), "-m", "pip", "install", "--disable-pip-version-check",
+                                        "--no-input", "--progress-bar", "off", *requirements])
+        if status != 0:
+            text = "\n".join(lines)
+            last = next((line for line in reversed(lines) if line.strip()), f"exit status {status}")
+            if any(hint in text for hint in PIP_NETWORK_HINTS):
+                raise FirstRunError(f"cannot reach the package index to install the dependencies ({last}); "
+                                    f"check the network or proxy, or install by hand: "
+                                    f"{manual_install_hint(requirements)}")
+            raise FirstRunError(f"pip could not install the dependencies: {last}")
+        try:
+            partial.rename(env)
+        except OSError:
+            if not env_python(env).exists():  # not another chat.py that finished first
+                raise
+    except KeyboardInterrupt:
+        raise FirstRunError("first-run install interrupted; nothing was kept (run chat.py again to retry)") from None
+    except OSError as exc:
+        raise FirstRunError(f"cannot set up {env}: {exc.strerror or exc}; set CHAT_ENV_DIR to a writable "
+                            "directory") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def import_optional(module: str, requirement: str, feature: str) -> Any:
+    """Import an optional package a flag needs; in chat.py's private environment, install it first."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        pass
+    if not os.environ.get("CHAT_PRIVATE_ENV"):
+        raise StartupError(f"{feature} needs the {split_requirement(requirement)[0]} package: "
+                           f"{sys.executable} -m pip install '{requirement}'")
+    print(f"chat.py: {feature}: installing {requirement} into {sys.prefix}", file=sys.stderr, flush=True)
+    status, lines = _run_streaming([sys.executable, "-m", "pip", "install", "--disable-pip-version-check",
+                                    "--no-input", "--progress-bar", "off", requirement])
+    importlib.invalidate_caches()
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        last = next((line for line in reversed(lines) if line.strip()), f"exit status {status}")
+        raise StartupError(f"{feature} needs {requirement}, and pip could not install it: {last}") from None
+
+
+def first_run(problem: str, argv: list[str]) -> int:
+    """Set up the private environment if needed and re-run chat.py in it; return an exit status on failure."""
+    if sys.version_info < MIN_PYTHON:
+        found = ".".join(map(str, sys.version_info[:3]))
+        print(f"chat.py: needs Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer; {sys.executable} is {found}",
+              file=sys.stderr)
+        return 1
+    requirements = script_requirements(read_own_header())
+    env = private_env_dir(requirements)
+    if os.environ.get("CHAT_NO_BOOTSTRAP"):
+        print(f"chat.py: {problem}, and CHAT_NO_BOOTSTRAP is set; install by hand:\n"
+              f"  {manual_install_hint(requirements)}\nor, in your own environment: "
+              f"pip install {' '.join(repr(r) for r in requirements)}", file=sys.stderr)
+        return 1
+    if os.environ.get("CHAT_PRIVATE_ENV"):
+        print(f"chat.py: {problem} in the private environment {sys.prefix}; delete that directory and run "
+              "chat.py again", file=sys.stderr)
+        return 1
+    if not env_python(env).exists():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            install_private_env(env, requirements)
+        except FirstRunError as exc:
+            print(f"chat.py: {exc}", file=sys.stderr)
+            return 1
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    python = str(env_python(env))
+    os.environ["CHAT_PRIVATE_ENV"] = str(env)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(python, [python, os.path.abspath(__file__), *argv])
+    return 1  # not reached
+
+
+_DEPENDENCY_PROBLEM = dependency_problem(script_requirements(read_own_header()),
+                                         _IMPORT_ERROR)
+if _DEPENDENCY_PROBLEM or sys.version_info < MIN_PYTHON:
+    if __name__ == "__main__":
+        sys.exit(first_run(_DEPENDENCY_PROBLEM or "", sys.argv[1:]))
+    raise ImportError(f"chat.py: {_DEPENDENCY_PROBLEM}")
+
 
 # ---------------------------------------------------------------- settings and command line
 
@@ -2554,10 +2814,7 @@ class SharedState:
 
 async def connect_redis(settings: Settings) -> SharedState:
     """Connect to Redis for --redis, or stop start-up with one clear line."""
-    try:
-        import redis.asyncio as aioredis  # only needed with --redis
-    except ImportError:
-        raise StartupError("--redis needs the redis package: pip install redis") from None
+    aioredis = import_optional("redis.asyncio", "redis>=5,<8", "--redis")
     assert settings.redis is not None
     client = aioredis.Redis.from_url(settings.redis, socket_connect_timeout=2)
     try:
@@ -2576,7 +2833,8 @@ def banner(settings: Settings, url: str) -> str:
     """The one line printed at start-up: where to go, which bot, which libraries."""
     share = ("share on a LAN or server with --host 0.0.0.0" if settings.host in ("127.0.0.1", "localhost", "::1")
              else "listening on all given addresses")
-    versions = ", ".join(f"{name} {metadata.version(name)}" for name in ("python-socketio", "aiohttp"))
+    versions = ", ".join(f"{name} {installed_version(name, module)}"
+                         for name, module in (("python-socketio", socketio), ("aiohttp", aiohttp)))
     node = "; shared through Redis" if settings.redis else ""
     loop = loop_name(settings.loop)
     return f"chat.py {__version__}: {url}  (bot: {settings.bot}{node}; {loop}; {versions}; {share}; Ctrl-C stops)"
