@@ -1499,6 +1499,39 @@ _ack_wanted: contextvars.ContextVar[bool] = contextvars.ContextVar("ack_wanted",
 RESERVED_EVENTS = frozenset({"connect", "disconnect", "connect_error", "message"})
 
 
+class PollBatchQueue(asyncio.Queue):  # type: ignore[type-arg]
+    """An Engine.IO socket's outgoing queue that hands out at most 16 packets per batch.
+
+    python-engineio builds a long-polling response from one get() and then
+    get_nowait() until the queue is empty; its client aborts the connection
+    when one response carries more than 16 packets. Refusing the 17th leaves
+    the rest, in order, for the next poll.
+    """
+
+    MAX_BATCH = 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch = 0
+        self.waiting = False
+
+    async def get(self) -> Any:
+        self.waiting = True
+        try:
+            item = await super().get()
+        finally:
+            self.waiting = False
+        self.batch = 1
+        return item
+
+    def get_nowait(self) -> Any:
+        if not self.waiting:
+            if self.batch >= self.MAX_BATCH:
+                raise asyncio.QueueEmpty
+            self.batch += 1
+        return super().get_nowait()
+
+
 class DirectQueue(asyncio.Queue):  # type: ignore[type-arg]
     """An Engine.IO socket's outgoing queue that also knows when it may be bypassed.
 
@@ -1536,6 +1569,9 @@ class ChatWebSocket(eio_aiohttp.WebSocket):
         self._sock = web.WebSocketResponse(max_msg_size=self.server.max_http_buffer_size, compress=self.compress)
         await self._sock.prepare(environ["aiohttp.request"])
         self.environ = environ
+        open_websockets = getattr(self.server, "open_websockets", None)
+        if open_websockets is not None:
+            open_websockets.add(self)
         sock = getattr(self.handler, "__self__", None)
         if not self.compress and sock is not None and not sock.connected:
             # A fresh WebSocket connection: nothing is polling the old queue, so swap it.
@@ -1544,8 +1580,16 @@ class ChatWebSocket(eio_aiohttp.WebSocket):
                 queue.put_nowait(sock.queue.get_nowait())
             queue.held = 0
             sock.queue = queue
-        await self.handler(self)
+        try:
+            await self.handler(self)
+        finally:
+            if open_websockets is not None:
+                open_websockets.discard(self)
         return self._sock
+
+    async def close_for_restart(self) -> None:
+        """Close with 1012 (service restart): clients treat it as a lost connection and reconnect."""
+        await self._sock.close(code=aiohttp.WSCloseCode.SERVICE_RESTART, message=b"server restart")
 
     async def send(self, message: Any) -> None:
         await super().send(message)
@@ -1581,6 +1625,25 @@ class EngineServer(engineio.AsyncServer):
     def __init__(self, *args: Any, compress: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._async = {**self._async, "websocket": CompressingWebSocket if compress else ChatWebSocket}
+        self.open_websockets: set[ChatWebSocket] = set()
+
+    def create_queue(self, *args: Any, **kwargs: Any) -> asyncio.Queue[Any]:
+        return PollBatchQueue()
+
+    async def close_for_restart(self) -> None:
+        """Shutdown: end every session without Engine.IO's CLOSE packet.
+
+        A CLOSE tells python-engineio's client that the server hung up on
+        purpose, and python-socketio then never reconnects; a transport that
+        just goes away is a lost connection, which every official client retries.
+        """
+        for sock in list(self.sockets.values()):
+            await sock.close(wait=False, abort=True, reason=self.reason.TRANSPORT_CLOSE)
+            sock.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))  # ends a waiting long-poll
+        self.sockets.clear()
+        closing = [asyncio.ensure_future(ws.close_for_restart()) for ws in list(self.open_websockets)]
+        if closing:  # a client that stopped reading never answers the close frame: do not wait for it
+            await asyncio.wait(closing, timeout=0.5)
 
     async def disconnect(self, sid: str | None = None) -> None:
         for eio_sid in [sid] if sid is not None else list(self.sockets):
@@ -2173,8 +2236,7 @@ class ChatHub:
             handle.cancel()
         for task in list(self._tasks):
             task.cancel()
-        await self.sio.eio.disconnect()
-        await asyncio.sleep(0.05)  # let WebSocket writers send their close packets
+        await self.sio.eio.close_for_restart()
         await self.sio.shutdown()
 
 

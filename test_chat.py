@@ -711,6 +711,69 @@ def test_the_readmes_systemd_unit_verifies_and_keeps_the_password_out_of_it(tmp_
     assert result.returncode == 0, result.stderr
 
 
+# ---------------------------------------------------------------- restarts and long-polling batches
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+async def test_python_clients_reconnect_by_themselves_after_a_sigterm_restart(transport: str) -> None:
+    port = free_port()
+    server = ChatProcess("--port", str(port), "--rate", "0")
+    url = await asyncio.to_thread(server.wait_ready)
+    listener = Peer(socketio.AsyncClient(reconnection_delay=0.2, reconnection_delay_max=0.5))
+    connects: asyncio.Queue[None] = asyncio.Queue()
+    listener.sio.on("connect", lambda: connects.put_nowait(None))
+    await listener.sio.connect(url, transports=[transport], wait_timeout=10)
+    await asyncio.wait_for(connects.get(), 5)
+    try:
+        code, _, err = await asyncio.to_thread(server.stop)
+        assert code == 0 and "Traceback" not in err
+        server = ChatProcess("--port", str(port), "--rate", "0")
+        await asyncio.to_thread(server.wait_ready)
+        await asyncio.wait_for(connects.get(), 15)  # reconnected by itself
+        sender = socketio.AsyncClient(reconnection=False)
+        await sender.connect(url, transports=["websocket"], wait_timeout=10)
+        await sender.call("newmessage", {"user": "Bob", "body": "after the restart"}, timeout=10)
+        assert (await listener.next("newmessage", 10))["body"] == "after the restart"
+        await sender.disconnect()
+    finally:
+        await listener.sio.disconnect()
+        await asyncio.to_thread(server.stop)
+
+
+async def test_a_long_poll_response_carries_at_most_16_packets_and_the_rest_follows_in_order(url: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/socket.io/?EIO=4&transport=polling") as response:
+            sid = json.loads((await response.text())[1:])["sid"]
+        poll = f"{url}/socket.io/?EIO=4&transport=polling&sid={sid}"
+        async with http.post(poll, data="40") as response:
+            assert response.status == 200
+        async with http.get(poll) as response:
+            assert (await response.text()).startswith("40")
+        burst = "\x1e".join("42" + json.dumps(["newmessage", {"user": "P", "body": f"m{i}"}]) for i in range(100))
+        async with http.post(poll, data=burst) as response:
+            assert response.status == 200
+        bodies: list[str] = []
+        while len(bodies) < 100:
+            async with http.get(poll) as response:
+                packets = (await response.text()).split("\x1e")
+            assert len(packets) <= 16
+            for raw in packets:
+                event, payload = json.loads(raw[2:])
+                if event == "newmessage":
+                    bodies.append(payload["body"])
+    assert bodies == [f"m{i}" for i in range(100)]
+
+
+async def test_a_python_polling_client_receives_all_100_broadcasts_of_its_own_burst(url: str,
+                                                                                     connect: Connect) -> None:
+    peer = await connect(url, transports=["polling"])
+    await asyncio.gather(*(peer.sio.emit("newmessage", {"user": "P", "body": f"m{i}"}) for i in range(100)))
+    received = await peer.take("newmessage", 100, timeout=20)
+    assert [m["body"] for m in received] == [f"m{i}" for i in range(100)]
+    assert peer.sio.connected
+
+
 # ---------------------------------------------------------------- the official JavaScript client in Node
 
 NODE_CLIENT = r"""
