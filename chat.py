@@ -43,6 +43,7 @@ import string
 import sys
 import time
 import unicodedata
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -520,6 +521,11 @@ ROOM_RE = re.compile(r"[a-z0-9_-]{1,32}")
 CID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
+def new_epoch() -> str:
+    """A fresh name for an id sequence (see Store.epoch)."""
+    return os.urandom(6).hex()
+
+
 def now_ms() -> int:
     """Server time as integer milliseconds since the Unix epoch (the wire `ts`)."""
     return time.time_ns() // 1_000_000
@@ -639,7 +645,14 @@ def expect_object(args: tuple[Any, ...], what: str) -> dict[str, Any]:
 
 
 class Store(Protocol):
-    """Where messages live: assigns ids, keeps the last N per room, replays since an id."""
+    """Where messages live: assigns ids, keeps the last N per room, replays since an id.
+
+    `epoch` names the sequence the ids come from: it changes when ids may start
+    over (a restart without --db, a new database file), so a client that
+    remembers ids from another epoch knows to forget them.
+    """
+
+    epoch: str
 
     async def open(self) -> None: ...
 
@@ -667,6 +680,7 @@ class MemoryStore:
 
     def __init__(self, history: int) -> None:
         self.history = history
+        self.epoch = new_epoch()
         self._next_id = 1
         self._rooms: dict[str, collections.deque[Message]] = {}
         self._cids: dict[str, dict[str, Message]] = {}
@@ -683,6 +697,10 @@ class MemoryStore:
         self._next_id += 1
         self.remember(msg)
         return msg, True
+
+    def continue_after(self, highest_id: int) -> None:
+        """Number new messages after `highest_id` (ids another store handed out)."""
+        self._next_id = max(self._next_id, highest_id + 1)
 
     def remember(self, msg: Message) -> None:
         """Add an already numbered message to the room's window."""
@@ -720,6 +738,7 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_room_id ON messages (room, id);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_room_cid ON messages (room, cid) WHERE cid IS NOT NULL;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);  -- 'epoch': this file's id sequence
 """
 
 
@@ -733,6 +752,7 @@ class SqliteStore:
         self.history = history
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-sqlite")
         self._db: sqlite3.Connection | None = None
+        self.epoch = ""
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -742,6 +762,8 @@ class SqliteStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SQLITE_SCHEMA)
+        db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (new_epoch(),))
+        self.epoch = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
         self._db = db
 
     async def open(self) -> None:
@@ -835,15 +857,22 @@ class RedisStore:
         self.history = history
         self.local = MemoryStore(history)
         self.highest_id = 0
+        self.epoch = ""
         self._append = client.register_script(REDIS_APPEND)
         self._raise_ids = client.register_script(REDIS_RAISE_IDS)
         health.on_recovery.append(self._after_outage)
 
     async def open(self) -> None:
-        return None
+        await self.client.set("chat:epoch", new_epoch(), nx=True)
+        epoch = await self.client.get("chat:epoch")
+        self.epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
 
     async def close(self) -> None:
         return None
+
+    def note_id(self, message_id: int) -> None:
+        """Remember an id another node handed out, so numbering during an outage continues after it."""
+        self.highest_id = max(self.highest_id, message_id)
 
     def _message(self, raw: bytes | str) -> Message:
         data = json.loads(raw)
@@ -852,7 +881,7 @@ class RedisStore:
                        data.get("cid"))
 
     async def _after_outage(self) -> None:
-        await self._raise_ids(keys=["chat:ids"], args=[max(self.highest_id, self.local._next_id - 1)])
+        await self._raise_ids(keys=["chat:ids"], args=[self.highest_id])
 
     async def append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> tuple[Message, bool]:
         fields = {"room": room, "user": user, "body": body, "ts": now_ms(), "kind": kind}
@@ -863,8 +892,10 @@ class RedisStore:
         try:
             created, raw = await self.health.call(self._append, keys, [cid or "", self.history, json.dumps(fields)])
         except RedisDown:
-            self.local._next_id = max(self.local._next_id, self.highest_id + 1)
-            return await self.local.append(room, user, body, kind, cid)
+            self.local.continue_after(self.highest_id)
+            message, created = await self.local.append(room, user, body, kind, cid)
+            self.note_id(message.id)
+            return message, created
         return self._message(raw), bool(created)
 
     async def _window(self, room: str) -> tuple[list[Message], int]:
@@ -1496,7 +1527,9 @@ class BotRunner:
 _ack_wanted: contextvars.ContextVar[bool] = contextvars.ContextVar("ack_wanted", default=False)
 
 
-RESERVED_EVENTS = frozenset({"connect", "disconnect", "connect_error", "message"})
+# Names python-socketio treats specially: its lifecycle events, and "*", which it would hand to
+# the catch-all handler without the event name (so the sender's sid would be lost).
+RESERVED_EVENTS = frozenset({"connect", "disconnect", "connect_error", "message", "*"})
 
 
 class PollBatchQueue(asyncio.Queue):  # type: ignore[type-arg]
@@ -1716,12 +1749,16 @@ class FanoutManager(socketio.AsyncManager):
     def __init__(self, max_queue: int = 1000) -> None:
         super().__init__()
         self.max_queue = max_queue
+        self.on_message_id: Callable[[int], None] | None = None
         self._dropping: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def emit(self, event: str, data: Any, namespace: str, room: Any = None, skip_sid: Any = None,
                    callback: Any = None, to: Any = None, **kwargs: Any) -> None:
         room = to or room
+        if (self.on_message_id is not None and event in ("newmessage", "botmessage") and isinstance(data, dict)
+                and type(data.get("id")) is int):
+            self.on_message_id(data["id"])
         if callback is not None or namespace not in self.rooms:
             return await super().emit(event, data, namespace, room=room, skip_sid=skip_sid,
                                       callback=callback, **kwargs)
@@ -1788,12 +1825,14 @@ class RedisFanoutManager(socketio.AsyncRedisManager, FanoutManager):
     and the subscription retries every few seconds instead of backing off to a minute.
     """
 
-    def __init__(self, url: str, max_queue: int, health: RedisHealth) -> None:
+    def __init__(self, url: str, max_queue: int, health: RedisHealth,
+                 on_message_id: Callable[[int], None] | None = None) -> None:
         quiet = logging.getLogger("chat.redis-manager")
         quiet.setLevel(logging.CRITICAL)  # outages are reported once by RedisHealth
         super().__init__(url, channel="chat.py", logger=quiet, redis_options={"socket_connect_timeout": 2})
         self.max_queue = max_queue
         self.health = health
+        self.on_message_id = on_message_id  # relayed messages tell the store which ids exist
 
     async def _publish(self, data: Any) -> None:
         if self.health.down:
@@ -1928,6 +1967,8 @@ class ChatHub:
         reply = {"ok": False, "error": message, "code": code}
         if _ack_wanted.get():
             return reply
+        if session is None:  # never a broadcast: emit(to=None) would reach everyone
+            return None
         await self.sio.emit("chat_error", {"error": message, "code": code, "event": event}, to=sid)
         return None
 
@@ -2122,6 +2163,9 @@ class ChatHub:
         user = data.get("user")
         user = clean_user(user, self.settings.bot_name) if user not in (None, "") else None
         since = clean_since(data.get("since"))
+        epoch = data.get("epoch")
+        if since is not None and epoch is not None and epoch != self.store.epoch:
+            since = -1  # ids from another sequence (the server restarted without --db): start afresh
         if room != session.room:
             await self._set_typing(session, False)
             await self._leave_presence(session.room, session.user)
@@ -2132,10 +2176,12 @@ class ChatHub:
         await self._rename(session, user)
         if since is None:
             history, complete = await self.store.recent(room, self.settings.history), True
+        elif since < 0:
+            history, complete = await self.store.recent(room, self.settings.history), False
         else:
             history, complete = await self.store.since(room, since, self.settings.history)
         return {"ok": True, "room": room, "user": user, "history": [m.wire() for m in history],
-                "complete": complete, "members": await self.board.members(room),
+                "complete": complete, "epoch": self.store.epoch, "members": await self.board.members(room),
                 "typing": await self.board.typing_users(room)}
 
     def _rate_ok(self, session: Session) -> bool:
@@ -2876,7 +2922,7 @@ class SharedState:
 
 async def connect_redis(settings: Settings) -> SharedState:
     """Connect to Redis for --redis, or stop start-up with one clear line."""
-    aioredis = import_optional("redis.asyncio", "redis>=5,<8", "--redis")
+    aioredis = import_optional("redis.asyncio", "redis>=5", "--redis")
     assert settings.redis is not None
     client = aioredis.Redis.from_url(settings.redis, socket_connect_timeout=2)
     try:
@@ -2886,9 +2932,9 @@ async def connect_redis(settings: Settings) -> SharedState:
         raise StartupError(f"cannot reach Redis at {settings.redis}: {describe_error(exc)}") from None
     health = RedisHealth(client)
     node = os.urandom(6).hex()
-    return SharedState(client, health, RedisStore(client, health, settings.history),
-                       RedisBoard(client, health, node, settings.presence_ttl),
-                       RedisFanoutManager(settings.redis, settings.max_queue, health))
+    store = RedisStore(client, health, settings.history)
+    return SharedState(client, health, store, RedisBoard(client, health, node, settings.presence_ttl),
+                       RedisFanoutManager(settings.redis, settings.max_queue, health, on_message_id=store.note_id))
 
 
 def banner(settings: Settings, url: str) -> str:
