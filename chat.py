@@ -30,6 +30,7 @@ import functools
 import gc
 import hashlib
 import hmac
+import html
 import ipaddress
 import json
 import logging
@@ -558,11 +559,12 @@ class Message:
 class InvalidInput(Exception):
     """An inbound payload was refused; `message` is safe to show the sender."""
 
-    def __init__(self, code: str, message: str, quiet: bool = False) -> None:
+    def __init__(self, code: str, message: str, quiet: bool = False, **details: Any) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.quiet = quiet  # already logged (e.g. the rest of a flood)
+        self.details = details  # extra fields for the refusal, e.g. retry_after_ms
 
 
 def _strip_invisible(text: str) -> str:
@@ -1885,6 +1887,10 @@ class TokenBucket:
             return True
         return False
 
+    def wait_ms(self) -> int:
+        """Milliseconds until the next event will be allowed."""
+        return 0 if self.rate <= 0 else max(1, int((1 - self.tokens) / self.rate * 1000) + 1)
+
 
 @dataclass
 class Session:
@@ -1953,23 +1959,24 @@ class ChatHub:
             try:
                 return await handler(sid, *args)
             except InvalidInput as exc:
-                return await self._refuse(sid, event, exc.code, exc.message, quiet=exc.quiet)
+                return await self._refuse(sid, event, exc.code, exc.message, quiet=exc.quiet, **exc.details)
             except Exception:
                 log.exception("error while handling %r from %s", event, sid)
                 return await self._refuse(sid, event, "internal", "Something went wrong on the server; please retry.")
 
         return guarded
 
-    async def _refuse(self, sid: str, event: str, code: str, message: str, quiet: bool = False) -> Any:
+    async def _refuse(self, sid: str, event: str, code: str, message: str, quiet: bool = False,
+                      **details: Any) -> Any:
         session = self.sessions.get(sid)
         if not quiet:
             log.warning("refused %s from %s (%s): %s", event, session.ip if session else sid, code, message)
-        reply = {"ok": False, "error": message, "code": code}
+        reply = {"ok": False, "error": message, "code": code, **details}
         if _ack_wanted.get():
             return reply
         if session is None:  # never a broadcast: emit(to=None) would reach everyone
             return None
-        await self.sio.emit("chat_error", {"error": message, "code": code, "event": event}, to=sid)
+        await self.sio.emit("chat_error", {"error": message, "code": code, "event": event, **details}, to=sid)
         return None
 
     # -- origin, address and password checks
@@ -2195,12 +2202,18 @@ class ChatHub:
         return False
 
     async def on_newmessage(self, sid: str, *args: Any) -> dict[str, Any] | None:
-        """`newmessage` {user, body, cid?}: store, broadcast to the room, ack, then ask the bot."""
+        """`newmessage` {user, body, cid?, room?}: store, broadcast to the room, ack, then ask the bot.
+
+        `room`, when given, must be the room this connection is in: a message never lands in a room
+        other than the one it was written in.
+        """
         session = self.sessions[sid]
         data = expect_object(args, "newmessage")
         user = clean_user(data.get("user"), self.settings.bot_name)
         body = clean_body(data.get("body"), self.settings.max_length)
         cid = clean_cid(data.get("cid"))
+        if "room" in data and clean_room(data.get("room")) != session.room:
+            raise InvalidInput("not_in_room", "That message was written in another room; join it to send it.")
         if not self._rate_ok(session):
             assert session.flood_started is not None
             flooding_for = time.monotonic() - session.flood_started
@@ -2208,8 +2221,9 @@ class ChatHub:
                 session.kicked = True
                 log.warning("disconnecting %s (%s): over the rate limit for %.0f s", sid, session.ip, flooding_for)
                 self._spawn(self.sio.disconnect(sid))
+            assert session.bucket is not None
             raise InvalidInput("rate_limited", "You are sending messages too fast; slow down.",
-                               quiet=flooding_for > 0)
+                               quiet=flooding_for > 0, retry_after_ms=session.bucket.wait_ms())
         room = session.room
         await self._rename(session, user)
         msg, created = await self.store.append(room, user, body, "user", cid)
@@ -2304,7 +2318,7 @@ def render_page(settings: Settings) -> str:
     else:
         script = f'<script src="{CLIENT_JS_CDN}" integrity="{CLIENT_JS_SRI}" crossorigin="anonymous"></script>'
     return (PAGE_HTML.replace("{{CLIENT_SCRIPT}}", script)
-            .replace("{{BOT_NAME}}", settings.bot_name).replace("{{VERSION}}", __version__)
+            .replace("{{BOT_NAME}}", html.escape(settings.bot_name)).replace("{{VERSION}}", __version__)
             .replace("{{TRANSPORTS}}", ",".join(sorted(settings.transports, reverse=True))))
 
 
@@ -2372,6 +2386,7 @@ PAGE_HTML = """<!doctype html>
   <meta name="viewport" content="width=device-width, initial-scale=1">
   <meta name="color-scheme" content="light dark">
   <meta name="chat-transports" content="{{TRANSPORTS}}">
+  <meta name="chat-bot-name" content="{{BOT_NAME}}">
   <title>chat.py</title>
   <link rel="icon" href="/favicon.svg" type="image/svg+xml">
   <link rel="stylesheet" href="/chat.css">
@@ -2633,13 +2648,13 @@ PAGE_JS = r"""
     if (rendered.has(msg.id)) return;
     const local = msg.cid && pending.get(msg.cid);
     const isBot = msg.kind === 'bot';
-    const mine = !isBot && (local || msg.user === els.user.value.trim());
+    const mine = !isBot && Boolean(local || (msg.cid && myCids.has(msg.cid)));
     const classes = [isBot ? 'bot' : 'user'];
     if (mine) classes.push('mine');
     const li = makeItem(String(msg.user), String(msg.body), msg.ts, classes);
     if (local) {
       local.li.remove();
-      pending.delete(msg.cid);
+      settle(local);
     }
     rendered.set(msg.id, li);
     insertInOrder(li, msg.id);
@@ -2680,107 +2695,197 @@ PAGE_JS = r"""
 
   const showError = (text) => { els.error.textContent = text || ''; };
 
-  // ---- sending with acks, retries and resend after reconnect
-
+  // "Mine" means sent from this browser: the client ids it used, kept across reloads.
+  const myCids = new Set((() => {
+    try {
+      const saved = JSON.parse(store.get('chat.cids') || '[]');
+      return Array.isArray(saved) ? saved : [];
+    } catch { return []; }
+  })());
+  const rememberCid = (cid) => {
+    myCids.add(cid);
+    store.set('chat.cids', JSON.stringify([...myCids].slice(-300)));
+  };
   const newCid = () => (crypto.randomUUID ? crypto.randomUUID() :
     `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`);
 
+  // ---- sending: one ordered outbox; acks, rate-limit waits, retries, resends after reconnect
+  //
+  // Messages leave in the order they were typed, one at a time, each in the room it was typed in.
+  // Every entry ends as sent or as failed with the reason and a retry button; nothing is dropped.
+
+  const outbox = [];            // entries in typing order: {cid, user, body, room, tries, li, failed, attempt}
+  let inFlight = null;          // the entry whose ack is awaited
+  let waitTimer = 0;            // set while the server asked us to wait (rate limit)
+
+  const settle = (entry) => {
+    const index = outbox.indexOf(entry);
+    if (index >= 0) outbox.splice(index, 1);
+    pending.delete(entry.cid);
+  };
+
   const markPending = (entry, state) => {
     entry.li.querySelector('.state').textContent = state;
-    entry.li.classList.toggle('failed', state.startsWith('failed'));
-    const old = entry.li.querySelector('.retry');
-    if (old) old.remove();
-    if (state.startsWith('failed')) {
+    entry.li.classList.toggle('failed', entry.failed);
+    entry.li.querySelector('.retry')?.remove();
+    if (entry.failed) {
       const retry = document.createElement('button');
       retry.type = 'button';
       retry.className = 'retry ghost';
       retry.textContent = 'retry';
-      retry.addEventListener('click', () => { entry.tries = 0; transmit(entry); });
+      retry.addEventListener('click', () => retryEntry(entry));
       entry.li.querySelector('.meta').append(retry);
     }
   };
 
-  const transmit = (entry) => {
-    if (!socket.connected || !joined) { markPending(entry, 'sending…'); return; }
-    if (entry.tries >= MAX_TRIES) { markPending(entry, 'failed —'); return; }
+  const fail = (entry, reason) => {
+    entry.failed = true;
+    markPending(entry, `failed: ${reason}`);
+  };
+
+  const retryEntry = (entry) => {
+    const user = checkName(els.user.value.trim());
+    if (!user) return;
+    Object.assign(entry, { user, room, tries: 0, failed: false });
+    entry.li.querySelector('.author').textContent = user;
+    markPending(entry, 'sending…');
+    pump();
+  };
+
+  const delivered = (entry, ack) => {
+    settle(entry);
+    lastSeen.set(entry.room, Math.max(lastSeen.get(entry.room) || 0, ack.id));
+    if (entry.room !== room || rendered.has(ack.id)) { entry.li.remove(); return; }
+    markPending(entry, '');
+    entry.li.classList.remove('pending');
+    entry.li.classList.add('sent');
+    rendered.set(ack.id, entry.li);
+    insertInOrder(entry.li, ack.id);
+  };
+
+  const pump = () => {
+    if (inFlight || waitTimer || !socket.connected || !joined) return;
+    const entry = outbox.find((e) => !e.failed && e.room === room);
+    if (!entry) return;
+    if (entry.tries >= MAX_TRIES) {
+      fail(entry, 'no answer from the server');
+      pump();
+      return;
+    }
     entry.tries += 1;
-    const token = {};
-    entry.token = token;
+    const attempt = {};
+    Object.assign(entry, { attempt });
+    inFlight = entry;
     markPending(entry, 'sending…');
     socket.timeout(SEND_TIMEOUT_MS).emit('newmessage',
-      { user: entry.user, body: entry.body, cid: entry.cid }, (err, ack) => {
-        if (entry.token !== token || !pending.has(entry.cid)) return;
-        if (err) { transmit(entry); return; }
+      { user: entry.user, body: entry.body, cid: entry.cid, room: entry.room }, (err, ack) => {
+        if (inFlight !== entry || entry.attempt !== attempt) return;  // superseded by a reconnect
+        inFlight = null;
+        if (err) { pump(); return; }  // no answer in time: send again (same cid, shown once)
         if (ack && ack.ok) {
-          if (rendered.has(ack.id)) { entry.li.remove(); pending.delete(entry.cid); return; }
-          markPending(entry, '');
-          entry.li.classList.remove('pending');
-          entry.li.classList.add('sent');
-          rendered.set(ack.id, entry.li);
-          pending.delete(entry.cid);
-          insertInOrder(entry.li, ack.id);
-          lastSeen.set(room, Math.max(lastSeen.get(room) || 0, ack.id));
+          delivered(entry, ack);
+        } else if (ack && ack.code === 'rate_limited') {
+          entry.tries -= 1;  // waiting is not failing
+          markPending(entry, 'waiting…');
+          const wait = Math.min(Math.max(Number(ack.retry_after_ms) || 1000, 50), 10000);
+          waitTimer = setTimeout(() => { waitTimer = 0; pump(); }, wait);
+          return;
+        } else if (ack && ack.code === 'not_in_room') {
+          markPending(entry, `waiting for #${entry.room}`);  // sent again when the page is back there
         } else {
-          pending.delete(entry.cid);
-          entry.li.remove();
-          showError((ack && ack.error) || 'The server refused the message.');
-          if (!els.body.value) els.body.value = entry.body;
+          fail(entry, (ack && ack.error) || 'the server refused it');
         }
+        pump();
       });
   };
 
+  const BOT_KEY = nameKey(document.querySelector('meta[name="chat-bot-name"]')?.content || '');
+  function nameKey(name) { return name.normalize('NFKC').toLowerCase().replace(/[\s\u200b-\u200f\u2060\ufeff]+/g, ''); }
+
+  // The name as the server will accept it, or null after telling the person what is wrong.
+  const checkName = (user) => {
+    let problem = '';
+    if (!user) problem = 'Please enter your name.';
+    else if ([...user].length > 32) problem = 'Your name is too long (at most 32 characters).';
+    else if (BOT_KEY && nameKey(user) === BOT_KEY) problem = 'That name is reserved for the bot; please pick another.';
+    if (problem) {
+      showError(problem);
+      els.user.focus();
+      return null;
+    }
+    return user;
+  };
+
   const send = () => {
-    const user = els.user.value.trim();
+    const typed = els.user.value.trim();
     const body = els.body.value.trim();
-    if (!user || !body) {
-      showError(!user && !body ? 'Please enter your name and a message.' :
-        !user ? 'Please enter your name.' : 'Please type a message.');
-      (!user ? els.user : els.body).focus();
+    if (!typed || !body) {
+      showError(!typed && !body ? 'Please enter your name and a message.' :
+        !typed ? 'Please enter your name.' : 'Please type a message.');
+      (!typed ? els.user : els.body).focus();
       return;
     }
+    const user = checkName(typed);
+    if (!user) return;
     showError('');
     store.set('chat.name', user);
-    const entry = { cid: newCid(), user, body, room, tries: 0, token: null,
+    const entry = { cid: newCid(), user, body, room, tries: 0, failed: false, attempt: null,
       li: makeItem(user, body, Date.now(), ['user', 'mine', 'pending']) };
     pending.set(entry.cid, entry);
+    rememberCid(entry.cid);
+    outbox.push(entry);
     els.messages.append(entry.li);
     els.empty.hidden = true;
+    markPending(entry, 'sending…');
     scrollToEnd();
     els.body.value = '';
     autosize();
     els.body.focus();
     typingSentAt = 0;
-    transmit(entry);
-  };
-
-  const flushPending = () => {
-    for (const entry of pending.values()) {
-      if (entry.room === room && !entry.li.classList.contains('failed')) transmit(entry);
-    }
+    pump();
   };
 
   // ---- joining rooms
 
-  const join = () => {
-    const user = els.user.value.trim();
+  let epoch = null;  // the server's id sequence (changes when it restarts without --db)
+
+  const join = (withName = true) => {
+    const user = withName ? els.user.value.trim() : '';
     const since = lastSeen.get(room);
+    const joining = room;
     joined = false;
-    socket.emit('join', { room, user: user || undefined, since }, (ack) => {
+    socket.emit('join', { room, user: user || undefined, since, epoch: epoch || undefined }, (ack) => {
+      if (joining !== room) return;  // the person has moved on to another room meanwhile
       if (!ack || !ack.ok) {
+        if (user && ack && (ack.code === 'reserved_name' || ack.code === 'bad_user')) {
+          showError(ack.error);  // the name is refused: still join the room, without it
+          join(false);
+          return;
+        }
         showBanner((ack && ack.error) || 'Could not join the room.');
+        for (const entry of outbox) {
+          if (entry.room === joining && !entry.failed) fail(entry, (ack && ack.error) || 'could not join the room');
+        }
         return;
       }
       showBanner('');
       joined = true;
-      if (since !== undefined && !ack.complete) {
+      if (epoch && ack.epoch !== epoch) {
+        // The server restarted without keeping history: its ids start over, so forget ours.
+        rendered.clear();
+        lastSeen.clear();
+        for (const li of els.messages.querySelectorAll('li[data-id]')) delete li.dataset.id;
+        renderSystem('The server restarted; messages above this line are not kept on it.');
+      } else if (since !== undefined && !ack.complete) {
         renderSystem('Some earlier messages may be missing: you were away longer than the history keeps.');
       }
+      epoch = ack.epoch;
       for (const msg of ack.history) renderMessage(msg);
       if (since === undefined) scrollToEnd();
       renderMembers(ack.members || []);
       typingUsers = ack.typing || [];
       renderTyping();
-      flushPending();
+      pump();
     });
   };
 
@@ -2813,6 +2918,7 @@ PAGE_JS = r"""
   });
   socket.on('disconnect', (reason) => {
     joined = false;
+    inFlight = null;  // its ack will not come: the entry is sent again after the next join
     if (reason === 'io client disconnect') setStatus('offline', 'offline');
     else setStatus('reconnecting', 'reconnecting…');
   });

@@ -1643,6 +1643,40 @@ async def test_an_odd_event_name_is_refused_to_the_sender_only(url: str, connect
     assert same_room.pending("chat_error") == [] and other_room.pending("chat_error") == []
 
 
+async def test_a_message_for_another_room_is_refused_and_never_posted_here(url: str, connect: Connect) -> None:
+    sender, watcher = await connect(url), await connect(url)
+    await sender.join("team")
+    await watcher.join("team")
+    refusal = await sender.say("typed in the lobby", room="lobby")
+    assert refusal["code"] == "not_in_room"
+    assert (await sender.say("typed in team", room="team"))["ok"]
+    assert (await watcher.next("newmessage"))["body"] == "typed in team"
+
+
+async def test_a_rate_limited_message_says_how_long_to_wait(start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(rate=1, burst=1)
+    peer = await connect(url)
+    assert (await peer.say("one"))["ok"]
+    refusal = await peer.say("two")
+    assert refusal["code"] == "rate_limited"
+    assert 1 <= refusal["retry_after_ms"] <= 1001
+    await asyncio.sleep(refusal["retry_after_ms"] / 1000)
+    assert (await peer.say("two"))["ok"]
+
+
+async def test_the_join_ack_names_the_id_sequence_and_a_foreign_one_restarts_the_replay(
+        start_chat: StartChat, connect: Connect) -> None:
+    peer = await connect(await start_chat(rate=0, bot="off"))
+    first = await peer.join("lobby")
+    await peer.say("one")
+    await peer.say("two")
+    same = await peer.join("lobby", since=1, epoch=first["epoch"])
+    assert [m["body"] for m in same["history"]] == ["two"] and same["complete"]
+    foreign = await peer.join("lobby", since=1, epoch="another-server")
+    assert [m["body"] for m in foreign["history"]] == ["one", "two"]
+    assert not foreign["complete"] and foreign["epoch"] == first["epoch"]
+
+
 async def test_bodies_keep_newlines_and_lose_other_control_characters(url: str, connect: Connect) -> None:
     peer = await connect(url)
     await peer.say("  line one\r\nline\x00 two\x1b[31m\n  ", user="  Zoë \u200b ")
@@ -2236,12 +2270,58 @@ async def test_offline_and_back_every_message_appears_once_in_the_same_order(
 
 
 @pytest.mark.browser
+async def test_fifteen_messages_sent_with_enter_in_a_second_all_arrive_in_order_at_the_default_rate(
+        start_chat: StartChat, open_page: OpenPage) -> None:
+    require(CLIENT_JS.is_file(), "the npm package socket.io-client")
+    url = await start_chat(client_js=CLIENT_JS)  # --rate 5 --burst 10, the defaults
+    alice, bob = await open_page(url), await open_page(url)
+    await alice.page.get_by_label("Your name").fill("Alice")
+    box = alice.page.get_by_label("Your message")
+    expected = [f"line {i}" for i in range(1, 16)]
+    for body in expected:
+        await box.fill(body)
+        await box.press("Enter")
+    await bob.wait_for_messages(expected)
+    await alice.wait_for_messages(expected)
+    assert await alice.page.locator("#messages li.failed").count() == 0
+
+
+@pytest.mark.browser
+async def test_a_refused_name_fails_the_message_with_the_reason_and_retry_sends_it_once_under_the_new_name(
+        page_url: str, open_page: OpenPage) -> None:
+    alice, bob = await open_page(page_url), await open_page(page_url)
+    too_long_after_nfkc = "\ufb00" * 20  # 20 characters here, 40 once the server normalises it
+    await alice.send(too_long_after_nfkc, "hello from a bad name")
+    failed = alice.page.locator("#messages li.failed")
+    await failed.wait_for(timeout=10000)
+    assert "too long" in (await failed.locator(".state").text_content() or "")
+    await alice.page.get_by_label("Your name").fill("Alice")
+    await failed.get_by_role("button", name="retry").click()
+    await bob.wait_for_messages(["hello from a bad name"])
+    line = bob.page.locator("#messages li.message", has_text="hello from a bad name")
+    assert await line.locator(".author").text_content() == "Alice"
+    await alice.wait_for_messages(["hello from a bad name"])
+    assert await alice.page.locator("#messages li.failed").count() == 0
+
+
+@pytest.mark.browser
+async def test_the_bots_name_is_refused_in_the_page_before_sending(page_url: str, open_page: OpenPage) -> None:
+    alice = await open_page(page_url)
+    await alice.send("chat friend", "pretending")
+    assert "reserved for the bot" in (await alice.page.locator("#errorMessage").text_content() or "")
+    assert await alice.page.locator("#messages li.message").count() == 0
+
+
+@pytest.mark.browser
 @pytest.mark.slow
-async def test_after_a_server_restart_with_a_database_pages_reconnect_and_lose_nothing(
-        tmp_path: Path, open_page: OpenPage) -> None:
+@pytest.mark.parametrize("history", ["memory", "db"])
+async def test_after_a_server_restart_pages_reconnect_and_lose_nothing(
+        tmp_path: Path, open_page: OpenPage, history: str) -> None:
     require(CLIENT_JS.is_file(), "the npm package socket.io-client")
     port = free_port()
-    args = ("--port", str(port), "--db", str(tmp_path / "restart.db"), "--client-js", str(CLIENT_JS))
+    args = ("--port", str(port), "--client-js", str(CLIENT_JS))
+    if history == "db":
+        args += ("--db", str(tmp_path / "restart.db"))
     server = ChatProcess(*args)
     url = server.wait_ready()
     try:
