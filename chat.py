@@ -581,6 +581,8 @@ def clean_user(value: Any, bot_name: str) -> str:
     """Validate a display name: string, 1-32 characters after NFKC, no control characters."""
     if not isinstance(value, str):
         raise InvalidInput("bad_user", "Your name must be text.")
+    if len(value) > MAX_NAME * 4:  # before NFKC, which can cost milliseconds on a long hostile string
+        raise InvalidInput("bad_user", f"Your name is too long (at most {MAX_NAME} characters).")
     name = " ".join(_strip_invisible(unicodedata.normalize("NFKC", value)).split())
     if not name:
         raise InvalidInput("bad_user", "Please enter your name.")
@@ -1685,6 +1687,7 @@ class EngineServer(engineio.AsyncServer):
             sock = self.sockets.get(eio_sid)
             if sock is not None:
                 await sock.close(wait=False, reason=self.reason.SERVER_DISCONNECT)
+                sock.queue.put_nowait(None)  # the writer sends the CLOSE packet, then ends the transport
                 self.sockets.pop(eio_sid, None)
 
 
@@ -1704,6 +1707,13 @@ class ChatServer(socketio.AsyncServer):
         return functools.partial(EngineServer, compress=self._compress)
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        if isinstance(data, bytes) or (isinstance(data, str) and data[:1] in ("5", "6")):
+            # Binary events and their attachments: chat.py's protocol has none, and python-socketio
+            # would keep every frame until the announced number of attachments had arrived.
+            sid = self.manager.sid_from_eio_sid(eio_sid, "/")
+            log.warning("disconnecting %s: it sent a binary packet, which chat.py does not accept", sid or eio_sid)
+            await self.eio.disconnect(eio_sid)
+            return
         try:
             await super()._handle_eio_message(eio_sid, data)
         except Exception as exc:  # a packet python-socketio could not decode

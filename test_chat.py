@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -1677,6 +1678,18 @@ async def test_the_join_ack_names_the_id_sequence_and_a_foreign_one_restarts_the
     assert not foreign["complete"] and foreign["epoch"] == first["epoch"]
 
 
+def test_a_huge_name_is_refused_before_it_is_normalised(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_normalising(form: str, text: str) -> str:
+        raise AssertionError(f"normalised {len(text)} characters before checking the length")
+
+    stand_in = type("UnicodeData", (), {"normalize": staticmethod(no_normalising),
+                                         "category": staticmethod(unicodedata.category)})
+    monkeypatch.setattr(chat, "unicodedata", stand_in)  # chat.py's reference only
+    with pytest.raises(chat.InvalidInput) as refused:
+        chat.clean_user("\ufdfa" * 21_000, "ChatFriend")  # NFKC would expand it 18-fold
+    assert refused.value.code == "bad_user"
+
+
 async def test_bodies_keep_newlines_and_lose_other_control_characters(url: str, connect: Connect) -> None:
     peer = await connect(url)
     await peer.say("  line one\r\nline\x00 two\x1b[31m\n  ", user="  Zoë \u200b ")
@@ -1802,6 +1815,18 @@ async def wait_until(condition: Callable[[], Awaitable[bool]], timeout: float = 
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.parametrize("announced", [1, 1_000_000])
+async def test_a_binary_event_closes_that_connection_before_any_attachment_is_kept(
+        url: str, connect: Connect, announced: int) -> None:
+    raw = await RawClient.open(url)
+    raw.send(f'45{announced}-["newmessage",{{"_placeholder":true,"num":0}}]')
+    with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+        while True:  # until the server closes it
+            await asyncio.wait_for(raw.receive(), 5)
+    raw.abort()
+    await assert_chat_still_works(url, connect)
+
+
 async def test_http_garbage_on_the_socketio_endpoint_gets_400s(url: str, connect: Connect) -> None:
     async with aiohttp.ClientSession() as http:
         for query in ("EIO=3&transport=polling", "EIO=4&transport=carrier-pigeon",
@@ -1884,8 +1909,8 @@ async def test_a_flood_is_refused_beyond_the_burst_and_then_disconnected(
     flooder, bystander = await connect(url), await connect(url)
     acks = [await flooder.say(f"flood {i}", user="Flood") for i in range(12)]
     assert all(a["ok"] for a in acks[:10])
-    assert acks[11] == {"ok": False, "error": "You are sending messages too fast; slow down.",
-                        "code": "rate_limited"}
+    assert acks[11]["code"] == "rate_limited" and acks[11]["error"] == "You are sending messages too fast; slow down."
+    assert 1 <= acks[11]["retry_after_ms"] <= 201  # one token at 5/s
     await bystander.say("I can still talk", user="Calm")
     assert "I can still talk" in [m["body"] for m in await bystander.take("newmessage", 11)]
     deadline = time.monotonic() + 5
