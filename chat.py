@@ -176,20 +176,35 @@ class FirstRunError(Exception):
     """A first-run set-up step failed; the message is the one line the user sees."""
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by someone else
+        return True
+    return True
+
+
 def _remove_stale_partials(env: Path) -> None:
+    """Delete half-built environments left by installs that were killed (their process is gone)."""
+    import shutil
+
     for partial in env.parent.glob(f"{env.name}.partial-*"):
         pid = partial.name.rsplit("-", 1)[-1]
-        alive = pid.isdigit() and Path(f"/proc/{pid}").exists()
-        if not alive:
-            import shutil
-
+        if not (pid.isdigit() and _process_alive(int(pid))):
             shutil.rmtree(partial, ignore_errors=True)
 
 
-def _run_streaming(command: list[str]) -> tuple[int, list[str]]:
-    """Run `command`, copying its output to stderr as it comes; return its status and output lines."""
+def pip_install(python: str, requirements: list[str]) -> tuple[int, str, str]:
+    """Run `python -m pip install`, copying its output to stderr as it comes.
+
+    Returns pip's exit status, its last non-empty line and its whole output.
+    """
     import subprocess
 
+    command = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--progress-bar", "off",
+               *requirements]
     lines: list[str] = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           errors="replace", stdin=subprocess.DEVNULL) as process:
@@ -198,11 +213,13 @@ def _run_streaming(command: list[str]) -> tuple[int, list[str]]:
                 sys.stderr.write(line)
                 sys.stderr.flush()
                 lines.append(line.rstrip())
-            return process.wait(), lines
+            status = process.wait()
         except BaseException:
             process.terminate()
             process.wait()
             raise
+    last = next((line for line in reversed(lines) if line.strip()), f"exit status {status}")
+    return status, last, "\n".join(lines)
 
 
 def install_private_env(env: Path, requirements: list[str]) -> None:
@@ -235,12 +252,9 @@ def install_private_env(env: Path, requirements: list[str]) -> None:
             if "ensurepip" in output or "python3-venv" in output:
                 raise FirstRunError(apt_hint)
             raise FirstRunError(f"python3 -m venv failed: {output.splitlines()[-1] if output else made.returncode}")
-        status, lines = _run_streaming([str(env_python(partial)), "-m", "pip", "install", "--disable-pip-version-check",
-                                        "--no-input", "--progress-bar", "off", *requirements])
+        status, last, output = pip_install(str(env_python(partial)), requirements)
         if status != 0:
-            text = "\n".join(lines)
-            last = next((line for line in reversed(lines) if line.strip()), f"exit status {status}")
-            if any(hint in text for hint in PIP_NETWORK_HINTS):
+            if any(hint in output for hint in PIP_NETWORK_HINTS):
                 raise FirstRunError(f"cannot reach the package index to install the dependencies ({last}); "
                                     f"check the network or proxy, or install by hand: "
                                     f"{manual_install_hint(requirements)}")
@@ -271,13 +285,11 @@ def import_optional(module: str, requirement: str, feature: str) -> Any:
         raise StartupError(f"{feature} needs the {split_requirement(requirement)[0]} package: "
                            f"{sys.executable} -m pip install '{requirement}'")
     print(f"chat.py: {feature}: installing {requirement} into {sys.prefix}", file=sys.stderr, flush=True)
-    status, lines = _run_streaming([sys.executable, "-m", "pip", "install", "--disable-pip-version-check",
-                                    "--no-input", "--progress-bar", "off", requirement])
+    _, last, _ = pip_install(sys.executable, [requirement])
     importlib.invalidate_caches()
     try:
         return importlib.import_module(module)
     except ImportError:
-        last = next((line for line in reversed(lines) if line.strip()), f"exit status {status}")
         raise StartupError(f"{feature} needs {requirement}, and pip could not install it: {last}") from None
 
 
@@ -1899,7 +1911,7 @@ class TokenBucket:
 
     def wait_ms(self) -> int:
         """Milliseconds until the next event will be allowed."""
-        return 0 if self.rate <= 0 else max(1, int((1 - self.tokens) / self.rate * 1000) + 1)
+        return 0 if self.rate <= 0 else int((1 - self.tokens) / self.rate * 1000) + 1
 
 
 @dataclass
@@ -2181,8 +2193,6 @@ class ChatHub:
         user = clean_user(user, self.settings.bot_name) if user not in (None, "") else None
         since = clean_since(data.get("since"))
         epoch = data.get("epoch")
-        if since is not None and epoch is not None and epoch != self.store.epoch:
-            since = -1  # ids from another sequence (the server restarted without --db): start afresh
         if room != session.room:
             await self._set_typing(session, False)
             await self._leave_presence(session.room, session.user)
@@ -2193,7 +2203,8 @@ class ChatHub:
         await self._rename(session, user)
         if since is None:
             history, complete = await self.store.recent(room, self.settings.history), True
-        elif since < 0:
+        elif epoch is not None and epoch != self.store.epoch:
+            # `since` counts in another id sequence (the server restarted without --db): start afresh
             history, complete = await self.store.recent(room, self.settings.history), False
         else:
             history, complete = await self.store.since(room, since, self.settings.history)
@@ -2784,7 +2795,7 @@ PAGE_JS = r"""
     }
     entry.tries += 1;
     const attempt = {};
-    Object.assign(entry, { attempt });
+    entry.attempt = attempt;
     inFlight = entry;
     markPending(entry, 'sending…');
     socket.timeout(SEND_TIMEOUT_MS).emit('newmessage',
@@ -2809,8 +2820,8 @@ PAGE_JS = r"""
       });
   };
 
+  const nameKey = (name) => name.normalize('NFKC').toLowerCase().replace(/[\s\u200b-\u200f\u2060\ufeff]+/g, '');
   const BOT_KEY = nameKey(document.querySelector('meta[name="chat-bot-name"]')?.content || '');
-  function nameKey(name) { return name.normalize('NFKC').toLowerCase().replace(/[\s\u200b-\u200f\u2060\ufeff]+/g, ''); }
 
   // The name as the server will accept it, or null after telling the person what is wrong.
   const checkName = (user) => {

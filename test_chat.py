@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import functools
 import hashlib
 import importlib.util
 import json
@@ -483,12 +484,18 @@ SYSTEM_PYTHON = Path("/usr/bin/python3")
 CLEAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+def readme_blocks(section: str, language: str) -> list[str]:
+    """The ```language blocks under the README heading `section` (up to the next ## heading), in order."""
+    text = (HERE / "README.md").read_text().split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    return [block.strip() for block in re.findall(rf"```{language}\n(.*?)```", text, re.S)]
+
+
 def readme_quick_start() -> list[str]:
     """The shell commands of the README's Quick start, in order: start the chat, run the tests."""
-    section = (HERE / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    return [block.strip() for block in re.findall(r"```sh\n(.*?)```", section, re.S)]
+    return readme_blocks("Quick start", "sh")
 
 
+@functools.cache
 def has_chat_dependencies(python: Path) -> bool:
     probe = [str(python), "-c", "import aiohttp, socketio, engineio"]
     return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
@@ -693,14 +700,8 @@ def test_uv_run_reads_the_pep723_header(tmp_path: Path) -> None:
     assert "usage: chat.py" in result.stdout
 
 
-def readme_block(section: str, language: str) -> str:
-    """The first ```language block under the README heading `section`."""
-    text = (HERE / "README.md").read_text().split(f"## {section}", 1)[1]
-    return re.search(rf"```{language}\n(.*?)```", text, re.S).group(1)  # type: ignore[union-attr]
-
-
 def test_the_readmes_systemd_unit_verifies_and_keeps_the_password_out_of_it(tmp_path: Path) -> None:
-    unit = readme_block("Running on a Linode", "ini")
+    unit = readme_blocks("Running on a Linode", "ini")[0]
     assert "EnvironmentFile=" in unit and "CHAT_PASSWORD" not in unit and "LimitNOFILE=" in unit
     assert "ExecStart=/usr/bin/python3 /home/chat/chat.py" in unit
     analyze = shutil.which("systemd-analyze")
