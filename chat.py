@@ -2518,8 +2518,10 @@ h1 { font-size: 1.1rem; margin: 0; letter-spacing: .01em; }
   padding: .5rem .8rem; box-shadow: var(--shadow); max-width: 85%; align-self: flex-start; }
 .message.mine { background: var(--mine); align-self: flex-end; }
 .message.bot { background: var(--bot); border-left: 4px solid var(--bot-edge); }
-.message .meta { display: flex; gap: .5rem; align-items: baseline; font-size: .8rem; color: var(--muted); }
-.message .author { color: var(--text); font-size: .9rem; }
+.message .meta { display: flex; flex-wrap: wrap; gap: 0 .5rem; align-items: baseline; font-size: .8rem; color: var(--muted); }
+.message .author { color: var(--text); font-size: .9rem; overflow-wrap: anywhere; min-width: 0; }
+.message .time { white-space: nowrap; }
+.message .state { min-width: 0; overflow-wrap: anywhere; }
 .message .body { white-space: pre-wrap; overflow-wrap: anywhere; }
 .message .state:not(:empty) { font-style: italic; }
 .message.failed { border-color: var(--error); }
