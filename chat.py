@@ -2738,7 +2738,7 @@ PAGE_JS = r"""
   // Every entry ends as sent or as failed with the reason and a retry button; nothing is dropped.
 
   const outbox = [];            // entries in typing order: {cid, user, body, room, tries, li, failed, attempt}
-  let inFlight = null;          // the entry whose ack is awaited
+  let inFlight = null;          // the entry whose ack this room's next message waits for
   let waitTimer = 0;            // set while the server asked us to wait (rate limit)
 
   const settle = (entry) => {
@@ -2764,6 +2764,10 @@ PAGE_JS = r"""
   const fail = (entry, reason) => {
     entry.failed = true;
     markPending(entry, `failed: ${reason}`);
+    if (!entry.li.isConnected) {  // typed in a room the page has left: show it here, with its retry
+      els.messages.append(entry.li);
+      els.empty.hidden = true;
+    }
   };
 
   const retryEntry = (entry) => {
@@ -2802,9 +2806,13 @@ PAGE_JS = r"""
     markPending(entry, 'sending…');
     socket.timeout(SEND_TIMEOUT_MS).emit('newmessage',
       { user: entry.user, body: entry.body, cid: entry.cid, room: entry.room }, (err, ack) => {
-        if (inFlight !== entry || entry.attempt !== attempt) return;  // superseded by a reconnect
-        inFlight = null;
-        if (err) { pump(); return; }  // no answer in time: send again (same cid, shown once)
+        if (entry.attempt !== attempt) return;  // superseded by a reconnect
+        if (inFlight === entry) inFlight = null;
+        if (err) {  // no answer in time: send again (same cid, shown once), but only into its own room
+          if (entry.room !== room) fail(entry, `no answer before you left #${entry.room}`);
+          pump();
+          return;
+        }
         if (ack && ack.ok) {
           delivered(entry, ack);
         } else if (ack && ack.code === 'rate_limited') {
@@ -2814,7 +2822,8 @@ PAGE_JS = r"""
           waitTimer = setTimeout(() => { waitTimer = 0; pump(); }, wait);
           return;
         } else if (ack && ack.code === 'not_in_room') {
-          markPending(entry, `waiting for #${entry.room}`);  // sent again when the page is back there
+          if (entry.room !== room) fail(entry, `not sent: you left #${entry.room}`);
+          else markPending(entry, 'queued');  // the server lost our membership: sent after the next join
         } else {
           fail(entry, (ack && ack.error) || 'the server refused it');
         }
@@ -2859,7 +2868,7 @@ PAGE_JS = r"""
     outbox.push(entry);
     els.messages.append(entry.li);
     els.empty.hidden = true;
-    markPending(entry, 'sending…');
+    markPending(entry, 'queued');  // pump() says "sending…" when it is this entry's turn
     scrollToEnd();
     els.body.value = '';
     autosize();
@@ -2918,6 +2927,7 @@ PAGE_JS = r"""
       return;
     }
     if (next === room) return;
+    const left = room;
     room = next;
     history.pushState(null, '', `?room=${encodeURIComponent(room)}`);
     document.title = `#${room} · chat.py`;
@@ -2926,6 +2936,14 @@ PAGE_JS = r"""
     rendered.clear();
     lastSeen.delete(room);  // the list starts empty: ask for the room's recent history, not a replay
     els.empty.hidden = false;
+    // Unsent messages never follow the person into another room: they fail here, with a retry.
+    // The one in flight is still awaited, but no longer holds up this room's messages.
+    inFlight = null;
+    for (const entry of outbox) {
+      if (entry.room === left && entry !== inFlight && !entry.failed) fail(entry, `not sent: you left #${left}`);
+      else if (entry.room === room || entry.failed) els.messages.append(entry.li);
+    }
+    if (els.messages.childElementCount) els.empty.hidden = true;
     renderMembers([]);
     typingUsers = [];
     renderTyping();
@@ -2941,7 +2959,9 @@ PAGE_JS = r"""
   });
   socket.on('disconnect', (reason) => {
     joined = false;
-    inFlight = null;  // its ack will not come: the entry is sent again after the next join
+    if (inFlight) inFlight.attempt = null;  // its ack will not come: the entry is sent again after the next join
+    inFlight = null;
+    for (const entry of outbox) if (!entry.failed) markPending(entry, 'queued');
     if (reason === 'io client disconnect') setStatus('offline', 'offline');
     else setStatus('reconnecting', 'reconnecting…');
   });

@@ -814,6 +814,45 @@ async def test_the_official_js_client_in_node_round_trips(url: str, tmp_path: Pa
         "Hello, Node!", "We will be right with you to answer your question."]
 
 
+NODE_LISTENER = r"""
+const { io } = require('socket.io-client');
+const socket = io(process.argv[2], { transports: [process.argv[3]], reconnectionDelay: 200, reconnectionDelayMax: 500 });
+socket.on('connect', () => console.log('connected'));
+socket.on('newmessage', (m) => console.log(`message ${m.body}`));
+setTimeout(() => process.exit(3), 30000);
+"""
+
+
+@pytest.mark.node
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+async def test_the_official_js_client_in_node_reconnects_by_itself_after_a_sigterm_restart(
+        tmp_path: Path, transport: str) -> None:
+    require(shutil.which("node") is not None, "node")
+    require((NODE_MODULES / "socket.io-client").is_dir(), "the npm package socket.io-client")
+    script = tmp_path / "listener.js"
+    script.write_text(NODE_LISTENER)
+    port = free_port()
+    server = ChatProcess("--port", str(port), "--rate", "0")
+    url = await asyncio.to_thread(server.wait_ready)
+    listener = ChatProcess(command=["node", str(script), url, transport], env={"NODE_PATH": str(NODE_MODULES)})
+    try:
+        await asyncio.to_thread(listener.stdout.wait_for, "^connected", 10)
+        code, _, err = await asyncio.to_thread(server.stop)
+        assert code == 0 and "Traceback" not in err
+        server = ChatProcess("--port", str(port), "--rate", "0")
+        await asyncio.to_thread(server.wait_ready)
+        await asyncio.to_thread(listener.stdout.wait_for, "^connected", 15)
+        sender = socketio.AsyncClient(reconnection=False)
+        await sender.connect(url, transports=["websocket"], wait_timeout=10)
+        await sender.call("newmessage", {"user": "Bob", "body": "after the restart"}, timeout=10)
+        await sender.disconnect()
+        await asyncio.to_thread(listener.stdout.wait_for, "^message after the restart", 10)
+    finally:
+        listener.stop()
+        await asyncio.to_thread(server.stop)
+
+
 # ---------------------------------------------------------------- rooms, history, presence, typing
 
 
@@ -1536,6 +1575,22 @@ async def test_a_redis_restart_breaks_nothing_and_cross_node_delivery_resumes(
     assert "Traceback" not in err
 
 
+@pytest.mark.redis
+async def test_during_a_redis_outage_a_node_numbers_on_from_the_ids_it_relayed(
+        redis_server: RedisServer, nodes: Any, connect: Connect) -> None:
+    _, url_a = nodes("--bot", "off")
+    _, url_b = nodes("--bot", "off")
+    ann, bob = await connect(url_a), await connect(url_b)
+    ids = [(await ann.say(f"from A {i}", user="Ann"))["id"] for i in range(10)]
+    relayed = await bob.take("newmessage", 10)
+    assert [m["id"] for m in relayed] == ids, "node B relayed A's ids"
+    redis_server.stop()
+    during = [await bob.say(f"from B {i}", user="Bob") for i in range(3)]
+    assert all(ack["ok"] for ack in during)
+    assert [ack["id"] for ack in during] == sorted(ack["id"] for ack in during)
+    assert during[0]["id"] > max(ids), "ids never go backwards on a node that only relayed them"
+
+
 def test_an_unreachable_redis_at_start_exits_with_one_clear_line() -> None:
     port = free_port()
     result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--port", "0", "--redis",
@@ -2129,10 +2184,13 @@ async def open_page(browser: Any) -> AsyncIterator[OpenPage]:
     """Open the chat in a fresh browser context (its own storage, like another person)."""
     pages: list[BrowserPage] = []
 
-    async def open_(url: str, path: str = "/", wait_connected: bool = True, **context_options: Any) -> BrowserPage:
+    async def open_(url: str, path: str = "/", wait_connected: bool = True,
+                    before: Callable[[Any], Awaitable[None]] | None = None, **context_options: Any) -> BrowserPage:
         context = await browser.new_context(**context_options)
         tab = BrowserPage(await context.new_page())
         pages.append(tab)
+        if before is not None:
+            await before(tab.page)
         await tab.page.goto(url + path)
         if wait_connected:
             await tab.page.locator("#status[data-state=connected]").wait_for(timeout=10000)
@@ -2291,7 +2349,7 @@ async def test_offline_and_back_every_message_appears_once_in_the_same_order(
         await alice.send("Alice", f"alice {i}")
         await bob.send("Bob", f"bob {i}")
     await alice.message("alice 2").wait_for()
-    pending = bob.page.locator("#messages li.pending .state", has_text="sending…")
+    pending = bob.page.locator("#messages li.pending .state", has_text="queued")
     assert await pending.count() == 3
     await bob.page.context.set_offline(False)
     expected = ["before", "alice 0", "alice 1", "alice 2", "bob 0", "bob 1", "bob 2"]
@@ -2350,18 +2408,26 @@ async def test_the_bots_name_is_refused_in_the_page_before_sending(page_url: str
 
 @pytest.mark.browser
 @pytest.mark.slow
-@pytest.mark.parametrize("history", ["memory", "db"])
+@pytest.mark.parametrize("history", ["memory", "db", pytest.param("redis", marks=pytest.mark.redis)])
 async def test_after_a_server_restart_pages_reconnect_and_lose_nothing(
-        tmp_path: Path, open_page: OpenPage, history: str) -> None:
+        tmp_path: Path, open_page: OpenPage, history: str, request: pytest.FixtureRequest) -> None:
+    """Alice's server restarts; with --redis, Bob stays on a second node that keeps running."""
     require(CLIENT_JS.is_file(), "the npm package socket.io-client")
     port = free_port()
     args = ("--port", str(port), "--client-js", str(CLIENT_JS))
+    others: list[ChatProcess] = []
     if history == "db":
         args += ("--db", str(tmp_path / "restart.db"))
+    if history == "redis":
+        redis_url = request.getfixturevalue("redis_server").url
+        args += ("--redis", redis_url)
     server = ChatProcess(*args)
-    url = server.wait_ready()
+    url = bob_url = server.wait_ready()
+    if history == "redis":
+        others.append(ChatProcess("--port", "0", "--client-js", str(CLIENT_JS), "--redis", redis_url))
+        bob_url = others[0].wait_ready()
     try:
-        alice, bob = await open_page(url), await open_page(url)
+        alice, bob = await open_page(url), await open_page(bob_url)
         for tab in (alice, bob):
             tab.expected_network_errors = True
         await alice.send("Alice", "one")
@@ -2372,6 +2438,7 @@ async def test_after_a_server_restart_pages_reconnect_and_lose_nothing(
         await alice.send("Alice", "three, sent while the server was down")
         server = ChatProcess(*args)
         server.wait_ready()
+        await alice.page.locator("#status[data-state=connected]").wait_for(timeout=15000)
         await bob.page.locator("#status[data-state=connected]").wait_for(timeout=15000)
         await bob.send("Bob", "four")
         # "three" and "four" race after the restart; both pages must show the server's one order.
@@ -2385,7 +2452,76 @@ async def test_after_a_server_restart_pages_reconnect_and_lose_nothing(
             await asyncio.sleep(0.1)
         assert shown[0][:2] == ["one", "two"]
     finally:
-        server.stop()
+        for proc in (server, *others):
+            proc.stop()
+
+
+class AckGate:
+    """Sits on a page's WebSocket and holds back, or drops, the server's acks of `newmessage`."""
+
+    def __init__(self) -> None:
+        self.mode = "pass"  # "hold" keeps acks until release(); "drop" loses them
+        self.gated: set[str] = set()
+        self.held: list[tuple[Any, str]] = []
+
+    async def install(self, page: Any) -> None:
+        await page.route_web_socket(re.compile(r"/socket\.io/"), self._route)
+
+    def _route(self, ws: Any) -> None:
+        server = ws.connect_to_server()
+
+        def from_page(frame: str | bytes) -> None:
+            asked = re.match(r'42(\d+)\["newmessage"', frame) if isinstance(frame, str) else None
+            if asked and self.mode != "pass":
+                self.gated.add(asked.group(1))
+            server.send(frame)
+
+        def from_server(frame: str | bytes) -> None:
+            ack = re.match(r"43(\d+)\[", frame) if isinstance(frame, str) else None
+            if ack and ack.group(1) in self.gated:
+                if self.mode == "hold":
+                    self.held.append((ws, frame))
+                return
+            ws.send(frame)
+
+        ws.on_message(from_page)
+        server.on_message(from_server)
+
+    def release(self) -> None:
+        self.mode = "pass"
+        for ws, frame in self.held:
+            ws.send(frame)
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+@pytest.mark.parametrize("ack", ["late", "lost"])
+async def test_a_message_whose_ack_is_delayed_past_a_room_switch_lands_in_its_own_room_only(
+        start_chat: StartChat, open_page: OpenPage, connect: Connect, ack: str) -> None:
+    require(CLIENT_JS.is_file(), "the npm package socket.io-client")
+    url = await start_chat(client_js=CLIENT_JS, transports=("websocket",))
+    gate = AckGate()
+    alice = await open_page(url, before=gate.install)
+    lobby, team = await connect(url), await connect(url)
+    await team.join("team")
+    gate.mode = "hold" if ack == "late" else "drop"
+    await alice.send("Alice", "for the lobby")
+    assert (await lobby.next("newmessage"))["body"] == "for the lobby"
+    await alice.page.get_by_label("Room", exact=True).fill("team")
+    await alice.page.get_by_role("button", name="Go").click()
+    await alice.page.wait_for_url("**/?room=team")
+    await alice.send("Alice", "for the team")
+    if ack == "late":
+        gate.release()
+    else:  # the page gives up on the lost ack and says so; it never sends it into #team
+        failed = alice.page.locator("#messages li.failed", has_text="for the lobby")
+        await failed.wait_for(timeout=20000)
+        assert "#lobby" in (await failed.locator(".state").text_content() or "")
+    assert (await team.next("newmessage", timeout=20))["body"] == "for the team"
+    await alice.wait_for_messages(["for the team"] if ack == "late" else ["for the team", "for the lobby"])
+    await lobby.say("lobby is still fine", user="Lou")
+    assert (await lobby.next("newmessage"))["body"] == "lobby is still fine", "for the lobby arrived once"
+    assert team.pending("newmessage") == [], "nothing typed in the lobby reached the team"
 
 
 @pytest.mark.browser
