@@ -1739,6 +1739,32 @@ async def test_the_join_ack_names_the_id_sequence_and_a_foreign_one_restarts_the
     assert not foreign["complete"] and foreign["epoch"] == first["epoch"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["memory", "db", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_across_a_restart_ids_continue_or_the_epoch_changes(
+        store: str, tmp_path: Path, connect: Connect, request: pytest.FixtureRequest) -> None:
+    args = ["--port", str(free_port()), "--rate", "0", "--bot", "off"]
+    if store == "db":
+        args += ["--db", str(tmp_path / "epoch.db")]
+    if store == "redis":
+        args += ["--redis", request.getfixturevalue("redis_server").url]
+    acks = []
+    for _ in range(2):
+        server = ChatProcess(*args)
+        try:
+            peer = await connect(await asyncio.to_thread(server.wait_ready))
+            joined = await peer.join("lobby")
+            acks.append((joined["epoch"], (await peer.say("hello"))["id"]))
+            await peer.sio.disconnect()
+        finally:
+            assert (await asyncio.to_thread(server.stop))[0] == 0
+    (epoch_before, id_before), (epoch_after, id_after) = acks
+    if store == "memory":
+        assert epoch_after != epoch_before, "a new id sequence must say so"
+    else:
+        assert epoch_after == epoch_before and id_after > id_before
+
+
 def test_a_huge_name_is_refused_before_it_is_normalised(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_normalising(form: str, text: str) -> str:
         raise AssertionError(f"normalised {len(text)} characters before checking the length")
