@@ -579,13 +579,35 @@ class InvalidInput(Exception):
         self.details = details  # extra fields for the refusal, e.g. retry_after_ms
 
 
+MAX_ID = 2**53 - 1  # the largest integer a browser's JSON keeps exactly
+
+# Latin look-alikes in other scripts (after casefold), so that "СhatFriend" with a Cyrillic С
+# is the bot's name too: a small skeleton map in the spirit of Unicode's confusables.txt.
+CONFUSABLES = str.maketrans({
+    "а": "a", "в": "b", "е": "e", "ё": "e", "з": "3", "і": "i", "ї": "i", "ј": "j", "к": "k", "м": "m",
+    "н": "h", "о": "o", "р": "p", "с": "c", "т": "t", "у": "y", "х": "x", "ѕ": "s", "һ": "h", "ԁ": "d",
+    "ԛ": "q", "ԝ": "w", "ӏ": "i", "ɑ": "a", "α": "a", "β": "b", "ε": "e", "ζ": "z", "η": "n", "ι": "i",
+    "κ": "k", "μ": "m", "ν": "n", "ο": "o", "ρ": "p", "τ": "t", "υ": "u", "χ": "x", "ϲ": "c", "ϳ": "j",
+    "0": "o", "1": "i", "l": "i", "|": "i", "ı": "i",  # i, l, 1 and | look alike in many fonts
+})
+
+
+def _check_encodable(value: str, code: str, what: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate), before it reaches JSON or SQLite."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInput(code, f"{what} contains characters that are not valid text.") from None
+
+
 def _strip_invisible(text: str) -> str:
     return "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
 
 
 def name_key(name: str) -> str:
     """A comparison key under which look-alike spellings of a name collide."""
-    folded = _strip_invisible(unicodedata.normalize("NFKC", name)).casefold()
+    folded = _strip_invisible(unicodedata.normalize("NFKC", name)).casefold().translate(CONFUSABLES)
     return "".join(ch for ch in folded if not ch.isspace())
 
 
@@ -595,6 +617,7 @@ def clean_user(value: Any, bot_name: str) -> str:
         raise InvalidInput("bad_user", "Your name must be text.")
     if len(value) > MAX_NAME * 4:  # before NFKC, which can cost milliseconds on a long hostile string
         raise InvalidInput("bad_user", f"Your name is too long (at most {MAX_NAME} characters).")
+    _check_encodable(value, "bad_user", "Your name")
     name = " ".join(_strip_invisible(unicodedata.normalize("NFKC", value)).split())
     if not name:
         raise InvalidInput("bad_user", "Please enter your name.")
@@ -613,6 +636,7 @@ def clean_body(value: Any, max_length: int) -> str:
         raise InvalidInput("bad_body", "Your message must be text.")
     if len(value) > max_length * 4:
         raise InvalidInput("too_long", f"Your message is too long (at most {max_length} characters).")
+    _check_encodable(value, "bad_body", "Your message")
     text = value.replace("\r\n", "\n").replace("\r", "\n")
     text = "".join(ch for ch in text if ch == "\n" or unicodedata.category(ch) != "Cc").strip()
     if not text:
@@ -644,8 +668,8 @@ def clean_since(value: Any) -> int | None:
     """Validate an optional last-seen message id."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInput("bad_since", "'since' must be a message id (a whole number >= 0).")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ID:
+        raise InvalidInput("bad_since", f"'since' must be a message id (a whole number from 0 to {MAX_ID}).")
     return value
 
 
@@ -1548,7 +1572,44 @@ _ack_wanted: contextvars.ContextVar[bool] = contextvars.ContextVar("ack_wanted",
 RESERVED_EVENTS = frozenset({"connect", "disconnect", "connect_error", "message", "*"})
 
 
-class PollBatchQueue(asyncio.Queue):  # type: ignore[type-arg]
+def packet_size(item: Any) -> int:
+    """Roughly how many bytes an outgoing Engine.IO packet will take on the wire."""
+    data = getattr(item, "data", None)
+    return 16 + (len(data) if isinstance(data, (str, bytes)) else 0)
+
+
+class OutgoingQueue(asyncio.Queue):  # type: ignore[type-arg]
+    """An Engine.IO socket's outgoing queue, bounded in packets and bytes, whatever the packet:
+    broadcasts, acks and errors alike. Past the bound it asks `overflow` to drop the client
+    instead of growing (one packet larger than the bound still goes out when the queue is empty)."""
+
+    def __init__(self, max_packets: int, max_bytes: int, overflow: Callable[[OutgoingQueue], None]) -> None:
+        super().__init__()
+        self.max_packets = max_packets
+        self.max_bytes = max_bytes
+        self.overflow = overflow
+        self.bytes = 0
+        self.overflowed = False
+
+    def put_nowait(self, item: Any) -> None:
+        if item is not None:  # None is the writer's stop signal: always accepted
+            size = packet_size(item)
+            if self.qsize() and (self.qsize() >= self.max_packets or self.bytes + size > self.max_bytes):
+                if not self.overflowed:
+                    self.overflowed = True
+                    self.overflow(self)
+                return
+            self.bytes += size
+        super().put_nowait(item)
+
+    def get_nowait(self) -> Any:
+        item = super().get_nowait()
+        if item is not None:
+            self.bytes -= packet_size(item)
+        return item
+
+
+class PollBatchQueue(OutgoingQueue):
     """An Engine.IO socket's outgoing queue that hands out at most 16 packets per batch.
 
     python-engineio builds a long-polling response from one get() and then
@@ -1559,8 +1620,8 @@ class PollBatchQueue(asyncio.Queue):  # type: ignore[type-arg]
 
     MAX_BATCH = 16
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, max_packets: int, max_bytes: int, overflow: Callable[[OutgoingQueue], None]) -> None:
+        super().__init__(max_packets, max_bytes, overflow)
         self.batch = 0
         self.waiting = False
 
@@ -1581,7 +1642,7 @@ class PollBatchQueue(asyncio.Queue):  # type: ignore[type-arg]
         return super().get_nowait()
 
 
-class DirectQueue(asyncio.Queue):  # type: ignore[type-arg]
+class DirectQueue(OutgoingQueue):
     """An Engine.IO socket's outgoing queue that also knows when it may be bypassed.
 
     `held` counts packets the socket's writer task has taken but not yet written;
@@ -1589,8 +1650,8 @@ class DirectQueue(asyncio.Queue):  # type: ignore[type-arg]
     straight to the transport without reordering anything (see FanoutManager).
     """
 
-    def __init__(self, ws: ChatWebSocket) -> None:
-        super().__init__()
+    def __init__(self, ws: ChatWebSocket, bounds: OutgoingQueue) -> None:
+        super().__init__(bounds.max_packets, bounds.max_bytes, bounds.overflow)
         self.ws = ws
         self.held = 0
 
@@ -1624,7 +1685,7 @@ class ChatWebSocket(eio_aiohttp.WebSocket):
         sock = getattr(self.handler, "__self__", None)
         if not self.compress and sock is not None and not sock.connected:
             # A fresh WebSocket connection: nothing is polling the old queue, so swap it.
-            queue = DirectQueue(self)
+            queue = DirectQueue(self, sock.queue)
             while not sock.queue.empty():
                 queue.put_nowait(sock.queue.get_nowait())
             queue.held = 0
@@ -1671,13 +1732,84 @@ class EngineServer(engineio.AsyncServer):
     It also uses ChatWebSocket for the WebSocket transport.
     """
 
-    def __init__(self, *args: Any, compress: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, compress: bool, max_queue: int,
+                 address_of: Callable[[dict[str, Any]], str | None], max_per_address: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._async = {**self._async, "websocket": CompressingWebSocket if compress else ChatWebSocket}
         self.open_websockets: set[ChatWebSocket] = set()
+        self.max_queue = max_queue
+        self.address_of = address_of  # the client's address, or None when it is exempt from the cap
+        self.max_per_address = max_per_address
+        self.by_address: dict[str, set[str]] = {}
+        self._connecting_from: str | None = None
+        self._dropping: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._cap_warned: dict[str, float] = {}
 
     def create_queue(self, *args: Any, **kwargs: Any) -> asyncio.Queue[Any]:
-        return PollBatchQueue()
+        return PollBatchQueue(self.max_queue, self.max_queue * 1024, self._queue_overflowed)
+
+    # -- sessions per address: Engine.IO sessions (long-polling ones included) count, not only Socket.IO connects
+
+    async def _handle_connect(self, environ: dict[str, Any], transport: str, jsonp_index: int | None = None) -> Any:
+        address = self.address_of(environ)
+        if address is not None:
+            live = self.by_address.get(address)
+            if live:
+                live.intersection_update(self.sockets)
+            if live and len(live) >= self.max_per_address:
+                now = time.monotonic()
+                if now - self._cap_warned.get(address, -60.0) >= 60:
+                    self._cap_warned[address] = now
+                    log.warning("refused sessions from %s: over %d at once (logged once a minute)",
+                                address, self.max_per_address)
+                return {"status": "429 Too Many Requests", "headers": [("Content-Type", "text/plain")],
+                        "response": b"too many connections from your address"}
+            self._connecting_from = address
+        return await super()._handle_connect(environ, transport, jsonp_index)
+
+    def generate_id(self) -> str:
+        sid: str = super().generate_id()
+        if self._connecting_from is not None:  # called by _handle_connect before anything else
+            self.by_address.setdefault(self._connecting_from, set()).add(sid)
+            self._connecting_from = None
+            if len(self.by_address) > 2 * len(self.sockets) + 1000:
+                self.by_address = {a: live & self.sockets.keys() for a, live in self.by_address.items()
+                                   if live & self.sockets.keys()}
+                self._cap_warned.clear()
+        return sid
+
+    # -- slow readers: a client that falls too far behind is dropped, never buffered without end
+
+    def _queue_overflowed(self, queue: OutgoingQueue) -> None:
+        for eio_sid, sock in self.sockets.items():
+            if sock.queue is queue:
+                self.drop_slow_reader(eio_sid)
+                return
+
+    def drop_slow_reader(self, eio_sid: str) -> None:
+        """Disconnect a client that fell `max_queue` packets (or KB) behind."""
+        if eio_sid in self._dropping:
+            return
+        self._dropping.add(eio_sid)
+        log.warning("disconnecting %s: it fell %d packets (or KB) behind", eio_sid, self.max_queue)
+        task = asyncio.get_running_loop().create_task(self._drop(eio_sid))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drop(self, eio_sid: str) -> None:
+        # abort=True: a client that stopped reading would never read a CLOSE
+        # packet. Close, free what is queued for it and wake the writer so it exits.
+        sock = self.sockets.get(eio_sid)
+        try:
+            if sock is not None:
+                await sock.close(wait=False, abort=True, reason=self.reason.SERVER_DISCONNECT)
+                while not sock.queue.empty():
+                    sock.queue.get_nowait()
+                    sock.queue.task_done()
+                sock.queue.put_nowait(None)
+        finally:
+            self._dropping.discard(eio_sid)
 
     async def close_for_restart(self) -> None:
         """Shutdown: end every session without Engine.IO's CLOSE packet.
@@ -1711,12 +1843,12 @@ class ChatServer(socketio.AsyncServer):
     lifecycle events, and turns undecodable packets into one warning line.
     """
 
-    def __init__(self, *args: Any, compress: bool = False, **kwargs: Any) -> None:
-        self._compress = compress
+    def __init__(self, *args: Any, engine_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self._engine_options = engine_options or {}
         super().__init__(*args, **kwargs)
 
     def _engineio_server_class(self) -> Any:
-        return functools.partial(EngineServer, compress=self._compress)
+        return functools.partial(EngineServer, **self._engine_options)
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         if isinstance(data, bytes) or (isinstance(data, str) and data[:1] in ("5", "6")):
@@ -1770,12 +1902,9 @@ class FanoutManager(socketio.AsyncManager):
     disconnected instead of growing server memory.
     """
 
-    def __init__(self, max_queue: int = 1000) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.max_queue = max_queue
         self.on_message_id: Callable[[int], None] | None = None
-        self._dropping: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
 
     async def emit(self, event: str, data: Any, namespace: str, room: Any = None, skip_sid: Any = None,
                    callback: Any = None, to: Any = None, **kwargs: Any) -> None:
@@ -1794,7 +1923,7 @@ class FanoutManager(socketio.AsyncManager):
         ws_frame: bytes | None = None
         skip = skip_sid if isinstance(skip_sid, list) else [skip_sid]
         sockets = self.server.eio.sockets
-        max_buffered = self.max_queue * 1024
+        max_buffered = self.server.eio.max_queue * 1024
         for sid, eio_sid in self.get_participants(namespace, room):
             if sid in skip:
                 continue
@@ -1806,39 +1935,13 @@ class FanoutManager(socketio.AsyncManager):
                 transport = queue.ws.transport_for_direct_write()
                 if transport is not None:
                     if transport.get_write_buffer_size() > max_buffered:
-                        self._drop_slow_reader(sid, eio_sid)
+                        self.server.eio.drop_slow_reader(eio_sid)
                         continue
                     if ws_frame is None:
                         ws_frame = websocket_text_frame(b"4" + encoded.encode())
                     transport.write(ws_frame)
                     continue
-            if queue.qsize() >= self.max_queue:
-                self._drop_slow_reader(sid, eio_sid)
-                continue
-            queue.put_nowait(frame)
-
-    def _drop_slow_reader(self, sid: str, eio_sid: str) -> None:
-        if eio_sid in self._dropping:
-            return
-        self._dropping.add(eio_sid)
-        log.warning("disconnecting %s: it fell %d packets behind", sid, self.max_queue)
-        task = asyncio.get_running_loop().create_task(self._drop(eio_sid))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _drop(self, eio_sid: str) -> None:
-        # abort=True: a client that stopped reading would never read a CLOSE
-        # packet. Close, free what is queued for it and wake the writer so it exits.
-        sock = self.server.eio.sockets.get(eio_sid)
-        try:
-            if sock is not None:
-                await sock.close(wait=False, abort=True, reason=self.server.reason.SERVER_DISCONNECT)
-                while not sock.queue.empty():
-                    sock.queue.get_nowait()
-                    sock.queue.task_done()
-                sock.queue.put_nowait(None)
-        finally:
-            self._dropping.discard(eio_sid)
+            queue.put_nowait(frame)  # an OutgoingQueue: past its bound it drops the client instead
 
 
 class RedisFanoutManager(socketio.AsyncRedisManager, FanoutManager):
@@ -1849,12 +1952,11 @@ class RedisFanoutManager(socketio.AsyncRedisManager, FanoutManager):
     and the subscription retries every few seconds instead of backing off to a minute.
     """
 
-    def __init__(self, url: str, max_queue: int, health: RedisHealth,
+    def __init__(self, url: str, health: RedisHealth,
                  on_message_id: Callable[[int], None] | None = None) -> None:
         quiet = logging.getLogger("chat.redis-manager")
         quiet.setLevel(logging.CRITICAL)  # outages are reported once by RedisHealth
         super().__init__(url, channel="chat.py", logger=quiet, redis_options={"socket_connect_timeout": 2})
-        self.max_queue = max_queue
         self.health = health
         self.on_message_id = on_message_id  # relayed messages tell the store which ids exist
 
@@ -1898,20 +2000,112 @@ class TokenBucket:
         self.tokens = float(burst)
         self.stamp = time.monotonic()
 
-    def take(self) -> bool:
+    def ready(self) -> bool:
+        """Whether take() would succeed now (without taking)."""
         if self.rate <= 0:
             return True
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1:
+        return self.tokens >= 1
+
+    def take(self) -> bool:
+        if not self.ready():
+            return False
+        if self.rate > 0:
             self.tokens -= 1
-            return True
-        return False
+        return True
 
     def wait_ms(self) -> int:
         """Milliseconds until the next event will be allowed."""
         return 0 if self.rate <= 0 else int((1 - self.tokens) / self.rate * 1000) + 1
+
+
+class AddressBuckets:
+    """Token buckets per client address that outlive connections: reconnecting does not refill them.
+
+    A bucket is forgotten once it has refilled, so the map holds only addresses active lately.
+    """
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.buckets: dict[str, TokenBucket] = {}
+
+    def take(self, address: str) -> TokenBucket | None:
+        """None when allowed; otherwise the empty bucket (its wait_ms says how long to wait)."""
+        if self.rate <= 0:
+            return None
+        bucket = self.buckets.get(address)
+        if bucket is None:
+            if len(self.buckets) >= 10_000:
+                self.prune()
+            bucket = self.buckets[address] = TokenBucket(self.rate, self.burst)
+        return None if bucket.take() else bucket
+
+    def prune(self) -> None:
+        now = time.monotonic()
+        full = [a for a, b in self.buckets.items() if b.tokens + (now - b.stamp) * b.rate >= b.burst]
+        for address in full:
+            del self.buckets[address]
+
+
+class PasswordGuard:
+    """Limits password guesses: 5 a minute per address (IPv6 per /64, where one host has many
+    addresses); loopback, shared by everyone who comes through an SSH tunnel, is never locked
+    out but slowed down together (10 guesses, then one every 2 seconds)."""
+
+    PER_MINUTE = 5
+
+    def __init__(self) -> None:
+        self.failures: dict[str, collections.deque[float]] = {}
+        self.loopback = TokenBucket(0.5, 10)
+
+    @staticmethod
+    def group(ip: str, trust_proxy: bool) -> str:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return ip
+        if address.is_loopback and not trust_proxy:
+            return "loopback"
+        if address.version == 6 and not (address.ipv4_mapped and address.ipv4_mapped.is_loopback):
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return ip
+
+    def _recent(self, group: str) -> collections.deque[float] | None:
+        failures = self.failures.get(group)
+        if failures is not None:
+            now = time.monotonic()
+            while failures and now - failures[0] > 60:
+                failures.popleft()
+            if not failures:
+                del self.failures[group]
+                return None
+        return failures
+
+    def may_try(self, group: str) -> bool:
+        if group == "loopback":
+            return self.loopback.ready()
+        failures = self._recent(group)
+        return failures is None or len(failures) < self.PER_MINUTE
+
+    def failed(self, group: str) -> None:
+        if group == "loopback":
+            self.loopback.take()
+            return
+        if len(self.failures) >= 10_000:
+            for stale in list(self.failures):
+                self._recent(stale)
+        self.failures.setdefault(group, collections.deque()).append(time.monotonic())
+
+
+EXTRA_HANDSHAKES = 5  # Engine.IO sessions per address allowed beyond --max-per-ip
+
+# One address (all its connections together) may send this many times one connection's rate.
+PER_ADDRESS_FACTOR = 4
+JOIN_RATE, JOIN_BURST = 2.0, 5        # joins per second per connection (a page joins on connect and room switch)
+TYPING_RATE, TYPING_BURST = 2.0, 4    # typing changes relayed per second per connection; the rest are dropped
 
 
 @dataclass
@@ -1924,8 +2118,12 @@ class Session:
     room: str = DEFAULT_ROOM
     user: str | None = None
     bucket: TokenBucket | None = None
+    joins: TokenBucket = field(default_factory=lambda: TokenBucket(JOIN_RATE, JOIN_BURST))
+    typings: TokenBucket = field(default_factory=lambda: TokenBucket(TYPING_RATE, TYPING_BURST))
     flood_started: float | None = None
     last_refusal: float = 0.0
+    last_warning: float = -60.0
+    warnings_held: int = 0
     kicked: bool = False
     typing_timer: asyncio.TimerHandle | None = None
 
@@ -1944,11 +2142,15 @@ class ChatHub:
                                                      settings.max_payload // 2)
         self.sio = ChatServer(
             async_mode="aiohttp",
-            client_manager=manager or FanoutManager(settings.max_queue),
+            client_manager=manager or FanoutManager(),
             async_handlers=False,  # one client's events are handled strictly in order
             cors_allowed_origins=self._origin_allowed,
             max_http_buffer_size=settings.max_payload,
-            compress=settings.compress,
+            engine_options={"compress": settings.compress, "max_queue": settings.max_queue,
+                            "address_of": self._capped_address,
+                            # room for sessions still handshaking, so that the Socket.IO refusal below
+                            # (a readable "too many connections") is what a page normally sees
+                            "max_per_address": settings.max_per_ip + EXTRA_HANDSHAKES},
             transports=list(settings.transports),
             logger=False,
             engineio_logger=False,
@@ -1958,7 +2160,9 @@ class ChatHub:
         self.board = board or Board()
         self._last_members: dict[str, list[str]] = {}
         self._pending_leaves: dict[tuple[str, str], asyncio.TimerHandle] = {}
-        self._auth_failures: dict[str, collections.deque[float]] = {}
+        self.passwords = PasswordGuard()
+        self.address_messages = AddressBuckets(settings.rate * PER_ADDRESS_FACTOR, settings.burst * PER_ADDRESS_FACTOR)
+        self.address_joins = AddressBuckets(JOIN_RATE * PER_ADDRESS_FACTOR, JOIN_BURST * PER_ADDRESS_FACTOR)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started = time.monotonic()
         self.messages_sent = 0
@@ -1992,7 +2196,7 @@ class ChatHub:
                       **details: Any) -> Any:
         session = self.sessions.get(sid)
         if not quiet:
-            log.warning("refused %s from %s (%s): %s", event, session.ip if session else sid, code, message)
+            self._warn_refusal(session, sid, event, code, message)
         reply = {"ok": False, "error": message, "code": code, **details}
         if _ack_wanted.get():
             return reply
@@ -2000,6 +2204,20 @@ class ChatHub:
             return None
         await self.sio.emit("chat_error", {"error": message, "code": code, "event": event, **details}, to=sid)
         return None
+
+    @staticmethod
+    def _warn_refusal(session: Session | None, sid: str, event: str, code: str, message: str) -> None:
+        """One warning line per connection every 10 s at most: a hostile client cannot flood the log."""
+        now = time.monotonic()
+        if session is not None:
+            if now - session.last_warning < 10:
+                session.warnings_held += 1
+                return
+            held, session.warnings_held, session.last_warning = session.warnings_held, 0, now
+            more = f" (and {held} more refusals in the last 10 s)" if held else ""
+        else:
+            more = ""
+        log.warning("refused %s from %s (%s): %s%s", event[:40], session.ip if session else sid, code, message, more)
 
     # -- origin, address and password checks
 
@@ -2027,6 +2245,11 @@ class ChatHub:
                 address = hops[-1]
         return address
 
+    def _capped_address(self, environ: dict[str, Any]) -> str | None:
+        """The address a new Engine.IO session counts against, or None when it is exempt (loopback)."""
+        address = self.client_address(environ)
+        return None if self._is_exempt(address) else address
+
     def _is_exempt(self, address: str) -> bool:
         if self.settings.trust_proxy:
             return False
@@ -2038,21 +2261,15 @@ class ChatHub:
     def _password_ok(self, ip: str, auth: Any) -> bool:
         if self.settings.password is None:
             return True
-        now = time.monotonic()
-        failures = self._auth_failures.setdefault(ip, collections.deque())
-        while failures and now - failures[0] > 60:
-            failures.popleft()
-        if len(failures) >= 5:
-            raise socketio.exceptions.ConnectionRefusedError("too many attempts; wait a minute")
         given = auth.get("password") if isinstance(auth, dict) else None
+        if not given:  # a page that has not asked for the password yet is not an attempt
+            return False
+        group = self.passwords.group(ip, self.settings.trust_proxy)
+        if not self.passwords.may_try(group):
+            raise socketio.exceptions.ConnectionRefusedError("too many attempts; wait a minute")
         if isinstance(given, str) and hmac.compare_digest(given.encode(), self.settings.password.encode()):
-            if not failures:
-                del self._auth_failures[ip]
             return True
-        if given:  # a page that has not asked for the password yet is not an attempt
-            failures.append(now)
-        elif not failures:
-            del self._auth_failures[ip]
+        self.passwords.failed(group)
         return False
 
     # -- connection lifecycle
@@ -2100,7 +2317,10 @@ class ChatHub:
 
     async def _emit_presence(self, room: str, members: list[str] | None = None, local_only: bool = False) -> None:
         members = await self.board.members(room) if members is None else members
-        self._last_members[room] = members
+        if members:
+            self._last_members[room] = members
+        else:
+            self._last_members.pop(room, None)  # an empty room costs nothing
         await self.sio.emit("presence", {"room": room, "members": members, "count": len(members)}, room=room,
                             ignore_queue=local_only)
 
@@ -2145,7 +2365,7 @@ class ChatHub:
                 await self.board.refresh()
                 for room in {s.room for s in self.sessions.values()}:
                     members = await self.board.members(room)
-                    if members != self._last_members.get(room):
+                    if members != self._last_members.get(room, []):
                         await self._emit_presence(room, members, local_only=True)
             except Exception:
                 log.exception("presence heartbeat failed")
@@ -2187,6 +2407,12 @@ class ChatHub:
     async def on_join(self, sid: str, *args: Any) -> dict[str, Any]:
         """`join` {room, user?, since?}: move to a room; the ack carries history and members."""
         session = self.sessions[sid]
+        empty = None if session.joins.take() else session.joins
+        if empty is None and not session.exempt:
+            empty = self.address_joins.take(session.ip)
+        if empty is not None:
+            raise InvalidInput("rate_limited", "You are joining rooms too fast; wait a moment.",
+                               retry_after_ms=empty.wait_ms())
         data = expect_object(args, "join")
         room = clean_room(data.get("room"))
         user = data.get("user")
@@ -2212,15 +2438,19 @@ class ChatHub:
                 "complete": complete, "epoch": self.store.epoch, "members": await self.board.members(room),
                 "typing": await self.board.typing_users(room)}
 
-    def _rate_ok(self, session: Session) -> bool:
+    def _over_rate(self, session: Session) -> TokenBucket | None:
+        """None if this connection, and its address, may send a message now; else the empty bucket."""
         assert session.bucket is not None
-        if session.bucket.take():
-            return True
+        empty = None if session.bucket.take() else session.bucket
+        if empty is None and not session.exempt:
+            empty = self.address_messages.take(session.ip)
+        if empty is None:
+            return None
         now = time.monotonic()
         if session.flood_started is None or now - session.last_refusal > 2.0:
             session.flood_started = now
         session.last_refusal = now
-        return False
+        return empty
 
     async def on_newmessage(self, sid: str, *args: Any) -> dict[str, Any] | None:
         """`newmessage` {user, body, cid?, room?}: store, broadcast to the room, ack, then ask the bot.
@@ -2235,16 +2465,16 @@ class ChatHub:
         cid = clean_cid(data.get("cid"))
         if "room" in data and clean_room(data.get("room")) != session.room:
             raise InvalidInput("not_in_room", "That message was written in another room; join it to send it.")
-        if not self._rate_ok(session):
+        empty = self._over_rate(session)
+        if empty is not None:
             assert session.flood_started is not None
             flooding_for = time.monotonic() - session.flood_started
             if flooding_for >= self.settings.flood_timeout and not session.kicked:
                 session.kicked = True
                 log.warning("disconnecting %s (%s): over the rate limit for %.0f s", sid, session.ip, flooding_for)
                 self._spawn(self.sio.disconnect(sid))
-            assert session.bucket is not None
             raise InvalidInput("rate_limited", "You are sending messages too fast; slow down.",
-                               quiet=flooding_for > 0, retry_after_ms=session.bucket.wait_ms())
+                               quiet=flooding_for > 0, retry_after_ms=empty.wait_ms())
         room = session.room
         await self._rename(session, user)
         msg, created = await self.store.append(room, user, body, "user", cid)
@@ -2297,6 +2527,8 @@ class ChatHub:
         typing = data.get("typing")
         if not isinstance(typing, bool):
             raise InvalidInput("bad_typing", "'typing' must be true or false.")
+        if not session.typings.take():
+            return  # more changes than anyone can read: dropped (an indicator left on expires by itself)
         await self._set_typing(session, typing)
 
     async def on_unknown(self, event: str, sid: str, *args: Any) -> Any:
@@ -2889,6 +3121,11 @@ PAGE_JS = r"""
     socket.emit('join', { room, user: user || undefined, since, epoch: epoch || undefined }, (ack) => {
       if (joining !== room) return;  // the person has moved on to another room meanwhile
       if (!ack || !ack.ok) {
+        if (ack && ack.code === 'rate_limited') {  // joined too often (say, flapping between rooms): try again
+          const wait = Math.min(Math.max(Number(ack.retry_after_ms) || 1000, 50), 10000);
+          setTimeout(() => { if (joining === room && socket.connected && !joined) join(withName); }, wait);
+          return;
+        }
         if (user && ack && (ack.code === 'reserved_name' || ack.code === 'bad_user')) {
           showError(ack.error);  // the name is refused: still join the room, without it
           join(false);
@@ -3083,7 +3320,7 @@ async def connect_redis(settings: Settings) -> SharedState:
     node = os.urandom(6).hex()
     store = RedisStore(client, health, settings.history)
     return SharedState(client, health, store, RedisBoard(client, health, node, settings.presence_ttl),
-                       RedisFanoutManager(settings.redis, settings.max_queue, health, on_message_id=store.note_id))
+                       RedisFanoutManager(settings.redis, health, on_message_id=store.note_id))
 
 
 def banner(settings: Settings, url: str) -> str:

@@ -2652,9 +2652,10 @@ async def test_a_broadcast_never_overtakes_a_packet_the_writer_task_has_taken() 
     written: list[bytes] = []
     transport = SimpleNamespace(write=written.append, get_write_buffer_size=lambda: 0, is_closing=lambda: False)
     ws = SimpleNamespace(transport_for_direct_write=lambda: transport)
-    sock = SimpleNamespace(closing=False, closed=False, queue=chat.DirectQueue(ws))  # type: ignore[arg-type]
-    manager = chat.FanoutManager(max_queue=10)
-    eio = SimpleNamespace(sockets={"eio-1": sock}, generate_id=lambda: "sid-1")
+    bounds = chat.OutgoingQueue(10, 10 * 1024, overflow=lambda queue: None)
+    sock = SimpleNamespace(closing=False, closed=False, queue=chat.DirectQueue(ws, bounds))  # type: ignore[arg-type]
+    manager = chat.FanoutManager()
+    eio = SimpleNamespace(sockets={"eio-1": sock}, generate_id=lambda: "sid-1", max_queue=10)
     manager.set_server(SimpleNamespace(eio=eio, packet_class=socketio.packet.Packet))
     await manager.connect("eio-1", "/")
 
