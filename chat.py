@@ -44,6 +44,7 @@ import string
 import sys
 import time
 import unicodedata
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -372,6 +373,7 @@ class Settings:
     max_queue: int = 1000
     max_payload: int = 64 * 1024
     allow_origins: tuple[str, ...] = ()
+    allow_hosts: tuple[str, ...] = ()
     password: str | None = field(default=None, repr=False)
     trust_proxy: bool = False
     tls_cert: Path | None = None
@@ -470,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 1000)")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="also accept Socket.IO connections from pages on ORIGIN (repeatable; * for any)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="when listening on loopback, also answer requests for this host name, e.g. the domain "
+                        "a reverse proxy on this machine forwards (repeatable; guards against DNS rebinding)")
     p.add_argument("--password", metavar="PW",
                    help="shared password people must enter (prefer the CHAT_PASSWORD environment variable)")
     p.add_argument("--trust-proxy", action="store_true",
@@ -520,7 +525,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         bot_timeout=args.bot_timeout, log_level=args.log_level,
         client_js=args.client_js, history=args.history, db=args.db, max_length=args.max_length,
         rate=args.rate, burst=args.burst, flood_timeout=args.flood_timeout, max_per_ip=args.max_per_ip,
-        max_queue=args.max_queue, allow_origins=tuple(args.allow_origin), password=password,
+        max_queue=args.max_queue, allow_origins=tuple(args.allow_origin),
+        allow_hosts=tuple(h.lower().strip("[]") for h in args.allow_host), password=password,
         trust_proxy=args.trust_proxy, tls_cert=args.tls_cert, tls_key=args.tls_key,
         transports=tuple(args.transports.split(",")), redis=args.redis, presence_ttl=args.presence_ttl,
         compress=args.compress, loop=args.loop, gc=args.gc,
@@ -1578,6 +1584,55 @@ def packet_size(item: Any) -> int:
     return 16 + (len(data) if isinstance(data, (str, bytes)) else 0)
 
 
+def valid_engine_packet(packet: Any) -> bool:
+    """Whether a frame or a polling payload's part is an Engine.IO packet python-engineio can decode."""
+    if isinstance(packet, bytes):
+        return True  # binary: handed to ChatServer, which refuses it
+    return isinstance(packet, str) and packet[:1] in ("0", "1", "2", "3", "4", "5", "6")
+
+
+CHECKED_BODY = web.RequestKey("checked_body", bytes)  # a polling POST body, read by guard_requests for EngineServer
+
+
+class CheckedBody:
+    """A request body already read (within the deadline) and checked, readable again by python-engineio."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    async def read(self, size: int = -1) -> bytes:
+        return self.body
+
+
+def check_polling_payload(body: bytes) -> str | None:
+    """Why a long-polling POST body cannot be Engine.IO packets, or None when it can."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return "a polling POST that is not UTF-8"
+    if not text or not all(valid_engine_packet(part) for part in text.split("\x1e")):
+        return "a polling POST that is not Engine.IO packets"
+    return None
+
+
+class ProblemLog:
+    """Warnings about what clients sent, at most one line per address and kind a minute,
+    so that junk cannot flood the log."""
+
+    def __init__(self) -> None:
+        self.last: dict[tuple[str, str], float] = {}
+
+    def warn(self, template: str, address: str) -> None:
+        now = time.monotonic()
+        key = (template, address)
+        if now - self.last.get(key, -60.0) < 60:
+            return
+        if len(self.last) > 10_000:
+            self.last.clear()
+        self.last[key] = now
+        log.warning(template + " (logged once a minute)", address)
+
+
 class OutgoingQueue(asyncio.Queue):  # type: ignore[type-arg]
     """An Engine.IO socket's outgoing queue, bounded in packets and bytes, whatever the packet:
     broadcasts, acks and errors alike. Past the bound it asks `overflow` to drop the client
@@ -1697,6 +1752,17 @@ class ChatWebSocket(eio_aiohttp.WebSocket):
                 open_websockets.discard(self)
         return self._sock
 
+    async def wait(self) -> Any:
+        frame = await super().wait()
+        if not valid_engine_packet(frame):
+            # python-engineio would raise on it outside its error handling: a traceback per frame,
+            # and a session left behind. Treat it as the client leaving, with one line.
+            request = self.environ.get("aiohttp.request")
+            self.server.problems.warn("closing a WebSocket from %s: it sent a frame that is not Engine.IO",
+                                      request.remote if request is not None else "?")
+            return None
+        return frame
+
     async def close_for_restart(self) -> None:
         """Close with 1012 (service restart): clients treat it as a lost connection and reconnect."""
         await self._sock.close(code=aiohttp.WSCloseCode.SERVICE_RESTART, message=b"server restart")
@@ -1735,7 +1801,8 @@ class EngineServer(engineio.AsyncServer):
     def __init__(self, *args: Any, compress: bool, max_queue: int,
                  address_of: Callable[[dict[str, Any]], str | None], max_per_address: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._async = {**self._async, "websocket": CompressingWebSocket if compress else ChatWebSocket}
+        self._async = {**self._async, "websocket": CompressingWebSocket if compress else ChatWebSocket,
+                       "translate_request": self._translate_request}
         self.open_websockets: set[ChatWebSocket] = set()
         self.max_queue = max_queue
         self.address_of = address_of  # the client's address, or None when it is exempt from the cap
@@ -1744,7 +1811,15 @@ class EngineServer(engineio.AsyncServer):
         self._connecting_from: str | None = None
         self._dropping: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._cap_warned: dict[str, float] = {}
+        self.problems = ProblemLog()
+
+    @staticmethod
+    def _translate_request(request: web.Request) -> dict[str, Any]:
+        environ: dict[str, Any] = eio_aiohttp.translate_request(request)
+        body = request.get(CHECKED_BODY)
+        if body is not None:  # read and checked by guard_requests: python-engineio reads it from here
+            environ["wsgi.input"] = CheckedBody(body)
+        return environ
 
     def create_queue(self, *args: Any, **kwargs: Any) -> asyncio.Queue[Any]:
         return PollBatchQueue(self.max_queue, self.max_queue * 1024, self._queue_overflowed)
@@ -1758,11 +1833,7 @@ class EngineServer(engineio.AsyncServer):
             if live:
                 live.intersection_update(self.sockets)
             if live and len(live) >= self.max_per_address:
-                now = time.monotonic()
-                if now - self._cap_warned.get(address, -60.0) >= 60:
-                    self._cap_warned[address] = now
-                    log.warning("refused sessions from %s: over %d at once (logged once a minute)",
-                                address, self.max_per_address)
+                self.problems.warn(f"refused sessions from %s: over {self.max_per_address} at once", address)
                 return {"status": "429 Too Many Requests", "headers": [("Content-Type", "text/plain")],
                         "response": b"too many connections from your address"}
             self._connecting_from = address
@@ -1776,7 +1847,6 @@ class EngineServer(engineio.AsyncServer):
             if len(self.by_address) > 2 * len(self.sockets) + 1000:
                 self.by_address = {a: live & self.sockets.keys() for a, live in self.by_address.items()
                                    if live & self.sockets.keys()}
-                self._cap_warned.clear()
         return sid
 
     # -- slow readers: a client that falls too far behind is dropped, never buffered without end
@@ -2227,10 +2297,10 @@ class ChatHub:
         request: web.Request | None = environ.get("aiohttp.request")
         schemes = {request.scheme if request is not None else "http"}
         hosts = {environ.get("HTTP_HOST", "")}
-        # Behind a TLS-terminating proxy the page's origin is the proxy's.
-        if "HTTP_X_FORWARDED_PROTO" in environ:
+        # Behind your own TLS-terminating proxy (--trust-proxy) the page's origin is the proxy's.
+        if self.settings.trust_proxy and "HTTP_X_FORWARDED_PROTO" in environ:
             schemes.add(environ["HTTP_X_FORWARDED_PROTO"].split(",")[0].strip())
-        if "HTTP_X_FORWARDED_HOST" in environ:
+        if self.settings.trust_proxy and "HTTP_X_FORWARDED_HOST" in environ:
             hosts.add(environ["HTTP_X_FORWARDED_HOST"].split(",")[0].strip())
         return origin in {f"{s}://{h}" for s in schemes for h in hosts if h}
 
@@ -2575,6 +2645,51 @@ def render_page(settings: Settings) -> str:
             .replace("{{TRANSPORTS}}", ",".join(sorted(settings.transports, reverse=True))))
 
 
+REQUEST_DEADLINE = 10.0  # seconds for a request's headers, and for a POST's body, to arrive
+IDLE_KEEPALIVE = 15.0    # seconds an idle keep-alive connection stays open
+STARTED_REQUESTS = web.AppKey("started_requests", weakref.WeakSet)  # transports whose request got going
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header, without the port or IPv6 brackets, lowercased."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class SlowRequestReaper:
+    """Closes connections that have not sent a whole request's headers within REQUEST_DEADLINE
+    (slowloris, or sockets opened and left silent); aiohttp waits for them without end."""
+
+    def __init__(self, runner: web.AppRunner, app: web.Application, problems: ProblemLog) -> None:
+        self.runner = runner
+        self.started = app[STARTED_REQUESTS]
+        self.problems = problems
+        self.first_seen: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+    async def run(self, every: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(every)
+            self.sweep()
+
+    def sweep(self) -> None:
+        server = self.runner.server
+        if server is None:
+            return
+        now = time.monotonic()
+        for handler in server.connections:
+            transport = handler.transport
+            if transport is None or transport in self.started:
+                continue
+            seen = self.first_seen.setdefault(transport, now)
+            if now - seen > REQUEST_DEADLINE:
+                peer = transport.get_extra_info("peername")
+                self.problems.warn(f"closed a connection from %s: no complete request within {REQUEST_DEADLINE:.0f} s",
+                                   str(peer[0]) if peer else "?")
+                transport.abort()
+
+
 def build_app(settings: Settings, hub: ChatHub) -> web.Application:
     """The aiohttp application: page, assets, health check and the Socket.IO endpoint."""
     page = render_page(settings).encode()
@@ -2588,17 +2703,45 @@ def build_app(settings: Settings, hub: ChatHub) -> web.Application:
         return handler
 
     async def healthz(request: web.Request) -> web.Response:
+        if settings.password is not None:  # counts are for people who are let in
+            return web.json_response({"status": "ok"})
         return web.json_response({
             "status": "ok", "clients": len(hub.sessions), "rooms": len({s.room for s in hub.sessions.values()}),
             "messages": hub.messages_sent, "uptime_s": round(time.monotonic() - hub.started, 1),
             "bot": settings.bot, "version": __version__})
 
+    problems = hub.sio.eio.problems
+    local_names = {"localhost", "127.0.0.1", "::1", *settings.allow_hosts} if _is_loopback_host(settings.host) \
+        else None
+
     @web.middleware
     async def guard_requests(request: web.Request, handler: Any) -> web.StreamResponse:
-        # python-engineio would read the body first, then hang disconnecting the sender.
-        if (request.content_length or 0) > settings.max_payload:
-            raise web.HTTPRequestEntityTooLarge(max_size=settings.max_payload,
-                                                actual_size=request.content_length or 0)
+        request.app[STARTED_REQUESTS].add(request.transport)
+        if local_names is not None and host_name(request.host) not in local_names:
+            # DNS rebinding: a web page whose name now points at 127.0.0.1 must not reach the chat.
+            problems.warn(f"refused a request for host {host_name(request.host)[:80]!r} from %s: "
+                          "chat.py listens on loopback; use --allow-host NAME to answer for that name",
+                          request.remote or "?")
+            raise web.HTTPMisdirectedRequest(text="chat.py does not answer for this host name "
+                                                  "(see --allow-host)\n")
+        if request.method == "POST" and request.path.startswith("/socket.io/"):  # long-polling sends
+            if request.content_length is None:
+                raise web.HTTPLengthRequired(text="a Content-Length is required\n")
+            # python-engineio would read the body first, then hang disconnecting the sender.
+            if request.content_length > settings.max_payload:
+                raise web.HTTPRequestEntityTooLarge(max_size=settings.max_payload,
+                                                    actual_size=request.content_length)
+            try:
+                body = await asyncio.wait_for(request.read(), REQUEST_DEADLINE)
+            except asyncio.TimeoutError:
+                problems.warn(f"closed a request from %s: its body took over {REQUEST_DEADLINE} s",
+                              request.remote or "?")
+                raise web.HTTPRequestTimeout() from None
+            problem = check_polling_payload(body)
+            if problem is not None:
+                problems.warn(f"refused {problem} from %s", request.remote or "?")
+                raise web.HTTPBadRequest(text="not Engine.IO packets\n")
+            request[CHECKED_BODY] = body
         try:
             return await handler(request)
         except ConnectionResetError:  # the client left mid-request (say, a reload during an upgrade)
@@ -2606,6 +2749,8 @@ def build_app(settings: Settings, hub: ChatHub) -> web.Application:
 
     async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
         headers = response.headers
+        if settings.tls_cert:
+            headers.setdefault("Strict-Transport-Security", "max-age=31536000")
         headers.setdefault("X-Content-Type-Options", "nosniff")
         headers.setdefault("Referrer-Policy", "no-referrer")
         if response.content_type == "text/html":
@@ -2613,6 +2758,7 @@ def build_app(settings: Settings, hub: ChatHub) -> web.Application:
             headers.setdefault("X-Frame-Options", "DENY")
 
     app = web.Application(client_max_size=settings.max_payload, middlewares=[guard_requests])
+    app[STARTED_REQUESTS] = weakref.WeakSet()
     app.router.add_get("/", static(page, "text/html"))
     app.router.add_get("/chat.css", static(PAGE_CSS.encode(), "text/css"))
     app.router.add_get("/chat.js", static(PAGE_JS.encode(), "text/javascript"))
@@ -3360,7 +3506,9 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
             ssl_context.load_cert_chain(settings.tls_cert, settings.tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise StartupError(f"cannot load the TLS certificate or key: {exc}") from None
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+    open_files = raise_open_file_limit()
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5,
+                           keepalive_timeout=IDLE_KEEPALIVE)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
     try:
@@ -3382,11 +3530,15 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
     if settings.gc == "tuned":
         tune_gc()
     print(banner(settings, url), flush=True)
+    if open_files:
+        log.info("open-file limit %d: room for about %d connections", open_files, max(open_files - 64, 0))
     if settings.password is None and not _is_loopback_host(settings.host):
         log.warning("anyone who can reach %s can join: set CHAT_PASSWORD to require a password", settings.host)
     if ready is not None:
         ready.set_result(url)
-    background = [asyncio.create_task(warn_if_bot_unreachable(bot, settings))]
+    asyncio.get_running_loop().set_exception_handler(SocketShortage(hub.sio.eio.problems, open_files).handle)
+    background = [asyncio.create_task(warn_if_bot_unreachable(bot, settings)),
+                  asyncio.create_task(SlowRequestReaper(runner, app, hub.sio.eio.problems).run())]
     if shared:
         background.append(asyncio.create_task(hub.heartbeat(settings.presence_ttl / 3)))
     try:
@@ -3408,6 +3560,50 @@ async def warn_if_bot_unreachable(bot: Bot, settings: Settings) -> None:
     if problem:
         log.warning("%s (--bot %s) is not reachable: %s; the chat works, and each message tries again",
                     settings.bot_name, settings.bot, problem)
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft open-file limit to the hard one (each connection is a file); returns the limit."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class SocketShortage:
+    """The event loop's exception handler: running out of file descriptors while accepting
+    becomes one clear line a minute instead of a line per refused connection."""
+
+    def __init__(self, problems: ProblemLog, limit: int) -> None:
+        self.problems = problems
+        self.limit = limit
+
+    def handle(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            self.problems.warn("out of sockets at the open-file limit of %s (see LimitNOFILE in the README): "
+                               "new connections wait until others close", str(self.limit))
+            return
+        loop.default_exception_handler(context)
+
+
+class OneLineErrors(logging.Filter):
+    """For aiohttp's server log: a client's malformed request is one line, without a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {str(exc)[:200]}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 def tune_gc() -> None:
@@ -3462,6 +3658,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(OneLineErrors())
     if settings.client_js and not settings.client_js.is_file():
         print(f"chat.py: --client-js {settings.client_js}: no such file", file=sys.stderr)
         return 2

@@ -1981,10 +1981,17 @@ async def test_same_origin_and_allowed_origins_can_connect(start_chat: StartChat
         await connect(url, headers={"Origin": "https://other.example"})
 
 
-async def test_origin_behind_a_tls_terminating_proxy(url: str, connect: Connect) -> None:
+@pytest.mark.parametrize("trust_proxy", [True, False])
+async def test_origin_behind_a_tls_terminating_proxy_needs_trust_proxy(
+        start_chat: StartChat, connect: Connect, trust_proxy: bool) -> None:
+    url = await start_chat(trust_proxy=trust_proxy)
     host = url.removeprefix("http://")
-    await connect(url, headers={"Origin": "https://chat.example", "X-Forwarded-Proto": "https",
-                                "X-Forwarded-Host": "chat.example"})
+    proxied = {"Origin": "https://chat.example", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "chat.example"}
+    if trust_proxy:
+        await connect(url, headers=proxied)
+    else:  # anyone can send X-Forwarded-* headers: they count only from your own proxy
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            await connect(url, headers=proxied)
     with pytest.raises(socketio.exceptions.ConnectionError):
         await connect(url, headers={"Origin": f"https://{host}"})  # no proxy said it was https
 
