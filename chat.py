@@ -721,16 +721,22 @@ def replay_from_window(window: Any, after_id: int, evicted_upto: int,
     return missed[-limit:], after_id >= evicted_upto and len(missed) <= limit
 
 
-class MemoryStore:
-    """History in memory: a bounded deque per room; ids increase across the whole server."""
+MAX_ROOMS_KEPT = 10_000  # rooms whose history the in-memory store keeps (least recently used dropped first)
 
-    def __init__(self, history: int) -> None:
+
+class MemoryStore:
+    """History in memory: a bounded deque per room, for at most MAX_ROOMS_KEPT rooms;
+    ids increase across the whole server."""
+
+    def __init__(self, history: int, max_rooms: int = MAX_ROOMS_KEPT) -> None:
         self.history = history
+        self.max_rooms = max_rooms
         self.epoch = new_epoch()
         self._next_id = 1
-        self._rooms: dict[str, collections.deque[Message]] = {}
+        self._rooms: collections.OrderedDict[str, collections.deque[Message]] = collections.OrderedDict()
         self._cids: dict[str, dict[str, Message]] = {}
         self._evicted_upto: dict[str, int] = {}
+        self._forgotten_upto = 0  # the newest id in any room whose history was dropped
 
     async def open(self) -> None:
         return None
@@ -750,7 +756,13 @@ class MemoryStore:
 
     def remember(self, msg: Message) -> None:
         """Add an already numbered message to the room's window."""
-        window = self._rooms.setdefault(msg.room, collections.deque())
+        window = self._rooms.get(msg.room)
+        if window is None:
+            if len(self._rooms) >= self.max_rooms:
+                self._forget_oldest_room()
+            window = self._rooms[msg.room] = collections.deque()
+        else:
+            self._rooms.move_to_end(msg.room)
         cids = self._cids.setdefault(msg.room, {})
         if len(window) >= self.history:
             old = window.popleft()
@@ -761,12 +773,22 @@ class MemoryStore:
         if msg.cid:
             cids[msg.cid] = msg
 
+    def _forget_oldest_room(self) -> None:
+        room, window = self._rooms.popitem(last=False)
+        self._cids.pop(room, None)
+        self._evicted_upto.pop(room, None)
+        if window:
+            self._forgotten_upto = max(self._forgotten_upto, window[-1].id)
+
     async def recent(self, room: str, limit: int) -> list[Message]:
         window = self._rooms.get(room, ())
         return list(window)[-limit:] if limit else []
 
     async def since(self, room: str, after_id: int, limit: int) -> tuple[list[Message], bool]:
-        return replay_from_window(self._rooms.get(room, ()), after_id, self._evicted_upto.get(room, 0), limit)
+        window = self._rooms.get(room)
+        # A room not kept here may have had its history dropped: replay cannot promise completeness.
+        evicted = self._evicted_upto.get(room, 0) if window is not None else self._forgotten_upto
+        return replay_from_window(window or (), after_id, evicted, limit)
 
     async def close(self) -> None:
         return None
@@ -788,8 +810,16 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);  --
 """
 
 
+class StoreError(Exception):
+    """The history store failed (disk full, I/O error, a damaged file); the message was not stored."""
+
+
 class SqliteStore:
-    """History in a SQLite file (WAL); all database work runs on one background thread."""
+    """History in a SQLite file (WAL); all database work runs on one background thread.
+
+    The file is checked at start (PRAGMA quick_check) and locked (flock) for as long as
+    this process runs, so that a second chat.py cannot write to it too.
+    """
 
     COLUMNS = "SELECT id, room, user, body, kind, ts, cid FROM messages"
 
@@ -798,13 +828,38 @@ class SqliteStore:
         self.history = history
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-sqlite")
         self._db: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
         self.epoch = ""
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"the database {self.path}: {exc}") from None
+
+    def _lock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: run unlocked
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StoreError(f"{self.path} is in use by another chat.py (one process per database file)") from None
+        self._lock_fd = fd  # held open, and so locked, until close()
 
     def _open(self) -> None:
+        self._lock()
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        problems = [row[0] for row in db.execute("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            db.close()
+            raise StoreError(f"{self.path} is damaged ({'; '.join(problems)[:200]}); restore a backup "
+                             "or move it aside to start a new one")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SQLITE_SCHEMA)
@@ -852,6 +907,9 @@ class SqliteStore:
             await self._run(self._db.close)
             self._db = None
         self._pool.shutdown(wait=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 REDIS_APPEND = """
@@ -2256,6 +2314,11 @@ class ChatHub:
                 return await handler(sid, *args)
             except InvalidInput as exc:
                 return await self._refuse(sid, event, exc.code, exc.message, quiet=exc.quiet, **exc.details)
+            except StoreError as exc:  # disk full, I/O error: nothing was stored, nothing acked
+                self.sio.eio.problems.warn(f"history store failed: {exc}; refusing %s", event)
+                text = ("The server could not store your message; please retry." if event == "newmessage"
+                        else "The server could not read the room's history; please retry.")
+                return await self._refuse(sid, event, "store_failed", text, quiet=True)
             except Exception:
                 log.exception("error while handling %r from %s", event, sid)
                 return await self._refuse(sid, event, "internal", "Something went wrong on the server; please retry.")
@@ -2582,6 +2645,10 @@ class ChatHub:
                 await self.sio.emit("botmessage", reply.wire(), room=room)
         except asyncio.CancelledError:
             raise
+        except StoreError as exc:
+            self.sio.eio.problems.warn(f"history store failed: {exc}; the bot's reply was not posted %s", "")
+            if remote:
+                await self._set_bot_typing(room, False)
         except Exception:
             log.exception("the bot failed to answer message %d", msg.id)
             if remote:
@@ -3492,6 +3559,8 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
     store: Store = shared.store if shared else make_store(settings)
     try:
         await store.open()
+    except StoreError as exc:
+        raise StartupError(str(exc)) from None
     except (sqlite3.Error, OSError) as exc:
         raise StartupError(f"cannot open the database {settings.db}: {exc}") from None
     bot = make_bot(settings)
