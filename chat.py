@@ -3663,15 +3663,27 @@ class SocketShortage:
 
 
 class OneLineErrors(logging.Filter):
-    """For aiohttp's server log: a client's malformed request is one line, without a traceback."""
+    """For aiohttp's server log: a client's malformed request is one line without a traceback,
+    at most once a minute for each kind of error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: dict[str, float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None:
-            exc = record.exc_info[1]
-            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {str(exc)[:200]}"
-            record.args = None
-            record.exc_info = None
-            record.exc_text = None
+        if not record.exc_info or record.exc_info[1] is None:
+            return True
+        exc = record.exc_info[1]
+        kind = type(exc).__name__
+        now = time.monotonic()
+        if now - self.last.get(kind, -60.0) < 60:
+            return False
+        self.last[kind] = now
+        record.msg = f"{record.getMessage()}: {kind}: {str(exc).splitlines()[0][:160]} (logged once a minute)"
+        record.levelno, record.levelname = logging.WARNING, "WARNING"  # the client's fault, not the server's
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
         return True
 
 

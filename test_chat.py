@@ -900,6 +900,17 @@ async def test_bad_room_names_are_refused_with_a_reason(url: str, connect: Conne
     assert "Room names are 1-32 lowercase letters" in ack["error"]
 
 
+@pytest.mark.parametrize("store", ["memory", "db"])
+@pytest.mark.parametrize("since", [-1, 1.5, "3", True, 2**53, 2**63, 2**80])
+async def test_a_since_that_is_not_a_message_id_is_refused_with_a_reason(
+        start_chat: StartChat, connect: Connect, tmp_path: Path, store: str, since: Any) -> None:
+    url = await start_chat(rate=0, db=tmp_path / "since.db" if store == "db" else None)
+    peer = await connect(url)
+    ack = await peer.join("lobby", since=since)
+    assert (ack["ok"], ack["code"]) == (False, "bad_since")
+    assert (await peer.join("lobby", since=2**53 - 1))["ok"], "the largest id a browser keeps exactly"
+
+
 async def test_replay_since_an_id_is_exact_in_order_without_gaps_or_duplicates(
         url: str, connect: Connect) -> None:
     writer = await connect(url)
@@ -1643,6 +1654,11 @@ BAD_PAYLOADS = {
     "bot name, spaces": {"user": "  Chat Friend ", "body": "hi"},
     "bot name, zero-width": {"user": "Chat\u200bFriend", "body": "hi"},
     "bot name, full-width": {"user": "\uff23\uff48\uff41\uff54\uff26\uff52\uff49\uff45\uff4e\uff44", "body": "hi"},
+    "bot name, Cyrillic C": {"user": "\u0421hatFriend", "body": "hi"},
+    "bot name, Greek capitals": {"user": "CHATFR\u0399\u0395ND", "body": "hi"},
+    "bot name, digit one": {"user": "ChatFr1end", "body": "hi"},
+    "lone surrogate in user": {"user": "A\ud800", "body": "hi"},
+    "lone surrogate in body": {"user": "A", "body": "hi \udfff"},
     "bad cid": {"user": "A", "body": "hi", "cid": {"x": 1}},
 }
 
@@ -1844,7 +1860,8 @@ class RawClient:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, url: str, receive_buffer: int | None = None, headers: str = "") -> RawClient:
+    async def open(cls, url: str, receive_buffer: int | None = None, headers: str = "",
+                   sio_connect: bool = True) -> RawClient:
         host, port = url.removeprefix("http://").split(":")
         sock = socket.socket()
         if receive_buffer:
@@ -1860,6 +1877,8 @@ class RawClient:
         assert status.startswith(b"HTTP/1.1 101"), status
         client = cls(reader, writer)
         assert (await client.receive()).startswith("0{")  # Engine.IO open
+        if not sio_connect:
+            return client
         client.send("40")  # Socket.IO connect to the default namespace
         assert (await client.receive()).startswith("40")
         return client
@@ -2098,6 +2117,8 @@ async def test_a_password_is_required_when_set(start_chat: StartChat, connect: C
         await connect(url, auth={"password": "wrong"})
     peer = await connect(url, auth={"password": "s3cret"})
     assert (await peer.say("let in"))["ok"]
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/healthz") as resp:
+        assert await resp.json() == {"status": "ok"}, "no counts for people who are not let in"
 
 
 async def test_password_attempts_are_limited_per_address(start_chat: StartChat, connect: Connect) -> None:
@@ -2109,6 +2130,36 @@ async def test_password_attempts_are_limited_per_address(start_chat: StartChat, 
     with pytest.raises(socketio.exceptions.ConnectionError, match="too many attempts"):
         await connect(url, auth={"password": "s3cret"}, headers=attacker)
     await connect(url, auth={"password": "s3cret"}, headers={"X-Forwarded-For": "198.51.100.2"})
+
+
+async def test_password_guesses_from_one_ipv6_network_count_together(start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(password="s3cret", trust_proxy=True)
+    for host in range(5):  # one machine, five addresses of its /64
+        with pytest.raises(socketio.exceptions.ConnectionError, match="unauthorized"):
+            await connect(url, auth={"password": "guess"}, headers={"X-Forwarded-For": f"2001:db8:1:2::{host + 1}"})
+    with pytest.raises(socketio.exceptions.ConnectionError, match="too many attempts"):
+        await connect(url, auth={"password": "s3cret"}, headers={"X-Forwarded-For": "2001:db8:1:2::99"})
+    await connect(url, auth={"password": "s3cret"}, headers={"X-Forwarded-For": "2001:db8:1:3::1"})
+
+
+async def test_loopback_password_guesses_are_slowed_down_never_locked_out(
+        start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(password="s3cret")  # everyone behind an SSH tunnel is 127.0.0.1
+    refusals = []
+    for _ in range(12):
+        with pytest.raises(socketio.exceptions.ConnectionError) as refused:
+            await connect(url, auth={"password": "guess"})
+        refusals.append(str(refused.value))
+    assert sum("unauthorized" in r for r in refusals) == 10
+    assert all("too many attempts" in r for r in refusals[10:])
+    deadline = time.monotonic() + 5  # one guess every 2 s after the first 10: the right one gets in soon
+    while True:
+        try:
+            await connect(url, auth={"password": "s3cret"})
+            break
+        except socketio.exceptions.ConnectionError as exc:
+            assert "too many attempts" in str(exc) and time.monotonic() < deadline
+            await asyncio.sleep(0.25)
 
 
 def test_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -2137,6 +2188,7 @@ async def test_tls_serves_https_and_wss(start_chat: StartChat, self_signed: tupl
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as http:
         async with http.get(url + "/healthz") as resp:
             assert resp.status == 200
+            assert resp.headers["Strict-Transport-Security"].startswith("max-age=")
         peers = []
         for transports in (["websocket"], ["polling"]):
             peer = Peer(socketio.AsyncClient(reconnection=False, http_session=http))
@@ -2146,6 +2198,211 @@ async def test_tls_serves_https_and_wss(start_chat: StartChat, self_signed: tupl
         assert (await peers[1].next("newmessage"))["body"] == "over TLS"
         for peer in peers:
             await peer.sio.disconnect()
+
+
+# ---------------------------------------------------------------- hostile clients: bounds per connection and per address
+
+
+def rss_mb(pid: int) -> float:
+    """A process's resident memory, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture
+def chat_process() -> Any:
+    """Start chat.py as its own process (so its memory and log can be measured); stopped at the end."""
+    started: list[ChatProcess] = []
+
+    def start(*args: str, **kwargs: Any) -> tuple[ChatProcess, str]:
+        proc = ChatProcess("--port", "0", *args, **kwargs)
+        started.append(proc)
+        return proc, proc.wait_ready()
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.mark.slow
+async def test_a_client_that_never_reads_its_acks_is_disconnected_at_the_bound(
+        chat_process: Any, connect: Connect) -> None:
+    server, url = chat_process("--rate", "0", "--bot", "off", "--history", "1000")
+    writer = await connect(url)
+    await writer.join("evil", user="Writer")
+    long_body = "x" * 1900
+    for i in range(1000):  # each join's ack carries about 2 MB: more than the kernel's buffers can hide
+        await writer.sio.emit("newmessage", {"user": "Writer", "body": f"{i} {long_body}"})
+    await writer.say("last", user="Writer")
+    before = rss_mb(server.proc.pid)
+    stalled = await RawClient.open(url, receive_buffer=4096)
+    for _ in range(3000):  # the first joins are acked with 1,000 long messages each, the rest with a refusal
+        stalled.send('421["join",{"room":"evil","since":0}]')
+    await stalled.writer.drain()
+    await asyncio.to_thread(server.stderr.wait_for, "disconnecting .*: it fell 1000 packets .* behind", 20)
+    assert rss_mb(server.proc.pid) - before < 50
+    stalled.abort()
+    await assert_chat_still_works(url, connect)
+
+
+async def test_join_is_rate_limited_per_connection_with_the_wait_in_the_refusal(
+        start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat()
+    hopper, member = await connect(url), await connect(url)
+    await member.join("lobby", user="Mia")
+    acks = [await hopper.join(f"room-{i}", user="Hopper") for i in range(20)]
+    refused = [ack for ack in acks if not ack["ok"]]
+    assert len(refused) >= 14 and all(ack["code"] == "rate_limited" and ack["retry_after_ms"] > 0 for ack in refused)
+    await asyncio.sleep(refused[-1]["retry_after_ms"] / 1000)
+    assert (await hopper.join("lobby", user="Hopper"))["ok"], "allowed again after the wait it was told"
+
+
+async def test_typing_changes_are_relayed_at_most_a_few_per_second(url: str, connect: Connect) -> None:
+    typist, watcher = await connect(url), await connect(url)
+    await typist.join("lobby", user="Tia")
+    await watcher.join("lobby", user="Wes")
+    for i in range(400):
+        await typist.sio.emit("typing", {"typing": i % 2 == 0})
+    await typist.say("done typing", user="Tia")
+    await watcher.next("newmessage")
+    assert len(watcher.pending("typing")) <= 6, "400 toggles must not become 400 frames for every listener"
+
+
+async def test_reconnecting_does_not_reset_the_message_rate_of_an_address(
+        start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(rate=5, burst=10, trust_proxy=True)
+    same = {"X-Forwarded-For": "203.0.113.50"}
+    accepted = 0
+    for _ in range(8):  # the trick: a fresh connection (and a fresh per-connection bucket) every 10 messages
+        peer = await connect(url, headers=same)
+        for i in range(10):
+            accepted += (await peer.say(f"m{i}", user="Rex"))["ok"]
+        await peer.sio.disconnect()
+    assert accepted <= 40 + 10, f"{accepted} of 80 accepted; the address's bucket holds 40 and refills at 20/s"
+    other = await connect(url, headers={"X-Forwarded-For": "198.51.100.50"})
+    assert (await other.say("another address is not affected"))["ok"]
+
+
+async def test_engine_io_sessions_count_against_the_address_cap_on_long_polling(
+        start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(trust_proxy=True, max_per_ip=5)
+    same = {"X-Forwarded-For": "203.0.113.60"}
+    statuses = collections.Counter()
+    async with aiohttp.ClientSession() as http:
+        for _ in range(200):  # Engine.IO handshakes that never connect to Socket.IO
+            async with http.get(f"{url}/socket.io/?EIO=4&transport=polling", headers=same) as resp:
+                statuses[resp.status] += 1
+    assert statuses[200] == 5 + chat.EXTRA_HANDSHAKES and statuses[429] == 200 - statuses[200]
+    await connect(url, headers={"X-Forwarded-For": "198.51.100.60"})
+
+
+@pytest.mark.slow
+async def test_silent_and_slow_connections_are_closed_after_the_deadline(url: str, connect: Connect) -> None:
+    host, port = url.removeprefix("http://").split(":")
+
+    async def seconds_until_closed(dribble: bool) -> float:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        started = time.monotonic()
+        request = f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nX-Slow: " + "a" * 100
+        for ch in request if dribble else "":
+            writer.write(ch.encode())
+            await asyncio.sleep(0.1)
+            if reader.at_eof():
+                break
+        assert await asyncio.wait_for(reader.read(), 30) == b""
+        writer.close()
+        return time.monotonic() - started
+
+    silent, slow = await asyncio.gather(seconds_until_closed(False), seconds_until_closed(True))
+    assert chat.REQUEST_DEADLINE <= silent < chat.REQUEST_DEADLINE + 5
+    assert chat.REQUEST_DEADLINE <= slow < chat.REQUEST_DEADLINE + 5
+    await assert_chat_still_works(url, connect)
+
+
+async def test_a_chunked_polling_post_is_refused_not_silently_dropped(url: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/socket.io/?EIO=4&transport=polling") as response:
+            sid = json.loads((await response.text())[1:])["sid"]
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"40"
+
+        async with http.post(f"{url}/socket.io/?EIO=4&transport=polling&sid={sid}", data=chunks()) as response:
+            assert response.status == 411
+
+
+@pytest.mark.slow
+async def test_junk_from_unauthenticated_clients_never_floods_the_log(chat_process: Any, connect: Connect) -> None:
+    server, url = chat_process("--rate", "0", "--password", "s3cret")
+    host, port = url.removeprefix("http://").split(":")
+    closed = 0
+    for frame in ["", "x", "9x", "hello"] * 50:  # 200 WebSockets, each sending one frame that is not Engine.IO
+        raw = await RawClient.open(url, sio_connect=False)
+        raw.send(frame)
+        try:
+            while True:
+                await asyncio.wait_for(raw.receive(), 5)
+        except (ConnectionResetError, asyncio.IncompleteReadError):
+            closed += 1
+        raw.abort()
+    assert closed == 200, "a junk frame ends its connection at once"
+    async with aiohttp.ClientSession() as http:
+        for body in (b"\xff\xfe not utf-8", b"\x1e\x1e", b"9x", b""):
+            async with http.get(f"{url}/socket.io/?EIO=4&transport=polling") as response:
+                sid = json.loads((await response.text())[1:])["sid"]
+            for _ in range(50):
+                async with http.post(f"{url}/socket.io/?EIO=4&transport=polling&sid={sid}", data=body) as response:
+                    assert response.status == 400
+        for _ in range(20):
+            async with http.get(f"{url}/?q={'a' * 9000}") as response:
+                assert response.status in (400, 414)
+            async with http.get(f"{url}/", headers={"X-Big": "b" * 9000}) as response:
+                assert response.status in (400, 431)
+    for _ in range(50):  # a raw request line that is not HTTP at all
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"\x16\x03\x01 not http\r\n\r\n")
+        await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    peer = await connect(url, auth={"password": "s3cret"})
+    await peer.say("still here")
+    code, _, err = server.stop()
+    assert code == 0 and "Traceback" not in err
+    assert len(err.splitlines()) < 30, err
+
+
+async def test_on_loopback_only_local_host_names_are_answered(start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(rate=0)
+    port = url.rsplit(":", 1)[1]
+    async with aiohttp.ClientSession() as http:
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "localhost"):
+            async with http.get(f"{url}/", headers={"Host": host}) as resp:
+                assert resp.status == 200, host
+        for path in ("/", "/healthz", "/socket.io/?EIO=4&transport=polling"):  # DNS rebinding
+            async with http.get(f"{url}{path}", headers={"Host": f"rebind.example:{port}",
+                                                         "Origin": f"http://rebind.example:{port}"}) as resp:
+                assert resp.status == 421, path
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await connect(url, headers={"Host": f"rebind.example:{port}", "Origin": f"http://rebind.example:{port}"})
+    proxied = await start_chat(rate=0, allow_hosts=("chat.example",))
+    async with aiohttp.ClientSession() as http, http.get(f"{proxied}/", headers={"Host": "chat.example"}) as resp:
+        assert resp.status == 200, "--allow-host adds a name"
+
+
+def test_memory_history_keeps_a_bounded_number_of_rooms_and_says_when_replay_is_incomplete() -> None:
+    async def scenario() -> None:
+        store = chat.MemoryStore(history=10, max_rooms=3)
+        for room in ("a", "b", "c"):
+            await store.append(room, "U", f"in {room}", "user", None)
+        await store.append("a", "U", "a is used again", "user", None)
+        await store.append("d", "U", "a fourth room", "user", None)  # "b" is the least recently used
+        assert await store.recent("b", 10) == []
+        assert [m.body for m in await store.recent("a", 10)] == ["in a", "a is used again"]
+        assert (await store.since("b", 0, 10)) == ([], False), "forgotten history is not passed off as complete"
+        assert (await store.since("a", 0, 10))[1] is True
+
+    asyncio.run(scenario())
 
 
 # ---------------------------------------------------------------- a real browser
