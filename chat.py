@@ -855,7 +855,7 @@ class SqliteStore:
     def _open(self) -> None:
         self._lock()
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        problems = [row[0] for row in db.execute("PRAGMA quick_check(3)")]
+        problems = [" ".join(str(row[0]).split()) for row in db.execute("PRAGMA quick_check(3)")]
         if problems != ["ok"]:
             db.close()
             raise StoreError(f"{self.path} is damaged ({'; '.join(problems)[:200]}); restore a backup "
@@ -904,7 +904,10 @@ class SqliteStore:
 
     async def close(self) -> None:
         if self._db is not None:
-            await self._run(self._db.close)
+            try:
+                await self._run(self._db.close)
+            except StoreError as exc:  # say, the final checkpoint on a full disk: what was acked is committed
+                log.warning("closing the history store: %s", exc)
             self._db = None
         self._pool.shutdown(wait=True)
         if self._lock_fd is not None:
@@ -2725,14 +2728,26 @@ def host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-class SlowRequestReaper:
-    """Closes connections that have not sent a whole request's headers within REQUEST_DEADLINE
-    (slowloris, or sockets opened and left silent); aiohttp waits for them without end."""
+OUT_OF_SOCKETS = ("out of sockets at the open-file limit of %s (see LimitNOFILE in the README): "
+                  "new connections wait or are dropped until others close")
 
-    def __init__(self, runner: web.AppRunner, app: web.Application, problems: ProblemLog) -> None:
+
+class ConnectionWatch:
+    """Watches the open HTTP connections once a second.
+
+    It closes those that have not sent a whole request's headers within REQUEST_DEADLINE
+    (slowloris, or sockets opened and left silent: aiohttp would wait for them without end),
+    and says, once a minute, when connections fill the open-file limit (uvloop then drops
+    new ones silently; asyncio reports it through SocketShortage).
+    """
+
+    def __init__(self, runner: web.AppRunner, app: web.Application, problems: ProblemLog,
+                 open_files: int, capacity: int) -> None:
         self.runner = runner
         self.started = app[STARTED_REQUESTS]
         self.problems = problems
+        self.open_files = open_files
+        self.capacity = capacity
         self.first_seen: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
     async def run(self, every: float = 1.0) -> None:
@@ -2745,7 +2760,10 @@ class SlowRequestReaper:
         if server is None:
             return
         now = time.monotonic()
-        for handler in server.connections:
+        connections = server.connections
+        if self.open_files and len(connections) >= self.capacity:
+            self.problems.warn(OUT_OF_SOCKETS, str(self.open_files))
+        for handler in connections:
             transport = handler.transport
             if transport is None or transport in self.started:
                 continue
@@ -3599,15 +3617,16 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
     if settings.gc == "tuned":
         tune_gc()
     print(banner(settings, url), flush=True)
+    capacity = max(open_files - files_open_now() - 16, 0)  # 16 spare: the database, Redis, a bot's HTTP client
     if open_files:
-        log.info("open-file limit %d: room for about %d connections", open_files, max(open_files - 64, 0))
+        log.info("open-file limit %d: room for about %d connections", open_files, capacity)
     if settings.password is None and not _is_loopback_host(settings.host):
         log.warning("anyone who can reach %s can join: set CHAT_PASSWORD to require a password", settings.host)
     if ready is not None:
         ready.set_result(url)
     asyncio.get_running_loop().set_exception_handler(SocketShortage(hub.sio.eio.problems, open_files).handle)
     background = [asyncio.create_task(warn_if_bot_unreachable(bot, settings)),
-                  asyncio.create_task(SlowRequestReaper(runner, app, hub.sio.eio.problems).run())]
+                  asyncio.create_task(ConnectionWatch(runner, app, hub.sio.eio.problems, open_files, capacity).run())]
     if shared:
         background.append(asyncio.create_task(hub.heartbeat(settings.presence_ttl / 3)))
     try:
@@ -3629,6 +3648,14 @@ async def warn_if_bot_unreachable(bot: Bot, settings: Settings) -> None:
     if problem:
         log.warning("%s (--bot %s) is not reachable: %s; the chat works, and each message tries again",
                     settings.bot_name, settings.bot, problem)
+
+
+def files_open_now() -> int:
+    """How many file descriptors this process has open (a guess where /proc is missing)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 32
 
 
 def raise_open_file_limit() -> int:
@@ -3656,8 +3683,7 @@ class SocketShortage:
     def handle(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
-            self.problems.warn("out of sockets at the open-file limit of %s (see LimitNOFILE in the README): "
-                               "new connections wait until others close", str(self.limit))
+            self.problems.warn(OUT_OF_SOCKETS, str(self.limit))
             return
         loop.default_exception_handler(context)
 

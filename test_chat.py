@@ -201,11 +201,12 @@ class ChatProcess:
     """chat.py run as a real process, as a user runs it; every read has a deadline."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, command: list[str] | None = None,
-                 clean_env: bool = False, cwd: Path | None = None) -> None:
+                 clean_env: bool = False, cwd: Path | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
         base = {} if clean_env else dict(os.environ)
         self.proc = subprocess.Popen(
             command or [sys.executable, str(HERE / "chat.py"), *args], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, env={**base, **(env or {})}, cwd=cwd)
+            stderr=subprocess.PIPE, text=True, env={**base, **(env or {})}, cwd=cwd, preexec_fn=preexec)
         self.stdout = LineReader(self.proc.stdout)
         self.stderr = LineReader(self.proc.stderr)
         self.banner = ""
@@ -2388,6 +2389,93 @@ async def test_on_loopback_only_local_host_names_are_answered(start_chat: StartC
     proxied = await start_chat(rate=0, allow_hosts=("chat.example",))
     async with aiohttp.ClientSession() as http, http.get(f"{proxied}/", headers={"Host": "chat.example"}) as resp:
         assert resp.status == 200, "--allow-host adds a name"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_running_out_of_sockets_is_logged_once_and_the_server_recovers(
+        chat_process: Any, loop: str) -> None:
+    require(importlib.util.find_spec("uvloop") is not None or loop == "asyncio", "uvloop")
+    import resource
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    server, url = chat_process("--rate", "0", "--loop", loop, preexec=few_files)
+    server.stderr.wait_for(r"open-file limit 64: room for about \d+ connections", 5)
+    host, port = url.removeprefix("http://").split(":")
+    held = []
+    for _ in range(100):  # connections the kernel accepts while chat.py has no descriptor left for them
+        held.append(await asyncio.open_connection(host, int(port)))
+    await asyncio.to_thread(server.stderr.wait_for, "out of sockets at the open-file limit of 64", 10)
+    for _, writer in held:
+        writer.close()
+    deadline = time.monotonic() + 20
+    while True:  # the server accepts again once descriptors are free (the silent ones are closed after 10 s)
+        try:
+            async with aiohttp.ClientSession() as http, http.get(f"{url}/healthz", timeout=aiohttp.ClientTimeout(2)) as resp:
+                assert resp.status == 200
+                break
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            assert time.monotonic() < deadline, "the server did not recover"
+    _, _, err = server.stop()
+    assert err.count("out of sockets") == 1 and "Traceback" not in err
+
+
+@pytest.mark.slow
+async def test_a_full_disk_refuses_messages_with_a_reason_and_loses_no_acked_one(
+        chat_process: Any, tmp_path: Path, connect: Connect) -> None:
+    import resource
+
+    def small_files() -> None:  # every file chat.py writes stops growing at 512 KB, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024, 512 * 1024))
+
+    db = tmp_path / "full.db"
+    server, url = chat_process("--db", str(db), "--rate", "0", "--bot", "off", preexec=small_files)
+    peer = await connect(url)
+    acked: list[int] = []
+    for i in range(2000):
+        ack = await peer.say(f"{i} " + "x" * 1000)
+        if not ack["ok"]:
+            break
+        acked.append(ack["id"])
+    assert (ack["ok"], ack["code"]) == (False, "store_failed") and "could not store" in ack["error"]
+    for _ in range(20):
+        assert (await peer.say("and again"))["code"] == "store_failed"
+    assert peer.sio.connected
+    code, _, err = server.stop()
+    assert code == 0 and "Traceback" not in err
+    assert err.count("history store failed") == 1, err
+    with sqlite3.connect(db) as conn:
+        stored = {row[0] for row in conn.execute("SELECT id FROM messages")}
+    assert acked and set(acked) <= stored, "every acked message is in the file"
+
+
+def test_a_second_chat_py_on_the_same_database_is_refused_with_one_line(chat_process: Any, tmp_path: Path) -> None:
+    db = tmp_path / "shared.db"
+    chat_process("--db", str(db))
+    second = ChatProcess("--port", "0", "--db", str(db))
+    second.proc.wait(10)
+    code, _, err = second.stop()
+    assert code == 1 and err.strip() == f"chat.py: {db} is in use by another chat.py (one process per database file)"
+
+
+def test_a_database_damaged_in_the_middle_is_refused_at_start_with_one_line(tmp_path: Path) -> None:
+    db = tmp_path / "damaged.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(chat.SQLITE_SCHEMA)
+        conn.executemany("INSERT INTO messages (room, user, body, kind, ts) VALUES ('r', 'u', ?, 'user', 0)",
+                         [("x" * 500,) for _ in range(200)])
+    data = bytearray(db.read_bytes())
+    assert data.startswith(b"SQLite format 3\x00") and len(data) > 8 * 4096
+    data[3 * 4096:5 * 4096] = os.urandom(2 * 4096)  # the header stays valid
+    db.write_bytes(bytes(data))
+    server = ChatProcess("--port", "0", "--db", str(db))
+    server.proc.wait(10)
+    code, _, err = server.stop()
+    assert code == 1 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and str(db) in err and ("damaged" in err or "malformed" in err), err
 
 
 def test_memory_history_keeps_a_bounded_number_of_rooms_and_says_when_replay_is_incomplete() -> None:
