@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import resource
@@ -124,7 +125,7 @@ def cpu_seconds(pid: int) -> float:
 class Server:
     """One server under test, as a process pinned to core 0."""
 
-    def __init__(self, kind: str, workdir: Path, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, kind: str, workdir: Path, extra: tuple[str, ...] = (), log: Path | None = None) -> None:
         self.kind = kind
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -138,7 +139,9 @@ class Server:
         if PIN:
             cmd = ["taskset", "-c", "0", *cmd]
         self.started = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.log = log  # chat.py's log goes to this file (a pipe nobody reads would block a chatty server)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                     stderr=log.open("wb") if log else subprocess.PIPE)
 
     async def ready(self, timeout: float = 20.0) -> float:
         """Seconds from process start to the first 200 on GET /."""
@@ -154,7 +157,8 @@ class Server:
             except OSError:
                 pass
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} server exited: {self.proc.stderr.read().decode()[-2000:]}")
+                err = self.log.read_text() if self.log else self.proc.stderr.read().decode()
+                raise RuntimeError(f"{self.kind} server exited: {err[-2000:]}")
             await asyncio.sleep(0.005)
         raise RuntimeError(f"{self.kind} server did not start")
 
@@ -188,9 +192,12 @@ class Stats:
     latencies: list[float] = field(default_factory=list)
     sample_every: int = 1
     seen: int = 0
+    frames: int = 0
+    acks_ok: int = 0
+    typing: int = 0
 
     def reset(self) -> None:
-        self.new = self.bot = self.seen = 0
+        self.new = self.bot = self.seen = self.frames = self.acks_ok = self.typing = 0
         self.latencies = []
 
 
@@ -214,25 +221,26 @@ class WSClient(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def handshake(self, path: str) -> None:
+    def handshake(self, path: str, headers: str = "") -> None:
         key = base64.b64encode(os.urandom(16)).decode()
         assert self.transport is not None
         self.transport.write((
             f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{headers}"
             "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n").encode())
         if not self.read:
             return
 
-    def send(self, text: str) -> None:
-        data = text.encode()
+    def send(self, text: str, opcode: int = 1) -> None:
+        data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
         n = len(data)
+        first = 0x80 | opcode
         if n < 126:
-            header = bytes((0x81, 0x80 | n))
+            header = bytes((first, 0x80 | n))
         elif n < 65536:
-            header = bytes((0x81, 0xFE)) + n.to_bytes(2, "big")
+            header = bytes((first, 0xFE)) + n.to_bytes(2, "big")
         else:
-            header = bytes((0x81, 0xFF)) + n.to_bytes(8, "big")
+            header = bytes((first, 0xFF)) + n.to_bytes(8, "big")
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(header + b"\x00\x00\x00\x00" + data)  # an all-zero mask leaves data as is
 
@@ -287,6 +295,11 @@ class WSClient(asyncio.Protocol):
 
     def on_text(self, text: bytes) -> None:
         stats = self.stats
+        stats.frames += 1
+        if text.startswith(b"43") and b'"ok":true' in text[:40]:
+            stats.acks_ok += 1
+        elif text.startswith(b'42["typing"'):
+            stats.typing += 1
         if self.raw or text.startswith(b'42["newmessage"'):
             stats.new += 1
             stats.seen += 1
@@ -314,7 +327,8 @@ class WSClient(asyncio.Protocol):
             self.transport.abort()
 
 
-async def open_client(server: Server, stats: Stats, read: bool = True, rcvbuf: int | None = None) -> WSClient:
+async def open_client(server: Server, stats: Stats, read: bool = True, rcvbuf: int | None = None,
+                      headers: str = "", sio: bool = True) -> WSClient:
     loop = asyncio.get_running_loop()
     raw = server.kind == "limit"
     sock = socket.socket()
@@ -323,7 +337,9 @@ async def open_client(server: Server, stats: Stats, read: bool = True, rcvbuf: i
     sock.setblocking(False)
     await loop.sock_connect(sock, ("127.0.0.1", server.port))
     _, client = await loop.create_connection(lambda: WSClient(stats, raw, read), sock=sock)
-    client.handshake("/ws" if raw else "/socket.io/?EIO=4&transport=websocket")
+    client.handshake("/ws" if raw else "/socket.io/?EIO=4&transport=websocket", headers)
+    if not sio:  # the WebSocket is open (the Engine.IO open packet may follow); no Socket.IO connect
+        client.raw = True
     await asyncio.wait_for(client.ready, 30)
     if not read and client.transport is not None:
         client.transport.pause_reading()
@@ -514,6 +530,211 @@ async def slow_consumer(server: Server, messages: int, readers: int = 20) -> dic
             "others_rate": stats.new / wall, "rss_samples_mb": [(round(t, 1), round(r / 1024, 1)) for t, r in samples]}
 
 
+# ---------------------------------------------------------------- hostile clients
+
+
+def sio_event(name: str, data: Any, ack: int | None = None) -> str:
+    """A Socket.IO EVENT packet as text, with an ack id when given."""
+    return f"42{'' if ack is None else ack}" + json.dumps([name, data], ensure_ascii=False)
+
+
+async def fresh_pair_chats(server: Server) -> bool:
+    """After an attack: can two new clients still exchange a message?"""
+    stats = Stats()
+    try:
+        first, second = await open_client(server, Stats()), await open_client(server, stats)
+    except (OSError, ConnectionError, asyncio.TimeoutError):
+        return False
+    first.send('42["newmessage",{"user":"Checker","body":"still alive?"}]')
+    deadline = time.perf_counter() + 5
+    while stats.new < 1 and time.perf_counter() < deadline:
+        await asyncio.sleep(0.01)
+    first.close()
+    second.close()
+    return stats.new >= 1
+
+
+async def http_get_many(port: int, path: str, count: int, headers: str = "", body: bytes | None = None) -> dict[int, int]:
+    """`count` requests over one keep-alive connection; how many got each status."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    statuses: dict[int, int] = {}
+    method = "POST" if body is not None else "GET"
+    extra = f"Content-Length: {len(body)}\r\n" if body is not None else ""
+    for _ in range(count):
+        writer.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}{extra}\r\n".encode() + (body or b""))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        status = int(head.split()[1])
+        length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), b"0"))
+        await reader.readexactly(length)
+        statuses[status] = statuses.get(status, 0) + 1
+        if b"connection: close" in head.lower():
+            writer.close()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.close()
+    return statuses
+
+
+async def attack_binary(server: Server) -> str:
+    client = await open_client(server, Stats())
+    client.send('451-["newmessage",{"_placeholder":true,"num":0}]')
+    for _ in range(100):  # 6 MB of attachments that python-socketio would keep until the last one came
+        client.send(os.urandom(60_000), opcode=2)
+    await asyncio.sleep(1)
+    return "closed at the first binary packet" if client.closed else "still open"
+
+
+async def attack_unread_acks(server: Server) -> str:
+    writer = await open_client(server, Stats())
+    writer.send('420["join",{"room":"evil","user":"Writer"}]')
+    for i in range(1000):
+        writer.send(sio_event("newmessage", {"user": "Writer", "body": f"{i} {'x' * 1900}", "room": "evil"}))
+    await asyncio.sleep(1)
+    stalled = await open_client(server, Stats(), read=False, rcvbuf=4096)
+    for _ in range(3000):  # every join's ack carries the room's 1,000 long messages (or a refusal)
+        stalled.send('421["join",{"room":"evil","since":0}]')
+    deadline = time.perf_counter() + 10
+    assert server.log is not None
+    while "behind" not in server.log.read_text() and time.perf_counter() < deadline:
+        await asyncio.sleep(0.05)  # (a client that does not read cannot see its own disconnection)
+    writer.close()
+    stalled.close()
+    return "disconnected at the bound" if "behind" in server.log.read_text() else "still connected"
+
+
+async def attack_rooms(server: Server) -> str:
+    stats = Stats()
+    client = await open_client(server, stats)
+    for i in range(3000):  # a new room and a new name each time
+        client.send(sio_event("join", {"room": f"r{i}", "user": f"N{i}"}, ack=i))
+    await asyncio.sleep(1.5)
+    client.close()
+    return f"{stats.acks_ok:,} of 3,000 joins accepted"
+
+
+async def attack_typing(server: Server) -> str:
+    listener_stats = Stats()
+    listener = await open_client(server, listener_stats)
+    typist = await open_client(server, Stats())
+    typist.send('420["join",{"room":"lobby","user":"Typist"}]')
+    listener.send('421["join",{"room":"lobby","user":"Listener"}]')
+    await asyncio.sleep(0.3)
+    listener_stats.reset()
+    for i in range(20_000):
+        typist.send('42["typing",{"typing":%s}]' % ("true" if i % 2 == 0 else "false"))
+        if i % 500 == 0:
+            await asyncio.sleep(0)
+    await asyncio.sleep(1.5)
+    typist.close()
+    listener.close()
+    return f"20,000 toggles -> {listener_stats.typing:,} typing frames to a listener"
+
+
+async def attack_sessions(server: Server) -> str:
+    statuses = await http_get_many(server.port, "/socket.io/?EIO=4&transport=polling", 5000,
+                                   "X-Forwarded-For: 203.0.113.7\r\n")
+    return f"{statuses.get(200, 0):,} of 5,000 sessions accepted ({statuses.get(429, 0):,} refused with 429)"
+
+
+async def attack_slowloris(server: Server) -> str:
+    async def one() -> float:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        started = time.perf_counter()
+        writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        while not reader.at_eof() and time.perf_counter() - started < 40:
+            writer.write(b"a")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(reader.read(1), 1.0)
+        writer.close()
+        return time.perf_counter() - started
+
+    times = await asyncio.gather(*(one() for _ in range(200)))
+    return f"200 connections dribbling headers closed after {min(times):.1f}-{max(times):.1f} s"
+
+
+async def attack_nfkc(server: Server) -> str:
+    stats = Stats()
+    bystander = await open_client(server, stats)
+    attackers = [await open_client(server, Stats()) for _ in range(20)]
+    name = "\ufdfa" * 21_000  # 63 KB; NFKC makes each one 18 characters
+    started = time.perf_counter()
+    seq = 0
+    while time.perf_counter() - started < 5:
+        for attacker in attackers:
+            attacker.send(sio_event("join", {"room": "lobby", "user": name}))
+        bystander.send(message(server, 0, seq))
+        seq += 1
+        await asyncio.sleep(0.4)
+    await settle(stats)
+    for client in (bystander, *attackers):
+        client.close()
+    return (f"a bystander's message round trip p99 {percentile(stats.latencies, 0.99) * 1000:.0f} ms "
+            f"({stats.new} of {seq} delivered)")
+
+
+async def attack_reconnect(server: Server) -> str:
+    stats = Stats()
+    listener = await open_client(server, stats, headers="X-Forwarded-For: 198.51.100.1\r\n")
+    started = time.perf_counter()
+    for _ in range(60):  # a fresh connection (a fresh per-connection bucket) every 10 messages
+        client = await open_client(server, Stats(), headers="X-Forwarded-For: 203.0.113.9\r\n")
+        for i in range(10):
+            client.send(sio_event("newmessage", {"user": "Rex", "body": f"m{i}"}))
+        await asyncio.sleep(0.01)
+        client.close()
+    wall = time.perf_counter() - started
+    await settle(stats)
+    listener.close()
+    return f"{stats.new / wall:,.0f} messages/s got through against --rate 5 ({stats.new:,} of 600)"
+
+
+async def attack_junk(server: Server) -> str:
+    for i in range(1000):
+        client = await open_client(server, Stats(), sio=False)
+        client.send(["", "9x", "hello", "\x00"][i % 4])
+        await asyncio.sleep(0.002)
+        client.close()
+    statuses = await http_get_many(server.port, "/socket.io/?EIO=4&transport=polling&sid=nope", 1000,
+                                   body=b"\xff\xfe not utf-8")
+    return f"1,000 junk frames and 1,000 junk polling POSTs ({', '.join(f'{n:,}x {c}' for c, n in statuses.items())})"
+
+
+ATTACKS = [  # (name, chat.py flags, attack)
+    ("binary attachments", (), attack_binary),
+    ("acks never read", ("--history", "1000", "--bot", "off"), attack_unread_acks),
+    ("3,000 rooms with new names", (), attack_rooms),
+    ("typing toggles", (), attack_typing),
+    ("Engine.IO sessions from one address", ("--trust-proxy", "--max-per-ip", "5"), attack_sessions),
+    ("slowloris", (), attack_slowloris),
+    ("names that NFKC expands", (), attack_nfkc),
+    ("reconnecting to reset the rate", ("--trust-proxy", "--rate", "5"), attack_reconnect),
+    ("junk with a password set", ("--password", "s3cret"), attack_junk),
+]
+
+
+async def attacks(workdir: Path, only: str | None = None) -> list[dict[str, Any]]:
+    """Each attack against a fresh chat.py: RSS growth, what happened, the log, and a fresh pair after."""
+    rows = []
+    for name, flags, attack in ATTACKS:
+        if only and only not in name:
+            continue
+        progress(f"attack: {name}")
+        log = workdir / "attack.log"
+        server = Server("chat", workdir, ("--log-level", "info", *flags), log=log)
+        await server.ready()
+        await asyncio.sleep(0.3)
+        before = rss_kb(server.pid)
+        outcome = await attack(server)
+        after = rss_kb(server.pid)
+        pair = await fresh_pair_chats(server) if "--password" not in flags else True
+        server.stop()
+        text = log.read_text(errors="replace")
+        rows.append({"attack": name, "outcome": outcome, "rss_growth_mb": (after - before) / 1024,
+                     "fresh_pair": pair, "traceback": "Traceback" in text, "log_lines": len(text.splitlines()),
+                     "log_kb": len(text.encode()) / 1024})
+    return rows
+
+
 async def redis_scaling(workdir: Path, clients_n: int, seconds: float, steps: int) -> dict[str, Any]:
     """chat.py alone, one node with --redis, and two nodes sharing Redis: fan-out at `clients_n`."""
     port = free_port()
@@ -620,6 +841,8 @@ async def main() -> int:
                 server.stop()
         if "redis" in work and shutil.which("redis-server"):
             results["redis"] = await redis_scaling(workdir, max(sizes), seconds, steps)
+        if "attacks" in work:
+            results["attacks"] = await attacks(workdir)
     report(results, kinds)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -627,6 +850,12 @@ async def main() -> int:
 
 
 def report(results: dict[str, Any], kinds: list[str]) -> None:
+    if any(results["fanout"].values()):
+        report_fanout(results, kinds)
+    report_rest(results, kinds)
+
+
+def report_fanout(results: dict[str, Any], kinds: list[str]) -> None:
     print("\n## Fan-out: highest offered rate with >= 95 % delivered and p99 <= 250 ms")
     print("| server | clients | msgs/s | newmessage frames/s | botmessage frames/s | all frames/s "
           "| server CPU | generator CPU | server µs/frame | frames/s per server core | vs limit "
@@ -649,6 +878,9 @@ def report(results: dict[str, Any], kinds: list[str]) -> None:
                   f"| {fmt(capacity(best))} | {ratio:.2f}x | {half['p50_ms']:.1f} / {half['p99_ms']:.1f} |")
     print("(frames/s per server core = delivered frames/s ÷ the server's CPU share: what one core sustains "
           "when the generator, not the server, is the limit; 'vs limit' compares that.)")
+
+
+def report_rest(results: dict[str, Any], kinds: list[str]) -> None:
     if results.get("redis"):
         print("\n## Scale-out through Redis (chat.py, all nodes and redis-server on the server core)")
         print("| setup | clients | msgs/s | all frames/s | server CPU (all nodes) | frames/s per server core "
@@ -662,6 +894,13 @@ def report(results: dict[str, Any], kinds: list[str]) -> None:
                   f"| {half['p50_ms']:.1f} / {half['p99_ms']:.1f} |")
     if results["idle"]:
         report_idle(results, kinds)
+    if results.get("attacks"):
+        print("\n## Hostile clients: each attack against a fresh chat.py")
+        print("| attack | what happened | server RSS growth | log | traceback | a fresh pair chats after |")
+        print("| --- | --- | ---: | ---: | --- | --- |")
+        for a in results["attacks"]:
+            print(f"| {a['attack']} | {a['outcome']} | {a['rss_growth_mb']:+.1f} MB | {a['log_lines']} lines "
+                  f"({a['log_kb']:.1f} KB) | {'yes' if a['traceback'] else 'none'} | {'yes' if a['fresh_pair'] else 'NO'} |")
     if results["slow"]:
         print("\n## A slow consumer: one client that stops reading, in a flooded room")
         print("| server | flood | server RSS before -> peak | others delivered | others' rate |")

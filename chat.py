@@ -1873,6 +1873,7 @@ class EngineServer(engineio.AsyncServer):
         self._dropping: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.problems = ProblemLog()
+        self._ping_tasks: dict[str, asyncio.Task[Any]] = {}
 
     @staticmethod
     def _translate_request(request: web.Request) -> dict[str, Any]:
@@ -1956,6 +1957,31 @@ class EngineServer(engineio.AsyncServer):
         closing = [asyncio.ensure_future(ws.close_for_restart()) for ws in list(self.open_websockets)]
         if closing:  # a client that stopped reading never answers the close frame: do not wait for it
             await asyncio.wait(closing, timeout=0.5)
+
+    # -- a closed session frees its memory at once
+
+    def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
+        task = super().start_background_task(target, *args, **kwargs)
+        owner = getattr(target, "__self__", None)
+        if getattr(target, "__name__", "") == "_send_ping" and owner is not None:
+            # Each session's ping task sleeps 25 s holding the session, its request and, after an
+            # abrupt close, the exception's frames (about 20 KB): connections opened and dropped
+            # in a loop would pile them up. It is cancelled when the session closes (below).
+            self._ping_tasks[owner.sid] = task
+            task.add_done_callback(functools.partial(self._ping_done, owner.sid))
+        return task
+
+    def _ping_done(self, sid: str, task: asyncio.Task[Any]) -> None:
+        if self._ping_tasks.get(sid) is task:
+            del self._ping_tasks[sid]
+
+    async def _trigger_event(self, event: str, *args: Any, **kwargs: Any) -> Any:
+        result = await super()._trigger_event(event, *args, **kwargs)
+        if event == "disconnect" and args:
+            ping = self._ping_tasks.pop(args[0], None)
+            if ping is not None and ping is not asyncio.current_task():
+                ping.cancel()
+        return result
 
     async def disconnect(self, sid: str | None = None) -> None:
         for eio_sid in [sid] if sid is not None else list(self.sockets):
