@@ -38,6 +38,7 @@ import os
 import random
 import re
 import signal
+import socket
 import sqlite3
 import ssl
 import string
@@ -389,7 +390,10 @@ class Settings:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -406,9 +410,12 @@ def _port(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
     return value
 
 
@@ -417,9 +424,17 @@ def _non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
+
+
+def _origin(text: str) -> str:
+    if text == "*" or re.fullmatch(r"https?://[^/\s?#]+", text):
+        return text
+    hint = f"; without the trailing slash: {text.rstrip('/')}" if re.fullmatch(r"https?://[^/\s?#]+/+", text) else \
+        " (an origin is scheme://host[:port], e.g. https://chat.example.org)"
+    raise argparse.ArgumentTypeError(f"not an origin: {text!r}{hint}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -429,10 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="A real-time chat server with a chat bot, in one file.",
         epilog="Open the printed URL in a browser. Room: /?room=NAME.",
     )
-    env_port = os.environ.get("PORT")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; use 0.0.0.0 to share on a LAN or server)")
-    p.add_argument("--port", type=_port, default=_port(env_port) if env_port else 3000,
+    p.add_argument("--port", type=_port, default=None,
                    help="port to listen on (default 3000, or the PORT environment variable)")
     p.add_argument("--bot", choices=BOT_MODES, default="keyword",
                    help="bot backend: keyword rules (default), rasa, openai (any OpenAI-compatible server) or off")
@@ -470,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=_positive_int, default=1000, metavar="N",
                    help="a client more than N packets (or N KB of WebSocket data) behind is disconnected "
                         "(default 1000)")
-    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN", type=_origin,
                    help="also accept Socket.IO connections from pages on ORIGIN (repeatable; * for any)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="when listening on loopback, also answer requests for this host name, e.g. the domain "
@@ -504,6 +518,12 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     """Parse the command line into Settings; argparse exits 2 on bad values."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.port is None:
+        env_port = os.environ.get("PORT")
+        try:
+            args.port = _port(env_port) if env_port else 3000
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"the PORT environment variable: {exc}")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key must be given together")
     if args.redis and args.db:
@@ -518,7 +538,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     try:
         bot_name = clean_user(args.bot_name, bot_name="")
     except InvalidInput as exc:
-        parser.error(f"--bot-name: {exc.message}")
+        parser.error(f"--bot-name: {'must not be empty' if not args.bot_name.strip() else exc.message}")
     return Settings(
         host=args.host, port=args.port, bot=args.bot, bot_name=bot_name, bot_rules=args.bot_rules,
         bot_url=args.bot_url, bot_model=args.bot_model, bot_prompt=args.bot_prompt, bot_context=args.bot_context,
@@ -1414,10 +1434,10 @@ class HttpBot:
         if self.session is not None:
             await self.session.close()
 
-    async def _probe(self, url: str) -> str | None:
+    async def _probe(self, url: str, headers: dict[str, str] | None = None) -> str | None:
         assert self.session is not None
         try:
-            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=3)) as resp:
+            async with self.session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=3)) as resp:
                 return None if resp.status < 400 else f"HTTP {resp.status} from {url}"
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             return f"{url}: {describe_error(exc)}"
@@ -1484,8 +1504,14 @@ class OpenAIBot(HttpBot):
         self.prompt = prompt
         self.bot_name = bot_name
 
+    @staticmethod
+    def auth_headers() -> dict[str, str]:
+        """The API key from OPENAI_API_KEY, for every request (the start-up check included)."""
+        key = os.environ.get("OPENAI_API_KEY")
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
     async def check(self) -> str | None:
-        return await self._probe(self.url + "/models")
+        return await self._probe(self.url + "/models", self.auth_headers())
 
     def request_body(self, turn: BotTurn) -> dict[str, Any]:
         """The chat completions request: system prompt, then the room's recent messages with roles."""
@@ -1500,10 +1526,7 @@ class OpenAIBot(HttpBot):
     async def reply(self, turn: BotTurn) -> list[str]:
         assert self.session is not None
         url = self.url + "/chat/completions"
-        headers = {"Accept": "text/event-stream"}
-        key = os.environ.get("OPENAI_API_KEY")
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
+        headers = {"Accept": "text/event-stream", **self.auth_headers()}
         async with self.session.post(url, json=self.request_body(turn), headers=headers) as resp:
             if resp.status >= 400 or resp.content_type != "text/event-stream":
                 raw = await resp.read()
@@ -2384,16 +2407,20 @@ class ChatHub:
     # -- origin, address and password checks
 
     def _origin_allowed(self, origin: str, environ: dict[str, Any]) -> bool:
+        request: web.Request | None = environ.get("aiohttp.request")
+        return request is not None and self.origin_allowed(origin, request)
+
+    def origin_allowed(self, origin: str, request: web.Request) -> bool:
+        """Whether a page on `origin` may connect: the same origin as this server, or --allow-origin."""
         if "*" in self.settings.allow_origins or origin in self.settings.allow_origins:
             return True
-        request: web.Request | None = environ.get("aiohttp.request")
-        schemes = {request.scheme if request is not None else "http"}
-        hosts = {environ.get("HTTP_HOST", "")}
+        schemes = {request.scheme}
+        hosts = {request.headers.get("Host", "")}
         # Behind your own TLS-terminating proxy (--trust-proxy) the page's origin is the proxy's.
-        if self.settings.trust_proxy and "HTTP_X_FORWARDED_PROTO" in environ:
-            schemes.add(environ["HTTP_X_FORWARDED_PROTO"].split(",")[0].strip())
-        if self.settings.trust_proxy and "HTTP_X_FORWARDED_HOST" in environ:
-            hosts.add(environ["HTTP_X_FORWARDED_HOST"].split(",")[0].strip())
+        if self.settings.trust_proxy and "X-Forwarded-Proto" in request.headers:
+            schemes.add(request.headers["X-Forwarded-Proto"].split(",")[0].strip())
+        if self.settings.trust_proxy and "X-Forwarded-Host" in request.headers:
+            hosts.add(request.headers["X-Forwarded-Host"].split(",")[0].strip())
         return origin in {f"{s}://{h}" for s in schemes for h in hosts if h}
 
     def client_address(self, environ: dict[str, Any]) -> str:
@@ -2835,6 +2862,23 @@ def build_app(settings: Settings, hub: ChatHub) -> web.Application:
                           request.remote or "?")
             raise web.HTTPMisdirectedRequest(text="chat.py does not answer for this host name "
                                                   "(see --allow-host)\n")
+        origin = request.headers.get("Origin")
+        if origin and request.path.startswith("/socket.io/") and not hub.origin_allowed(origin, request):
+            problems.warn(f"refused a connection from a page on {origin[:100]!r} (from %s): not this server's "
+                          "origin; allow it with --allow-origin, or behind a proxy pass Host $http_host "
+                          "(and X-Forwarded-Proto/-Host with --trust-proxy)", request.remote or "?")
+            return web.json_response({"code": "origin_refused", "error": f"{origin} is not an accepted origin"},
+                                     status=403)
+        transport = request.query.get("transport") if request.path == "/socket.io/" else None
+        if transport is not None and transport not in settings.transports:
+            only = " and ".join(settings.transports)
+            problems.warn(f"refused a {transport[:20]!r} connection from %s: this server runs with --transports "
+                          f"{','.join(settings.transports)} (clients need transports: ['{only}'])",
+                          request.remote or "?")
+            return web.json_response({"code": "transport_refused",
+                                      "error": f"this server accepts {only} only: connect with "
+                                               f"transports: [{', '.join(repr(t) for t in settings.transports)}]"},
+                                     status=400)
         if request.method == "POST" and request.path.startswith("/socket.io/"):  # long-polling sends
             if request.content_length is None:
                 raise web.HTTPLengthRequired(text="a Content-Length is required\n")
@@ -2877,6 +2921,12 @@ def build_app(settings: Settings, hub: ChatHub) -> web.Application:
     app.router.add_get("/healthz", healthz)
     if client_js is not None:
         app.router.add_get("/socket.io.min.js", static(client_js, "text/javascript"))
+        app.router.add_get("/socket.io/socket.io.js", static(client_js, "text/javascript"))
+    else:  # where the tutorial's page (and Socket.IO's own docs) load the client from
+        async def client_on_cdn(request: web.Request) -> web.Response:
+            raise web.HTTPFound(CLIENT_JS_CDN)
+
+        app.router.add_get("/socket.io/socket.io.js", client_on_cdn)
     app.on_response_prepare.append(security_headers)
     hub.sio.attach(app)
     return app
@@ -3580,19 +3630,107 @@ async def connect_redis(settings: Settings) -> SharedState:
                        RedisFanoutManager(settings.redis, health, on_message_id=store.note_id))
 
 
+def machine_addresses() -> list[str]:
+    """This machine's non-loopback addresses, as its name resolves (may be empty)."""
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, type=socket.SOCK_STREAM)
+    except OSError:
+        return []
+    found = []
+    for info in infos:
+        address = str(info[4][0])
+        with contextlib.suppress(ValueError):
+            if not ipaddress.ip_address(address).is_loopback and address not in found:
+                found.append(address)
+    return found
+
+
 def banner(settings: Settings, url: str) -> str:
-    """The one line printed at start-up: where to go, which bot, which libraries."""
-    share = ("share on a LAN or server with --host 0.0.0.0" if settings.host in ("127.0.0.1", "localhost", "::1")
-             else "listening on all given addresses")
+    """The one line printed at start-up: where to go, and what is in use."""
+    if settings.host in ("0.0.0.0", "::", ""):
+        port = url.rsplit(":", 1)[1]
+        scheme = url.split("://", 1)[0]
+        others = [f"{scheme}://{f'[{a}]' if ':' in a else a}:{port}" for a in machine_addresses()[:2]]
+        where = f"{url} on this machine, {' or '.join(others) or f'{scheme}://ITS-ADDRESS:{port}'} from others"
+        share = "listening on every address"
+    else:
+        where = url
+        share = ("share on a LAN or server with --host 0.0.0.0" if _is_loopback_host(settings.host)
+                 else f"listening on {settings.host}")
+    bot = settings.bot + (f" with rules from {settings.bot_rules}" if settings.bot_rules else "")
+    history = (f"history in {settings.db}" if settings.db else "history shared through Redis" if settings.redis
+               else "history in memory")
+    password = "password required" if settings.password else "no password"
     versions = ", ".join(f"{name} {installed_version(name, module)}"
                          for name, module in (("python-socketio", socketio), ("aiohttp", aiohttp)))
-    node = "; shared through Redis" if settings.redis else ""
-    loop = loop_name(settings.loop)
-    return f"chat.py {__version__}: {url}  (bot: {settings.bot}{node}; {loop}; {versions}; {share}; Ctrl-C stops)"
+    return (f"chat.py {__version__}: {where}  (bot: {bot}; {history}; {password}; {loop_name(settings.loop)}; "
+            f"{versions}; {share}; Ctrl-C stops)")
 
 
 class StartupError(Exception):
     """A problem that stops start-up with one clear line and exit code 1."""
+
+
+def _file_problem(flag: str, path: Path) -> str | None:
+    if path.is_dir():
+        return f"{flag} {path}: is a directory, not a file"
+    if not path.is_file():
+        return f"{flag} {path}: no such file"
+    return None
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context for --tls-cert/--tls-key, or None; ValueError says what is wrong."""
+    if not (settings.tls_cert and settings.tls_key):
+        return None
+    for flag, path in (("--tls-cert", settings.tls_cert), ("--tls-key", settings.tls_key)):
+        problem = _file_problem(flag, path)
+        if problem:
+            raise ValueError(problem)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        cert_text = settings.tls_cert.read_text(errors="replace")
+        key_text = settings.tls_key.read_text(errors="replace")
+        if "PRIVATE KEY" in cert_text and "CERTIFICATE" in key_text:
+            raise ValueError("--tls-cert and --tls-key look swapped: --tls-cert takes the certificate "
+                             "(BEGIN CERTIFICATE), --tls-key the private key") from None
+        if "CERTIFICATE" not in cert_text:
+            raise ValueError(f"--tls-cert {settings.tls_cert}: no PEM certificate in it") from None
+        if "PRIVATE KEY" not in key_text:
+            raise ValueError(f"--tls-key {settings.tls_key}: no PEM private key in it") from None
+        raise ValueError(f"--tls-key {settings.tls_key} does not match --tls-cert {settings.tls_cert} "
+                         f"({getattr(exc, 'reason', None) or exc})") from None
+    return context
+
+
+def bad_file(settings: Settings) -> str | None:
+    """What is wrong with a file or directory named on the command line, before anything starts."""
+    if settings.client_js:
+        problem = _file_problem("--client-js", settings.client_js)
+        if problem:
+            return problem
+        if not re.search(rb"Socket\.IO v\d", settings.client_js.read_bytes()[:1024]):  # the dist files' banner
+            return (f"--client-js {settings.client_js}: does not look like the Socket.IO client "
+                    "(socket.io.min.js from the socket.io-client package)")
+    if settings.bot_rules:
+        problem = _file_problem("--bot-rules", settings.bot_rules)
+        if problem:
+            return problem
+        try:
+            load_rules(settings.bot_rules)
+        except RulesError as exc:
+            return f"--bot-rules {settings.bot_rules}: {exc}"
+    if settings.db and not settings.db.parent.is_dir():
+        return f"--db {settings.db}: the directory {settings.db.parent} does not exist"
+    if settings.db and settings.db.is_dir():
+        return f"--db {settings.db}: is a directory; give a file name, e.g. {settings.db / 'chat.db'}"
+    try:
+        tls_context(settings)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
@@ -3612,13 +3750,10 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
     hub = ChatHub(settings, store, bot, board=shared.board if shared else None,
                   manager=shared.manager if shared else None)
     app = build_app(settings, hub)
-    ssl_context = None
-    if settings.tls_cert and settings.tls_key:
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            ssl_context.load_cert_chain(settings.tls_cert, settings.tls_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise StartupError(f"cannot load the TLS certificate or key: {exc}") from None
+    try:
+        ssl_context = tls_context(settings)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
     open_files = raise_open_file_limit()
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5,
                            keepalive_timeout=IDLE_KEEPALIVE)
@@ -3635,10 +3770,11 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
         if exc.errno == errno.EACCES:
             raise StartupError(f"not allowed to listen on port {settings.port}; try a port above 1023") from None
         raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
-    sockets = getattr(site._server, "sockets", None) or []  # the real port when --port 0
-    port = sockets[0].getsockname()[1] if sockets else settings.port
+    addresses = runner.addresses  # the real port when --port 0
+    port = addresses[0][1] if addresses else settings.port
     scheme = "https" if ssl_context else "http"
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(settings.host, settings.host)  # one to open
+    host = f"[{host}]" if ":" in host else host
     url = f"{scheme}://{host}:{port}"
     if settings.gc == "tuned":
         tune_gc()
@@ -3792,15 +3928,10 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.server").addFilter(OneLineErrors())
-    if settings.client_js and not settings.client_js.is_file():
-        print(f"chat.py: --client-js {settings.client_js}: no such file", file=sys.stderr)
+    problem = bad_file(settings)
+    if problem:
+        print(f"chat.py: {problem}", file=sys.stderr)
         return 2
-    if settings.bot_rules:
-        try:
-            load_rules(settings.bot_rules)
-        except RulesError as exc:
-            print(f"chat.py: --bot-rules {settings.bot_rules}: {exc}", file=sys.stderr)
-            return 2
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -3810,6 +3941,7 @@ def main(argv: list[str] | None = None) -> int:
         await serve(settings, stop=stop)
 
     try:
+        loop_name(settings.loop)  # before run() exists: a missing uvloop leaves no coroutine unawaited
         run_event_loop(run(), settings.loop)
     except StartupError as exc:
         print(f"chat.py: {exc}", file=sys.stderr)

@@ -406,21 +406,82 @@ async def test_default_page_loads_the_pinned_client_from_the_cdn_with_integrity(
 # ---------------------------------------------------------------- command line and process
 
 
-def test_help_explains_every_flag() -> None:
+def test_help_explains_every_flag_and_the_readme_lists_each() -> None:
     out = subprocess.run([sys.executable, str(HERE / "chat.py"), "--help"], capture_output=True, text=True,
-                         check=True).stdout
-    for flag in ("--host", "--port", "--bot", "--log-level", "--client-js", "--history", "--db",
-                 "--rate", "--burst", "--allow-origin", "--password", "--tls-cert", "--trust-proxy"):
-        assert flag in out
+                         check=True, timeout=20).stdout
+    readme = (HERE / "README.md").read_text()
+    flags = [flag for action in chat.build_parser()._actions for flag in action.option_strings
+             if flag.startswith("--") and flag != "--help"]
+    assert len(flags) >= 30
+    for flag in flags:
+        assert flag in out, f"{flag} missing from --help"
+        assert f"`{flag}" in readme, f"{flag} missing from the README's table"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("args", [["--port", "eighty"], ["--port", "70000"], ["--bot", "magic"],
-                                  ["--history", "0"], ["--rate", "-1"], ["--no-such-flag"]])
-def test_bad_flag_values_exit_2_with_a_message(args: list[str]) -> None:
-    result = subprocess.run([sys.executable, str(HERE / "chat.py"), *args], capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "error:" in result.stderr and "Traceback" not in result.stderr
+BAD_USAGE = {  # arguments, environment -> the one line chat.py prints before exiting 2
+    "port not a number": (["--port", "eighty"], {}, "argument --port: not a port number: 'eighty'"),
+    "port out of range": (["--port", "70000"], {}, "argument --port: port must be 0-65535, got 70000"),
+    "PORT not a number": ([], {"PORT": "abc"}, "the PORT environment variable: not a port number: 'abc'"),
+    "unknown bot": (["--bot", "magic"], {}, "argument --bot: invalid choice: 'magic'"),
+    "history 0": (["--history", "0"], {}, "argument --history: must be at least 1, got 0"),
+    "context not a number": (["--bot-context", "abc"], {}, "argument --bot-context: not a whole number: 'abc'"),
+    "negative rate": (["--rate", "-1"], {}, "argument --rate: must be 0 or more, got -1"),
+    "negative timeout": (["--bot-timeout", "-5"], {}, "argument --bot-timeout: must be a number above 0, got -5"),
+    "zero timeout": (["--bot-timeout", "0"], {}, "argument --bot-timeout: must be a number above 0, got 0"),
+    "empty bot name": (["--bot-name", ""], {}, "--bot-name: must not be empty"),
+    "origin with a slash": (["--allow-origin", "http://host:5742/"], {},
+                            "not an origin: 'http://host:5742/'; without the trailing slash: http://host:5742"),
+    "origin without scheme": (["--allow-origin", "notanorigin"], {}, "not an origin: 'notanorigin' (an origin is"),
+    "unknown flag": (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_USAGE.values(), ids=BAD_USAGE.keys())
+def test_bad_usage_exits_2_with_one_clear_line(case: tuple[list[str], dict[str, str], str]) -> None:
+    args, env, expected = case
+    result = subprocess.run([sys.executable, str(HERE / "chat.py"), *args], capture_output=True, text=True,
+                            timeout=20, env={**os.environ, **env})
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr.splitlines()[-1] and "Traceback" not in result.stderr, result.stderr
+
+
+def bad_files(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """Files named on the command line that chat.py refuses before starting (exit 2), and the line it prints."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    key.write_text("-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n")
+    readme = HERE / "README.md"
+    return {
+        "client-js a directory": (["--client-js", str(tmp_path)], f"--client-js {tmp_path}: is a directory, not a file"),
+        "client-js missing": (["--client-js", str(tmp_path / "nope.js")], f"--client-js {tmp_path / 'nope.js'}: no such file"),
+        "client-js not the client": (["--client-js", str(readme)],
+                                     f"--client-js {readme}: does not look like the Socket.IO client"),
+        "tls key missing": (["--tls-cert", str(cert), "--tls-key", str(tmp_path / "nokey.pem")],
+                            f"--tls-key {tmp_path / 'nokey.pem'}: no such file"),
+        "tls swapped": (["--tls-cert", str(key), "--tls-key", str(cert)], "--tls-cert and --tls-key look swapped"),
+        "tls not pem": (["--tls-cert", str(readme), "--tls-key", str(key)], f"--tls-cert {readme}: no PEM certificate"),
+        "db is a directory": (["--db", str(tmp_path)], f"--db {tmp_path}: is a directory"),
+    }
+
+
+@pytest.mark.parametrize("name", ["client-js a directory", "client-js missing", "client-js not the client",
+                                  "tls key missing", "tls swapped", "tls not pem", "db is a directory"])
+def test_a_bad_file_exits_2_naming_the_flag_and_the_file(tmp_path: Path, name: str) -> None:
+    args, expected = bad_files(tmp_path)[name]
+    result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--port", "0", *args], capture_output=True,
+                            text=True, timeout=20)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"chat.py: {expected}") and len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_loop_uvloop_without_uvloop_says_so_in_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "uvloop.py"
+    blocker.write_text("raise ImportError('uvloop is not installed here')\n")
+    result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--port", "0", "--loop", "uvloop"],
+                            capture_output=True, text=True, timeout=20,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 1
+    assert result.stderr == "chat.py: --loop uvloop needs the uvloop package: pip install uvloop\n"
 
 
 def test_a_port_in_use_prints_one_clear_line_and_exits_1() -> None:
@@ -432,6 +493,22 @@ def test_a_port_in_use_prints_one_clear_line_and_exits_1() -> None:
                                 capture_output=True, text=True, timeout=20)
     assert result.returncode == 1
     assert result.stderr.strip() == f"chat.py: port {port} is in use; try --port {port + 1}"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_the_banner_gives_an_address_to_open_and_says_what_is_in_use(tmp_path: Path, host: str) -> None:
+    db = tmp_path / "banner.db"
+    proc = ChatProcess("--port", "0", "--host", host, "--db", str(db), env={"CHAT_PASSWORD": "pw"})
+    try:
+        url = proc.wait_ready()
+        assert url.startswith("http://127.0.0.1:"), "the first address in the banner can be opened here"
+        with urllib.request.urlopen(url + "/healthz", timeout=5) as resp:
+            assert resp.status == 200
+        assert f"history in {db}" in proc.banner and "password required" in proc.banner
+        if host == "0.0.0.0":
+            assert "0.0.0.0" not in proc.banner and "from others" in proc.banner
+    finally:
+        proc.stop()
 
 
 def test_the_port_environment_variable_is_honoured() -> None:
@@ -1072,9 +1149,9 @@ async def test_with_a_database_the_ack_comes_only_after_the_message_is_stored(
 async def test_a_bad_database_path_stops_with_one_clear_line(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--port", "0", "--db",
                              str(tmp_path / "missing-dir" / "x.db")], capture_output=True, text=True, timeout=20)
-    assert result.returncode == 1
-    assert result.stderr.startswith("chat.py: cannot open the database")
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2
+    assert result.stderr == f"chat.py: --db {tmp_path / 'missing-dir' / 'x.db'}: the directory " \
+                            f"{tmp_path / 'missing-dir'} does not exist\n"
 
 
 # ---------------------------------------------------------------- bots: keyword rules, Rasa, OpenAI-compatible
@@ -1096,12 +1173,14 @@ class FakeBackend:
         self.release.set()
         self.url = ""
         self.runner: web.AppRunner | None = None
+        self.api_key = ""  # when set, GET /v1/models needs it, as hosted APIs do
+        self.model_checks: list[str | None] = []
 
     async def start(self) -> FakeBackend:
         app = web.Application()
         app.router.add_get("/", lambda r: web.Response(text="Hello from Rasa: 3.6.20"))
         app.router.add_post("/webhooks/rest/webhook", self.rasa)
-        app.router.add_get("/v1/models", lambda r: web.json_response({"object": "list", "data": [{"id": "tiny"}]}))
+        app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.completions)
         self.runner = web.AppRunner(app, shutdown_timeout=0.1)
         await self.runner.setup()
@@ -1109,6 +1188,12 @@ class FakeBackend:
         await site.start()
         self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
         return self
+
+    async def models(self, request: web.Request) -> web.Response:
+        self.model_checks.append(request.headers.get("Authorization"))
+        if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return web.json_response({"error": {"message": "Invalid API key"}}, status=401)
+        return web.json_response({"object": "list", "data": [{"id": "tiny"}]})
 
     async def _enter(self, request: web.Request) -> Any:
         body = await request.json()
@@ -1339,6 +1424,17 @@ async def test_the_bot_can_be_renamed_and_its_new_name_is_reserved(start_chat: S
     assert (await peer.say("x", user="helper"))["code"] == "reserved_name"
 
 
+async def test_the_start_up_check_of_an_openai_backend_sends_the_api_key(backend: FakeBackend) -> None:
+    backend.api_key = "sk-test"
+    proc = ChatProcess("--port", "0", "--bot", "openai", "--bot-url", backend.url + "/v1",
+                       env={"OPENAI_API_KEY": "sk-test"})
+    await asyncio.to_thread(proc.wait_ready)
+    await wait_until(lambda: _true(bool(backend.model_checks)))
+    code, _, err = await asyncio.to_thread(proc.stop)
+    assert backend.model_checks == ["Bearer sk-test"]
+    assert code == 0 and "not reachable" not in err
+
+
 def test_start_up_warns_when_the_bot_backend_is_down_but_starts() -> None:
     proc = ChatProcess("--port", "0", "--bot", "rasa", "--bot-url", f"http://127.0.0.1:{free_port()}")
     proc.wait_ready()
@@ -1416,7 +1512,7 @@ def test_a_missing_rules_file_is_reported(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--bot-rules", str(tmp_path / "none.json")],
                             capture_output=True, text=True, timeout=20)
     assert result.returncode == 2
-    assert "cannot read the file: No such file or directory" in result.stderr
+    assert result.stderr == f"chat.py: --bot-rules {tmp_path / 'none.json'}: no such file\n"
 
 
 # ---------------------------------------------------------------- scale out: several nodes through Redis
@@ -2086,6 +2182,38 @@ async def test_a_client_that_stops_reading_is_disconnected_and_others_keep_recei
     assert [int(m["body"].split()[0]) for m in received] == list(range(count))
     await wait_until(lambda: _equals(clients_connected(url), 2))
     stalled.abort()
+
+
+async def test_a_refused_origin_gets_a_code_the_page_can_explain_and_one_log_line_with_the_fix(
+        chat_process: Any) -> None:
+    server, url = chat_process()
+    async with aiohttp.ClientSession() as http:
+        for _ in range(5):
+            async with http.post(f"{url}/socket.io/?EIO=4&transport=polling", data=b"",
+                                 headers={"Origin": "http://elsewhere.example"}) as resp:
+                assert resp.status == 403
+                assert (await resp.json())["code"] == "origin_refused"
+    _, _, err = server.stop()
+    assert err.count("not this server's origin; allow it with --allow-origin") == 1, err
+
+
+async def test_a_client_on_a_transport_the_server_does_not_run_is_told_which_to_use(
+        start_chat: StartChat) -> None:
+    url = await start_chat(transports=("websocket",))
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/socket.io/?EIO=4&transport=polling") as resp:
+        refusal = await resp.json()
+    assert resp.status == 400 and refusal["code"] == "transport_refused"
+    assert "transports: ['websocket']" in refusal["error"]
+
+
+async def test_the_tutorials_client_path_serves_or_points_to_the_socket_io_client(start_chat: StartChat) -> None:
+    require(CLIENT_JS.is_file(), "the npm package socket.io-client")
+    local, cdn = await start_chat(client_js=CLIENT_JS), await start_chat()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{local}/socket.io/socket.io.js") as resp:
+            assert resp.status == 200 and (await resp.read()) == CLIENT_JS.read_bytes()
+        async with http.get(f"{cdn}/socket.io/socket.io.js", allow_redirects=False) as resp:
+            assert resp.status == 302 and resp.headers["Location"] == chat.CLIENT_JS_CDN
 
 
 async def test_pages_carry_security_headers_and_other_paths_are_refused(url: str) -> None:
