@@ -2455,7 +2455,8 @@ class ChatHub:
             return False
         group = self.passwords.group(ip, self.settings.trust_proxy)
         if not self.passwords.may_try(group):
-            raise socketio.exceptions.ConnectionRefusedError("too many attempts; wait a minute")
+            raise socketio.exceptions.ConnectionRefusedError("too many attempts; wait a minute",
+                                                             {"code": "too_many_attempts"})
         if isinstance(given, str) and hmac.compare_digest(given.encode(), self.settings.password.encode()):
             return True
         self.passwords.failed(group)
@@ -2467,11 +2468,14 @@ class ChatHub:
         ip = self.client_address(environ)
         if not self._password_ok(ip, auth):
             log.warning("refused connection from %s: wrong or missing password", ip)
-            raise socketio.exceptions.ConnectionRefusedError("unauthorized")
+            raise socketio.exceptions.ConnectionRefusedError(
+                "unauthorized", {"code": "wrong_password" if isinstance(auth, dict) and auth.get("password")
+                                 else "password_needed"})
         exempt = self._is_exempt(ip)
         if not exempt and self.per_ip[ip] >= self.settings.max_per_ip:
             log.warning("refused connection from %s: over %d connections", ip, self.settings.max_per_ip)
-            raise socketio.exceptions.ConnectionRefusedError("too many connections from your address")
+            raise socketio.exceptions.ConnectionRefusedError("too many connections from your address",
+                                                             {"code": "too_many_connections"})
         self.per_ip[ip] += 1
         bucket = TokenBucket(self.settings.rate, self.settings.burst)
         self.sessions[sid] = Session(sid=sid, ip=ip, exempt=exempt, bucket=bucket)
@@ -2501,8 +2505,10 @@ class ChatHub:
 
     # -- presence and typing
 
-    async def _announce(self, room: str, text: str) -> None:
-        await self.sio.emit("system", {"room": room, "text": text, "ts": now_ms()}, room=room)
+    async def _announce(self, room: str, text: str, kind: str, user: str) -> None:
+        """A line for the room: `kind` ("joined", "left", "unavailable") and `user` let clients decide about it."""
+        await self.sio.emit("system", {"room": room, "text": text, "kind": kind, "user": user, "ts": now_ms()},
+                            room=room)
 
     async def _emit_presence(self, room: str, members: list[str] | None = None, local_only: bool = False) -> None:
         members = await self.board.members(room) if members is None else members
@@ -2523,7 +2529,7 @@ class ChatHub:
         if pending is not None:
             pending.cancel()  # a quick reconnect: no leave and no join line
         elif user not in known:
-            await self._announce(room, f"{user} joined")
+            await self._announce(room, f"{user} joined", "joined", user)
         await self._emit_presence(room)
 
     async def _leave_presence(self, room: str, user: str | None) -> None:
@@ -2543,7 +2549,7 @@ class ChatHub:
         await self.board.publish(room)
         members = await self.board.members(room)
         if user not in members:  # not still here through another node
-            await self._announce(room, f"{user} left")
+            await self._announce(room, f"{user} left", "left", user)
         await self._emit_presence(room, members)
 
     async def heartbeat(self, every: float) -> None:
@@ -2694,7 +2700,8 @@ class ChatHub:
                 await self._set_bot_typing(room, False)
             if replies is None:
                 if self.bot.should_announce(room):
-                    await self._announce(room, f"{self.settings.bot_name} is unavailable right now.")
+                    await self._announce(room, f"{self.settings.bot_name} is unavailable right now.", "unavailable",
+                                         self.settings.bot_name)
                 return
             for text in replies:
                 reply, _ = await self.store.append(room, self.settings.bot_name, text, "bot", None)
@@ -2954,41 +2961,45 @@ PAGE_HTML = """<!doctype html>
 <body>
   <header class="topbar">
     <div class="brand"><span class="logo" aria-hidden="true"></span><h1>chat.py</h1></div>
-    <form id="room-form" class="room" aria-label="Switch room">
+    <form id="room-form" class="room" aria-label="Switch room" novalidate>
       <label for="room-input">Room</label>
       <span class="hash" aria-hidden="true">#</span>
-      <input id="room-input" name="room" autocomplete="off" spellcheck="false" maxlength="32"
-             pattern="[a-z0-9_\\-]{1,32}" title="1-32 lowercase letters, digits, - or _">
+      <input id="room-input" name="room" autocomplete="off" autocapitalize="none" spellcheck="false"
+             maxlength="32" title="1-32 letters, digits, - or _">
       <button type="submit" class="ghost">Go</button>
     </form>
     <p id="status" class="status" role="status" data-state="connecting">connecting…</p>
   </header>
   <div id="banner" class="banner" role="alert" hidden></div>
   <main class="layout">
-    <section class="conversation" aria-label="Messages">
-      <ul id="messages" class="messages" aria-live="polite"></ul>
-      <p id="empty" class="empty">No messages yet. Say hello! {{BOT_NAME}} will answer.</p>
-    </section>
-    <aside class="people" aria-label="People online">
-      <h2>Online <span id="member-count" class="count">0</span></h2>
+    <aside class="people" aria-labelledby="people-title">
+      <h2 id="people-title">Online <span id="member-count" class="count">0</span></h2>
       <ul id="members"></ul>
+      <p id="no-members" class="no-members">Nobody with a name yet: type yours below.</p>
     </aside>
+    <div class="chat-column">
+      <section class="conversation" aria-label="Messages" tabindex="0">
+        <ul id="messages" class="messages" role="log" aria-label="Messages in this room"></ul>
+        <p id="empty" class="empty">No messages yet. Say hello! {{BOT_NAME}} will answer.</p>
+      </section>
+      <div class="composer">
+        <p id="typing" class="typing" aria-live="polite"></p>
+        <form id="message-form" aria-label="Send a message" novalidate>
+          <div class="field name-field">
+            <label for="messageUser">Your name</label>
+            <input id="messageUser" name="user" autocomplete="nickname" maxlength="32" placeholder="e.g. Alice">
+          </div>
+          <div class="field body-field">
+            <label for="messageBody">Your message</label>
+            <textarea id="messageBody" name="body" rows="1"
+                      placeholder="Type a message… (Enter sends, Shift+Enter for a new line)"></textarea>
+          </div>
+          <button id="send" type="submit">Send</button>
+        </form>
+        <p id="errorMessage" class="error" role="alert" aria-live="assertive"></p>
+      </div>
+    </div>
   </main>
-  <footer class="composer">
-    <p id="typing" class="typing" aria-live="polite"></p>
-    <form id="message-form" novalidate>
-      <div class="field name-field">
-        <label for="messageUser">Your name</label>
-        <input id="messageUser" name="user" autocomplete="nickname" maxlength="32" placeholder="e.g. Alice">
-      </div>
-      <div class="field body-field">
-        <label for="messageBody">Your message</label>
-        <textarea id="messageBody" name="body" rows="1" placeholder="Type a message… (Enter sends, Shift+Enter for a new line)"></textarea>
-      </div>
-      <button id="send" type="submit">Send</button>
-    </form>
-    <p id="errorMessage" class="error" role="alert" aria-live="assertive"></p>
-  </footer>
   <dialog id="password-dialog" aria-labelledby="password-title">
     <form id="password-form" method="dialog">
       <h2 id="password-title">This chat needs a password</h2>
@@ -3012,6 +3023,7 @@ PAGE_CSS = """
 :root {
   --bg: #f4f6fb; --panel: #ffffff; --text: #1b1f2a; --muted: #5f6b7f; --border: #dde2ec;
   --accent: #3b6df0; --accent-text: #ffffff; --mine: #e5edff; --bot: #d7e7ff; --bot-edge: #6f9cff;
+  --bot-muted: #46536a;
   --system: #5f6b7f; --error: #c62828; --ok: #1e8e3e; --warn: #b26a00;
   --radius: 12px; --shadow: 0 1px 2px rgb(0 0 0 / 0.06), 0 2px 8px rgb(0 0 0 / 0.04);
   --font: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
@@ -3020,6 +3032,7 @@ PAGE_CSS = """
   :root {
     --bg: #0f1218; --panel: #181c24; --text: #e7eaf0; --muted: #98a2b3; --border: #2a303c;
     --accent: #6f94ff; --accent-text: #0b0e14; --mine: #1f2a44; --bot: #16294a; --bot-edge: #4f7df5;
+    --bot-muted: #a9b4c6;
     --system: #98a2b3; --error: #ff6b6b; --ok: #4cc27a; --warn: #f0b44c;
     --shadow: 0 1px 2px rgb(0 0 0 / 0.4);
   }
@@ -3050,13 +3063,17 @@ h1 { font-size: 1.1rem; margin: 0; letter-spacing: .01em; }
 .status[data-state="offline"]::before, .status[data-state="error"]::before { background: var(--error); }
 .banner { margin: 0; padding: .6rem 1rem; background: var(--error); color: #fff; }
 .banner.info { background: var(--warn); color: #1b1f2a; }
-.layout { flex: 1 1 auto; display: grid; grid-template-columns: 1fr 14rem; min-height: 0; }
-.conversation { position: relative; overflow-y: auto; padding: 1rem; min-height: 0; }
+.layout { flex: 1 1 auto; display: grid; grid-template-columns: 1fr 14rem; grid-template-areas: "chat people";
+  min-height: 0; }
+.chat-column { grid-area: chat; display: flex; flex-direction: column; min-height: 0; min-width: 0; }
+.conversation { position: relative; overflow-y: auto; padding: 1rem; min-height: 0; flex: 1 1 auto; }
+.conversation:focus-visible { outline: 2px solid var(--accent); outline-offset: -2px; }
 .messages { list-style: none; margin: 0 auto; padding: 0; max-width: 52rem; display: flex; flex-direction: column; gap: .5rem; }
 .message { background: var(--panel); border: 1px solid var(--border); border-radius: var(--radius);
   padding: .5rem .8rem; box-shadow: var(--shadow); max-width: 85%; align-self: flex-start; }
 .message.mine { background: var(--mine); align-self: flex-end; }
 .message.bot { background: var(--bot); border-left: 4px solid var(--bot-edge); }
+.message.bot .meta { color: var(--bot-muted); }
 .message .meta { display: flex; flex-wrap: wrap; gap: 0 .5rem; align-items: baseline; font-size: .8rem; color: var(--muted); }
 .message .author { color: var(--text); font-size: .9rem; overflow-wrap: anywhere; min-width: 0; }
 .message .time { white-space: nowrap; }
@@ -3068,7 +3085,9 @@ h1 { font-size: 1.1rem; margin: 0; letter-spacing: .01em; }
 .message .retry { font: inherit; font-size: .8rem; padding: 0 .4rem; margin-left: .3rem; }
 .system { align-self: center; color: var(--system); font-size: .82rem; background: none; border: 0; box-shadow: none; padding: .1rem; }
 .empty { text-align: center; color: var(--muted); margin-top: 3rem; }
-.people { border-left: 1px solid var(--border); background: var(--panel); padding: 1rem; overflow-y: auto; }
+.people { grid-area: people; border-left: 1px solid var(--border); background: var(--panel); padding: 1rem;
+  overflow-y: auto; }
+.no-members { color: var(--muted); font-size: .85rem; margin: 0; }
 .people h2 { font-size: .9rem; margin: 0 0 .5rem; color: var(--muted); text-transform: uppercase; letter-spacing: .05em; }
 .count { background: var(--accent); color: var(--accent-text); border-radius: 999px; padding: 0 .45rem; font-size: .8rem; }
 .people ul { list-style: none; margin: 0; padding: 0; }
@@ -3076,7 +3095,7 @@ h1 { font-size: 1.1rem; margin: 0; letter-spacing: .01em; }
 .people li::before { content: ""; display: inline-block; width: .5rem; height: .5rem; border-radius: 50%;
   background: var(--ok); margin-right: .5rem; }
 .composer { background: var(--panel); border-top: 1px solid var(--border); padding: .5rem 1rem .8rem; }
-.composer form { display: flex; gap: .6rem; align-items: flex-end; max-width: 60rem; margin: 0 auto; }
+.composer form { display: flex; gap: .6rem; align-items: flex-end; max-width: 52rem; margin: 0 auto; }
 .field { display: flex; flex-direction: column; gap: .2rem; }
 .field label { font-size: .8rem; color: var(--muted); font-weight: 600; }
 .name-field { flex: 0 0 11rem; }
@@ -3088,17 +3107,22 @@ input:focus-visible, textarea:focus-visible, button:focus-visible { outline: 2px
 button { background: var(--accent); color: var(--accent-text); border: 0; border-radius: 8px; padding: .55rem 1.1rem; font-weight: 600; cursor: pointer; }
 button:hover { filter: brightness(1.08); }
 button.ghost { background: transparent; color: var(--accent); border: 1px solid var(--border); padding: .35rem .7rem; }
-.error { color: var(--error); margin: .3rem auto 0; min-height: 1.2em; font-size: .85rem; max-width: 60rem; }
-.typing { color: var(--muted); font-size: .8rem; margin: 0 auto .3rem; min-height: 1.1em; max-width: 60rem; font-style: italic; }
+.error { color: var(--error); margin: .3rem auto 0; min-height: 1.2em; font-size: .85rem; max-width: 52rem; }
+.typing { color: var(--muted); font-size: .8rem; margin: 0 auto .3rem; min-height: 1.1em; max-width: 52rem; font-style: italic; }
 dialog { border: 1px solid var(--border); border-radius: var(--radius); background: var(--panel); color: var(--text); padding: 1.5rem; }
 dialog::backdrop { background: rgb(0 0 0 / .5); }
 dialog form { display: flex; flex-direction: column; gap: .5rem; min-width: 16rem; }
 dialog h2 { margin: 0 0 .5rem; font-size: 1.1rem; }
 @media (max-width: 700px) {
-  .layout { grid-template-columns: 1fr; }
-  .people { display: none; }
+  .layout { grid-template-columns: 1fr; grid-template-rows: auto 1fr; grid-template-areas: "people" "chat"; }
+  .people { border-left: 0; border-bottom: 1px solid var(--border); padding: .35rem .75rem; display: flex;
+    align-items: center; gap: .6rem; overflow-x: auto; white-space: nowrap; }
+  .people h2 { margin: 0; font-size: .75rem; flex: none; }
+  .people ul { display: flex; gap: .8rem; }
+  .people li { overflow-wrap: normal; font-size: .9rem; }
+  .no-members { font-size: .8rem; }
   .topbar { gap: .5rem; flex-wrap: nowrap; padding: .5rem .75rem; }
-  .brand h1 { font-size: 1rem; }
+  .brand h1 { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
   .room label { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
   .room { margin-left: auto; }
   .room input { width: 5.5rem; padding: .35rem .5rem; }
@@ -3116,7 +3140,7 @@ PAGE_JS = r"""
   const els = {
     status: $('status'), banner: $('banner'), messages: $('messages'), empty: $('empty'),
     conversation: document.querySelector('.conversation'), members: $('members'),
-    memberCount: $('member-count'), typing: $('typing'), form: $('message-form'),
+    memberCount: $('member-count'), noMembers: $('no-members'), typing: $('typing'), form: $('message-form'),
     user: $('messageUser'), body: $('messageBody'), error: $('errorMessage'),
     roomForm: $('room-form'), roomInput: $('room-input'), template: $('message-template'),
     dialog: $('password-dialog'), passwordForm: $('password-form'),
@@ -3150,7 +3174,11 @@ PAGE_JS = r"""
     set(key, value) { try { sessionStorage.setItem(key, value); } catch { /* private mode */ } },
   };
 
-  let room = new URLSearchParams(location.search).get('room') || 'lobby';
+  const roomInUrl = () => (new URLSearchParams(location.search).get('room') || 'lobby').trim().toLowerCase();
+  let room = roomInUrl();
+  if (ROOM_RE.test(room) && new URLSearchParams(location.search).get('room') !== room && location.search) {
+    history.replaceState(null, '', `?room=${encodeURIComponent(room)}`);  // /?room=Team is #team
+  }
   const lastSeen = new Map();       // room -> highest message id rendered
   const rendered = new Map();       // message id -> <li>
   const pending = new Map();        // cid -> {user, body, room, tries, li, token}
@@ -3231,13 +3259,23 @@ PAGE_JS = r"""
     if (stick) scrollToEnd();
   };
 
+  let memberNames = [];
   const renderMembers = (members) => {
+    memberNames = members;
     els.members.replaceChildren(...members.map((name) => {
       const li = document.createElement('li');
       li.textContent = name;
       return li;
     }));
     els.memberCount.textContent = String(members.length);
+    els.noMembers.hidden = members.length > 0;
+  };
+
+  // "X joined" is news only about someone the page did not already list (not our own reconnects).
+  const renderNotice = (msg) => {
+    if (!msg || msg.room !== room) return;
+    if (msg.kind === 'joined' && (memberNames.includes(msg.user) || msg.user === joinedAs)) return;
+    renderSystem(String(msg.text));
   };
 
   const renderTyping = () => {
@@ -3419,6 +3457,7 @@ PAGE_JS = r"""
   // ---- joining rooms
 
   let epoch = null;  // the server's id sequence (changes when it restarts without --db)
+  let joinedAs = null;  // the name the server accepted for this page in the current room
 
   const join = (withName = true) => {
     const user = withName ? els.user.value.trim() : '';
@@ -3456,7 +3495,10 @@ PAGE_JS = r"""
         renderSystem('Some earlier messages may be missing: you were away longer than the history keeps.');
       }
       epoch = ack.epoch;
+      joinedAs = ack.user || null;
+      els.messages.setAttribute('aria-busy', 'true');  // the history is not news: screen readers skip it
       for (const msg of ack.history) renderMessage(msg);
+      els.messages.setAttribute('aria-busy', 'false');
       if (since === undefined) scrollToEnd();
       renderMembers(ack.members || []);
       typingUsers = ack.typing || [];
@@ -3465,7 +3507,7 @@ PAGE_JS = r"""
     });
   };
 
-  const switchRoom = (next) => {
+  const switchRoom = (next, push = true) => {
     if (!ROOM_RE.test(next)) {
       showError('Room names are 1-32 lowercase letters, digits, - or _.');
       return;
@@ -3473,7 +3515,7 @@ PAGE_JS = r"""
     if (next === room) return;
     const left = room;
     room = next;
-    history.pushState(null, '', `?room=${encodeURIComponent(room)}`);
+    if (push) history.pushState(null, '', `?room=${encodeURIComponent(room)}`);
     document.title = `#${room} · chat.py`;
     els.roomInput.value = room;
     els.messages.replaceChildren();
@@ -3514,24 +3556,51 @@ PAGE_JS = r"""
     else setStatus('reconnecting', 'reconnecting…');
   });
   socket.io.on('reconnect_failed', () => setStatus('offline', 'offline'));
+  const PASSWORD_PROBLEMS = {
+    password_needed: '',
+    wrong_password: 'That password is not right. Please try again.',
+    too_many_attempts: 'Too many wrong passwords from here. Wait a minute, then try again.',
+  };
+  let transportFailures = 0;
+  socket.on('connect', () => { transportFailures = 0; });
   socket.on('connect_error', (err) => {
-    const reason = err && err.message;
-    if (reason === 'unauthorized' || reason === 'too many attempts; wait a minute') {
+    const code = err && err.data && err.data.code;
+    if (code in PASSWORD_PROBLEMS) {
       setStatus('error', 'password needed');
-      els.passwordError.textContent = tabStore.get('chat.password') ?
-        (reason === 'unauthorized' ? 'unauthorized: wrong password' : reason) : '';
+      els.passwordError.textContent = PASSWORD_PROBLEMS[code];
       if (!els.dialog.open) els.dialog.showModal();
       els.passwordInput.focus();
+    } else if (code === 'too_many_connections') {
+      setStatus('error', 'refused');
+      showBanner('Too many connections from your address. Close some chat tabs, then reload.');
     } else if (socket.active) {
       setStatus('reconnecting', 'reconnecting…');
+      transportFailures += 1;
+      if (transportFailures === 2) diagnose();
     } else {
       setStatus('error', 'refused');
-      showBanner(`The server refused the connection: ${reason}`);
+      showBanner('The server refused the connection.');
     }
   });
+
+  // When connecting keeps failing, ask the server why: a refused origin or transport is not
+  // a network problem, and waiting will not fix it.
+  const diagnose = async () => {
+    let answer = null;
+    try {
+      const response = await fetch('/socket.io/?EIO=4&transport=polling', { method: 'POST', body: '' });
+      if (response.status === 400 || response.status === 403) answer = await response.json();
+    } catch { return; }  // unreachable: a real network problem, keep reconnecting
+    if (answer && answer.code === 'origin_refused') {
+      showBanner('The server does not accept connections from this address of the page. Behind a proxy, ' +
+        'pass the Host header with its port ($http_host in nginx), or start chat.py with --allow-origin.');
+    } else if (answer && answer.code === 'transport_refused') {
+      showBanner(`The server refused this page's connection type: ${String(answer.error)}.`);
+    }
+  };
   socket.on('newmessage', renderMessage);
   socket.on('botmessage', renderMessage);
-  socket.on('system', (msg) => { if (msg && msg.room === room) renderSystem(String(msg.text)); });
+  socket.on('system', renderNotice);
   socket.on('presence', (msg) => { if (msg && msg.room === room) renderMembers(msg.members || []); });
   socket.on('typing', (msg) => {
     if (msg && msg.room === room) { typingUsers = msg.users || []; renderTyping(); }
@@ -3574,15 +3643,15 @@ PAGE_JS = r"""
     event.preventDefault();
     switchRoom(els.roomInput.value.trim().toLowerCase());
   });
-  window.addEventListener('popstate', () => {
-    switchRoom(new URLSearchParams(location.search).get('room') || 'lobby');
-  });
+  window.addEventListener('popstate', () => switchRoom(roomInUrl(), false));
+  els.dialog.addEventListener('cancel', (event) => event.preventDefault());  // Escape: no way back but a reload
   els.passwordForm.addEventListener('submit', () => {
     tabStore.set('chat.password', els.passwordInput.value);
     els.passwordInput.value = '';
     setStatus('reconnecting', 'connecting…');
     socket.connect();
   });
+  if (window.matchMedia('(pointer: coarse)').matches) els.body.placeholder = 'Type a message…';  // no Shift key
   (els.user.value ? els.body : els.user).focus();
 })();
 """
