@@ -2979,7 +2979,7 @@ PAGE_HTML = """<!doctype html>
     </aside>
     <div class="chat-column">
       <section class="conversation" aria-label="Messages" tabindex="0">
-        <ul id="messages" class="messages" role="log" aria-label="Messages in this room"></ul>
+        <div id="log" role="log" aria-label="Messages in this room"><ul id="messages" class="messages"></ul></div>
         <p id="empty" class="empty">No messages yet. Say hello! {{BOT_NAME}} will answer.</p>
       </section>
       <div class="composer">
@@ -3138,7 +3138,7 @@ PAGE_JS = r"""
 (() => {
   const $ = (id) => document.getElementById(id);
   const els = {
-    status: $('status'), banner: $('banner'), messages: $('messages'), empty: $('empty'),
+    status: $('status'), banner: $('banner'), log: $('log'), messages: $('messages'), empty: $('empty'),
     conversation: document.querySelector('.conversation'), members: $('members'),
     memberCount: $('member-count'), noMembers: $('no-members'), typing: $('typing'), form: $('message-form'),
     user: $('messageUser'), body: $('messageBody'), error: $('errorMessage'),
@@ -3496,9 +3496,9 @@ PAGE_JS = r"""
       }
       epoch = ack.epoch;
       joinedAs = ack.user || null;
-      els.messages.setAttribute('aria-busy', 'true');  // the history is not news: screen readers skip it
+      els.log.setAttribute('aria-busy', 'true');  // the history is not news: screen readers skip it
       for (const msg of ack.history) renderMessage(msg);
-      els.messages.setAttribute('aria-busy', 'false');
+      els.log.setAttribute('aria-busy', 'false');
       if (since === undefined) scrollToEnd();
       renderMembers(ack.members || []);
       typingUsers = ack.typing || [];

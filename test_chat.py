@@ -47,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 STRICT = os.environ.get("CHAT_TEST_STRICT") == "1"
 NODE_MODULES = Path(os.environ.get("CHAT_NODE_MODULES", HERE / "node_modules"))
 CLIENT_JS = NODE_MODULES / "socket.io-client" / "dist" / "socket.io.min.js"
+AXE_JS = NODE_MODULES / "axe-core" / "axe.min.js"
 CHROMIUM = os.environ.get("CHAT_CHROMIUM", "/usr/bin/chromium")
 
 
@@ -2335,6 +2336,88 @@ async def test_tls_serves_https_and_wss(start_chat: StartChat, self_signed: tupl
             await peer.sio.disconnect()
 
 
+# ---------------------------------------------------------------- the README's nginx setups, run for real
+
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+
+
+def nginx_conf(tmp_path: Path, servers: str) -> Path:
+    """A whole nginx.conf around the README's server blocks, with every path inside tmp_path."""
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"""
+daemon off;
+pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy;
+    fastcgi_temp_path {tmp_path}/fastcgi; uwsgi_temp_path {tmp_path}/uwsgi; scgi_temp_path {tmp_path}/scgi;
+    {servers}
+}}
+""")
+    return conf
+
+
+def test_the_readmes_nginx_samples_pass_nginx_t(tmp_path: Path, self_signed: tuple[Path, Path]) -> None:
+    require(NGINX is not None, "nginx")
+    cert, key = self_signed
+    samples = readme_blocks("Running on a Linode", "nginx") + readme_blocks("Scaling out", "nginx")
+    assert len(samples) == 2
+    for i, sample in enumerate(samples):
+        servers = sample.replace("/etc/letsencrypt/live/chat.example.org/fullchain.pem", str(cert)) \
+            .replace("/etc/letsencrypt/live/chat.example.org/privkey.pem", str(key))
+        result = subprocess.run([NGINX, "-t", "-p", str(tmp_path), "-c", str(nginx_conf(tmp_path, servers))],
+                                capture_output=True, text=True, timeout=20)
+        assert result.returncode == 0, f"sample {i}: {result.stderr}"
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("host_header", ["$http_host", "$host"])
+async def test_behind_the_readmes_nginx_the_page_connects_or_says_why_not(
+        tmp_path: Path, self_signed: tuple[Path, Path], open_page: OpenPage, host_header: str) -> None:
+    """The README's single-machine nginx site, on non-standard ports, in front of chat.py started as its unit says."""
+    require(NGINX is not None, "nginx")
+    require(CLIENT_JS.is_file(), "the npm package socket.io-client")
+    cert, key = self_signed
+    chat_port, http_port, https_port = free_port(), free_port(), free_port()
+    site = readme_blocks("Running on a Linode", "nginx")[0]
+    servers = (site.replace("listen 80;", f"listen 127.0.0.1:{http_port};")
+               .replace("listen 443 ssl;", f"listen 127.0.0.1:{https_port} ssl;")
+               .replace("/etc/letsencrypt/live/chat.example.org/fullchain.pem", str(cert))
+               .replace("/etc/letsencrypt/live/chat.example.org/privkey.pem", str(key))
+               .replace("http://127.0.0.1:3000", f"http://127.0.0.1:{chat_port}")
+               .replace("proxy_set_header Host $http_host;", f"proxy_set_header Host {host_header};"))
+    unit_line = next(line for line in readme_blocks("Running on a Linode", "ini") if "--allow-host" in line)
+    flags = shlex.split(unit_line.split("chat.py", 1)[1])
+    flags = [f for f in flags if not f.startswith("/home/chat")]
+    flags = [f for f in flags if f != "--db"] + ["--client-js", str(CLIENT_JS)]
+    server = ChatProcess(*[f if f != "3000" else str(chat_port) for f in flags])
+    proxy = ChatProcess(command=[NGINX, "-p", str(tmp_path), "-c", str(nginx_conf(tmp_path, servers))])
+    try:
+        server.wait_ready()
+        deadline = time.monotonic() + 10
+        while socket.socket().connect_ex(("127.0.0.1", https_port)) != 0:
+            assert time.monotonic() < deadline and proxy.proc.poll() is None, proxy.stderr.rest(1)
+            await asyncio.sleep(0.05)
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"http://127.0.0.1:{http_port}/?room=x", allow_redirects=False) as resp:
+            assert resp.status == 301 and resp.headers["Location"] == "https://127.0.0.1/?room=x"
+        tab = await open_page(f"https://127.0.0.1:{https_port}", wait_connected=False, ignore_https_errors=True)
+        tab.expected_network_errors = True
+        if host_header == "$http_host":
+            await tab.page.locator("#status[data-state=connected]").wait_for(timeout=15000)
+            await tab.send("Alice", "through nginx")
+            await tab.page.locator("#messages li.bot").first.wait_for()
+        else:  # the README warns against $host: the page must say why it cannot connect
+            banner = tab.page.get_by_role("alert").filter(has_text="does not accept connections from this address")
+            await banner.wait_for(timeout=20000)
+    finally:
+        proxy.stop()
+        server.stop()
+
+
 # ---------------------------------------------------------------- hostile clients: bounds per connection and per address
 
 
@@ -2661,7 +2744,8 @@ class BrowserPage:
         if message.type != "error":
             return
         if self.expected_network_errors and re.search(
-                r"ERR_INTERNET_DISCONNECTED|ERR_CONNECTION_REFUSED|ERR_CONNECTION_RESET|WebSocket connection", message.text):
+                r"ERR_INTERNET_DISCONNECTED|ERR_CONNECTION_REFUSED|ERR_CONNECTION_RESET|WebSocket connection"
+                r"|the server responded with a status of 40[03]", message.text):
             return
         self.errors.append(message.text)
 
@@ -2837,6 +2921,105 @@ async def test_the_page_asks_for_the_password_and_refuses_a_wrong_one(
     await tab.page.reload()  # remembered for the tab
     await tab.page.locator("#status[data-state=connected]").wait_for()
     assert not await dialog.is_visible()
+
+
+PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True}
+DESKTOP = {"viewport": {"width": 1280, "height": 800}}
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+@pytest.mark.parametrize("size", ["desktop", "phone"])
+async def test_the_page_has_no_serious_accessibility_violations(
+        page_url: str, open_page: OpenPage, scheme: str, size: str) -> None:
+    require(AXE_JS.is_file(), "the npm package axe-core")
+    other = await open_page(page_url)
+    await other.send("Bob", "Hi, anyone here?")
+    tab = await open_page(page_url, color_scheme=scheme, bypass_csp=True, **(PHONE if size == "phone" else DESKTOP))
+    await tab.send("Alice", "Hello Bob!")
+    await tab.page.locator("#messages li.bot").first.wait_for()
+    await tab.page.add_script_tag(path=str(AXE_JS))
+    result = await tab.page.evaluate("axe.run(document, {resultTypes: ['violations']})")
+    serious = [(v["id"], v["impact"], [n["target"] for n in v["nodes"]][:3]) for v in result["violations"]
+               if v["impact"] in ("serious", "critical")]
+    assert serious == []
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("state", ["reconnecting", "password needed"])
+async def test_on_a_phone_the_header_fits_and_the_online_list_shows(
+        start_chat: StartChat, open_page: OpenPage, state: str) -> None:
+    require(CLIENT_JS.is_file(), "the npm package socket.io-client")
+    url = await start_chat(client_js=CLIENT_JS, rate=0, password="pw" if state == "password needed" else None)
+    tab = await open_page(url, wait_connected=False, **PHONE)
+    tab.expected_network_errors = True
+    if state == "password needed":
+        await tab.page.get_by_label("Password", exact=True).fill("pw")
+        await tab.page.get_by_role("button", name="Join").click()
+    await tab.page.locator("#status[data-state=connected]").wait_for()
+    await tab.send("Alice", "on my phone")
+    await tab.page.get_by_text("Alice", exact=True).first.wait_for()
+    people = tab.page.get_by_role("complementary", name="Online")
+    assert await people.is_visible() and await tab.page.locator("#member-count").text_content() == "1"
+    status = tab.page.locator("#status")
+    await tab.page.evaluate("""([text, state]) => {
+        const status = document.getElementById('status');
+        status.textContent = text; status.dataset.state = state; }""",
+                            [f"{state}…" if state == "reconnecting" else state, "reconnecting"])
+    box = await status.bounding_box()
+    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, box
+    assert await tab.page.evaluate("document.documentElement.scrollWidth") <= 390
+    assert await tab.page.get_by_label("Your message").get_attribute("placeholder") == "Type a message…"
+
+
+@pytest.mark.browser
+async def test_on_a_desktop_the_form_sits_under_the_message_column(page_url: str, open_page: OpenPage) -> None:
+    tab = await open_page(page_url, **DESKTOP)
+    column = await tab.page.locator(".conversation").bounding_box()
+    form = await tab.page.locator("#message-form").bounding_box()
+    assert column is not None and form is not None
+    assert abs((column["x"] + column["width"] / 2) - (form["x"] + form["width"] / 2)) < 2
+    assert await tab.page.get_by_text("Nobody with a name yet").is_visible(), "not a bare 'Online 0'"
+
+
+@pytest.mark.browser
+async def test_back_and_forward_switch_rooms_and_room_names_are_lowercased(
+        page_url: str, open_page: OpenPage) -> None:
+    tab = await open_page(page_url, path="/?room=Team")
+    await tab.page.wait_for_url("**/?room=team")
+    assert await tab.page.get_by_label("Room", exact=True).input_value() == "team"
+    await tab.page.get_by_label("Room", exact=True).fill("Ops")
+    await tab.page.get_by_role("button", name="Go").click()
+    await tab.page.wait_for_url("**/?room=ops")
+    await tab.page.go_back()
+    await tab.page.wait_for_url("**/?room=team")
+    await tab.page.wait_for_function("document.getElementById('room-input').value === 'team'")
+    await tab.page.go_forward()
+    await tab.page.wait_for_url("**/?room=ops")
+    await tab.page.wait_for_function("document.getElementById('room-input').value === 'ops'")
+    await tab.page.locator("#status[data-state=connected]").wait_for()
+
+
+@pytest.mark.browser
+async def test_a_reconnect_does_not_repeat_joined_lines_on_the_page(
+        start_chat: StartChat, open_page: OpenPage) -> None:
+    require(CLIENT_JS.is_file(), "the npm package socket.io-client")
+    url = await start_chat(client_js=CLIENT_JS, rate=0, presence_grace=0.2)
+    alice, bob = await open_page(url), await open_page(url)
+    alice.expected_network_errors = True
+    await bob.send("Bob", "here")
+    await alice.send("Alice", "here too")
+    joined = bob.page.locator("#messages li.system", has_text="Alice joined")
+    await joined.wait_for()
+    for _ in range(2):
+        await alice.page.context.set_offline(True)
+        await bob.page.locator("#messages li.system", has_text="Alice left").last.wait_for()
+        await alice.page.context.set_offline(False)
+        await alice.page.locator("#status[data-state=connected]").wait_for(timeout=15000)
+    await bob.page.wait_for_function(
+        "document.querySelectorAll('#messages li.system').length >= 5")  # joined, left, joined, left, joined
+    assert await alice.page.locator("#messages li.system", has_text="Alice joined").count() <= 1
+    assert await alice.page.locator("#messages li.system", has_text="Bob joined").count() <= 1
 
 
 @pytest.mark.browser
