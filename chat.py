@@ -2975,7 +2975,7 @@ PAGE_HTML = """<!doctype html>
     <aside class="people" aria-labelledby="people-title">
       <h2 id="people-title">Online <span id="member-count" class="count">0</span></h2>
       <ul id="members"></ul>
-      <p id="no-members" class="no-members">Nobody with a name yet: type yours below.</p>
+      <p id="no-members" class="no-members">Nobody with a name yet.</p>
     </aside>
     <div class="chat-column">
       <section class="conversation" aria-label="Messages" tabindex="0">
@@ -3120,7 +3120,7 @@ dialog h2 { margin: 0 0 .5rem; font-size: 1.1rem; }
   .people h2 { margin: 0; font-size: .75rem; flex: none; }
   .people ul { display: flex; gap: .8rem; }
   .people li { overflow-wrap: normal; font-size: .9rem; }
-  .no-members { font-size: .8rem; }
+  .no-members { font-size: .8rem; white-space: normal; }
   .topbar { gap: .5rem; flex-wrap: nowrap; padding: .5rem .75rem; }
   .brand h1 { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
   .room label { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }

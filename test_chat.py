@@ -2982,7 +2982,7 @@ async def test_on_a_desktop_the_form_sits_under_the_message_column(page_url: str
     form = await tab.page.locator("#message-form").bounding_box()
     assert column is not None and form is not None
     assert abs((column["x"] + column["width"] / 2) - (form["x"] + form["width"] / 2)) < 2
-    assert await tab.page.get_by_text("Nobody with a name yet").is_visible(), "not a bare 'Online 0'"
+    assert await tab.page.get_by_text("Nobody with a name yet.").is_visible(), "not a bare Online 0"
 
 
 @pytest.mark.browser
