@@ -25,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import dataclasses
 import errno
 import functools
 import gc
@@ -346,6 +347,7 @@ CLIENT_JS_CDN = f"{CLIENT_JS_ORIGIN}/{CLIENT_JS_VERSION}/socket.io.min.js"
 # sha384 of dist/socket.io.min.js in the socket.io-client 4.8.3 package.
 CLIENT_JS_SRI = "sha384-kzavj5fiMwLKzzD1f8S7TeoVIEi7uKHvbTA3ueZkrzYq75pNQUiUi6Dy98Q3fxb0"
 BOT_MODES = ("keyword", "rasa", "openai", "off")
+DEFAULT_BOT_URLS = {"rasa": "http://localhost:5005", "openai": "http://localhost:11434/v1"}  # without --bot-url
 
 
 @dataclass(frozen=True)
@@ -438,65 +440,68 @@ def _origin(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line; every flag maps to one field of Settings."""
+    """The command line; every flag sets the Settings field of the same name, whose default it shows."""
+    d = Settings()
     p = argparse.ArgumentParser(
         prog="chat.py",
         description="A real-time chat server with a chat bot, in one file.",
         epilog="Open the printed URL in a browser. Room: /?room=NAME.",
     )
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1; use 0.0.0.0 to share on a LAN or server)")
+    p.add_argument("--host", default=d.host,
+                   help="address to listen on (default %(default)s; use 0.0.0.0 to share on a LAN or server)")
     p.add_argument("--port", type=_port, default=None,
-                   help="port to listen on (default 3000, or the PORT environment variable)")
-    p.add_argument("--bot", choices=BOT_MODES, default="keyword",
+                   help=f"port to listen on (default {d.port}, or the PORT environment variable)")
+    p.add_argument("--bot", choices=BOT_MODES, default=d.bot,
                    help="bot backend: keyword rules (default), rasa, openai (any OpenAI-compatible server) or off")
-    p.add_argument("--bot-name", default="ChatFriend", metavar="NAME",
-                   help="the bot's display name, reserved for the bot (default ChatFriend)")
+    p.add_argument("--bot-name", default=d.bot_name, metavar="NAME",
+                   help="the bot's display name, reserved for the bot (default %(default)s)")
     p.add_argument("--bot-rules", type=Path, metavar="FILE",
                    help="keyword mode: load the rules from this JSON file (format in the README)")
     p.add_argument("--bot-url", metavar="URL",
-                   help="rasa: the Rasa server (default http://localhost:5005); openai: the API base "
-                        "(default http://localhost:11434/v1, Ollama). The key comes from OPENAI_API_KEY")
-    p.add_argument("--bot-model", default="llama3.2", metavar="NAME", help="openai: the model name (default llama3.2)")
+                   help=f"rasa: the Rasa server (default {DEFAULT_BOT_URLS['rasa']}); openai: the API base "
+                        f"(default {DEFAULT_BOT_URLS['openai']}, Ollama). The key comes from OPENAI_API_KEY")
+    p.add_argument("--bot-model", default=d.bot_model, metavar="NAME", help="openai: the model name (default %(default)s)")
     p.add_argument("--bot-prompt", metavar="TEXT", help="openai: the system prompt (default: a friendly assistant)")
-    p.add_argument("--bot-context", type=_positive_int, default=10, metavar="K",
-                   help="openai: how many recent messages of the room to send as context (default 10)")
-    p.add_argument("--bot-timeout", type=_positive_float, default=20.0, metavar="SECONDS",
-                   help="give up on a bot answer after this long (default 20)")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
-                   help="server log verbosity (default info)")
+    p.add_argument("--bot-context", type=_positive_int, default=d.bot_context, metavar="K",
+                   help="openai: how many recent messages of the room to send as context (default %(default)s)")
+    p.add_argument("--bot-timeout", type=_positive_float, default=d.bot_timeout, metavar="SECONDS",
+                   help="give up on a bot answer after this long (default %(default)s)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=d.log_level,
+                   help="server log verbosity (default %(default)s)")
     p.add_argument("--client-js", type=Path, metavar="PATH",
                    help="serve this local socket.io.min.js instead of loading it from the CDN (offline demos)")
-    p.add_argument("--history", type=_positive_int, default=100, metavar="N",
-                   help="messages kept per room and sent to people who join (default 100)")
+    p.add_argument("--history", type=_positive_int, default=d.history, metavar="N",
+                   help="messages kept per room and sent to people who join (default %(default)s)")
     p.add_argument("--db", type=Path, metavar="PATH",
                    help="store messages in this SQLite file so history survives restarts (default: memory)")
-    p.add_argument("--max-length", type=_positive_int, default=2000, metavar="N",
-                   help="longest message body in characters (default 2000)")
-    p.add_argument("--rate", type=_non_negative_float, default=5.0, metavar="N",
-                   help="messages per second each connection may send (default 5; 0 turns limiting off)")
-    p.add_argument("--burst", type=_positive_int, default=10, metavar="N",
-                   help="messages a connection may send at once before --rate applies (default 10)")
-    p.add_argument("--flood-timeout", type=_non_negative_float, default=10.0, metavar="SECONDS",
-                   help="disconnect a connection that keeps hitting the rate limit this long (default 10)")
-    p.add_argument("--max-per-ip", type=_positive_int, default=100, metavar="N",
-                   help="concurrent connections allowed per address; loopback is exempt unless --trust-proxy (default 100)")
-    p.add_argument("--max-queue", type=_positive_int, default=1000, metavar="N",
-                   help="a client more than N packets (or N KB of WebSocket data) behind is disconnected "
-                        "(default 1000)")
+    p.add_argument("--max-length", type=_positive_int, default=d.max_length, metavar="N",
+                   help="longest message body in characters (default %(default)s)")
+    p.add_argument("--rate", type=_non_negative_float, default=d.rate, metavar="N",
+                   help="messages per second each connection may send (default %(default)s; 0 turns limiting off)")
+    p.add_argument("--burst", type=_positive_int, default=d.burst, metavar="N",
+                   help="messages a connection may send at once before --rate applies (default %(default)s)")
+    p.add_argument("--flood-timeout", type=_non_negative_float, default=d.flood_timeout, metavar="SECONDS",
+                   help="disconnect a connection that keeps hitting the rate limit this long (default %(default)s)")
+    p.add_argument("--max-per-ip", type=_positive_int, default=d.max_per_ip, metavar="N",
+                   help="concurrent connections allowed per address; loopback is exempt unless --trust-proxy "
+                        "(default %(default)s)")
+    p.add_argument("--max-queue", type=_positive_int, default=d.max_queue, metavar="N",
+                   help="a client more than N packets (or N KB) behind is disconnected (default %(default)s)")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN", type=_origin,
+                   dest="allow_origins",
                    help="also accept Socket.IO connections from pages on ORIGIN (repeatable; * for any)")
-    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME", dest="allow_hosts",
                    help="when listening on loopback, also answer requests for this host name, e.g. the domain "
                         "a reverse proxy on this machine forwards (repeatable; guards against DNS rebinding)")
     p.add_argument("--password", metavar="PW",
                    help="shared password people must enter (prefer the CHAT_PASSWORD environment variable)")
     p.add_argument("--trust-proxy", action="store_true",
-                   help="take the client address from X-Forwarded-For (only behind your own reverse proxy)")
+                   help="take the client address from X-Forwarded-For, and the page's scheme and host from "
+                        "X-Forwarded-Proto/-Host (only behind your own reverse proxy)")
     p.add_argument("--tls-cert", type=Path, metavar="FILE", help="TLS certificate chain (PEM) to serve https/wss")
     p.add_argument("--tls-key", type=Path, metavar="FILE", help="TLS private key (PEM) for --tls-cert")
     p.add_argument("--transports", choices=("polling,websocket", "websocket", "polling"),
-                   default="polling,websocket", metavar="LIST",
+                   default=",".join(d.transports), metavar="LIST",
                    help="Socket.IO transports to accept: polling,websocket (the default), websocket or polling; "
                         "websocket alone needs no sticky sessions behind a load balancer")
     p.add_argument("--redis", metavar="URL",
@@ -505,12 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compress", action="store_true",
                    help="compress WebSocket frames (permessage-deflate) when browsers offer it; costs CPU and "
                         "memory per connection (default off)")
-    p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+    p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default=d.loop,
                    help="event loop: uvloop when installed (auto, the default), or force one")
-    p.add_argument("--gc", choices=("tuned", "default"), default="tuned",
+    p.add_argument("--gc", choices=("tuned", "default"), default=d.gc,
                    help="garbage collector: tuned for many connections (the default), or Python's defaults")
-    p.add_argument("--presence-ttl", type=_positive_float, default=15.0, metavar="SECONDS",
-                   help="with --redis: a node that stops heartbeating loses its users after this long (default 15)")
+    p.add_argument("--presence-ttl", type=_positive_float, default=d.presence_ttl, metavar="SECONDS",
+                   help="with --redis: a node that stops heartbeating loses its users after this long "
+                        "(default %(default)s)")
     return p
 
 
@@ -521,7 +527,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     if args.port is None:
         env_port = os.environ.get("PORT")
         try:
-            args.port = _port(env_port) if env_port else 3000
+            args.port = _port(env_port) if env_port else Settings.port
         except argparse.ArgumentTypeError as exc:
             parser.error(f"the PORT environment variable: {exc}")
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -534,23 +540,17 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         parser.error("--bot-rules applies to --bot keyword only")
     if args.bot_url and not re.match(r"https?://[^/\s]+", args.bot_url):
         parser.error(f"--bot-url must be an http:// or https:// URL, got {args.bot_url!r}")
-    password = args.password if args.password is not None else os.environ.get("CHAT_PASSWORD") or None
+    if args.password is None:
+        args.password = os.environ.get("CHAT_PASSWORD") or None
     try:
-        bot_name = clean_user(args.bot_name, bot_name="")
+        args.bot_name = clean_user(args.bot_name, bot_name="")
     except InvalidInput as exc:
         parser.error(f"--bot-name: {'must not be empty' if not args.bot_name.strip() else exc.message}")
-    return Settings(
-        host=args.host, port=args.port, bot=args.bot, bot_name=bot_name, bot_rules=args.bot_rules,
-        bot_url=args.bot_url, bot_model=args.bot_model, bot_prompt=args.bot_prompt, bot_context=args.bot_context,
-        bot_timeout=args.bot_timeout, log_level=args.log_level,
-        client_js=args.client_js, history=args.history, db=args.db, max_length=args.max_length,
-        rate=args.rate, burst=args.burst, flood_timeout=args.flood_timeout, max_per_ip=args.max_per_ip,
-        max_queue=args.max_queue, allow_origins=tuple(args.allow_origin),
-        allow_hosts=tuple(h.lower().strip("[]") for h in args.allow_host), password=password,
-        trust_proxy=args.trust_proxy, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        transports=tuple(args.transports.split(",")), redis=args.redis, presence_ttl=args.presence_ttl,
-        compress=args.compress, loop=args.loop, gc=args.gc,
-    )
+    args.allow_origins = tuple(args.allow_origins)
+    args.allow_hosts = tuple(h.lower().strip("[]") for h in args.allow_hosts)
+    args.transports = tuple(args.transports.split(","))
+    given = vars(args)
+    return Settings(**{f.name: given[f.name] for f in dataclasses.fields(Settings) if f.name in given})
 
 
 # ---------------------------------------------------------------- message model and validation
@@ -1586,9 +1586,9 @@ def make_bot(settings: Settings) -> Bot:
     if settings.bot == "off":
         return SilentBot()
     if settings.bot == "rasa":
-        return RasaBot(settings.bot_url or "http://localhost:5005", settings.bot_timeout)
+        return RasaBot(settings.bot_url or DEFAULT_BOT_URLS["rasa"], settings.bot_timeout)
     if settings.bot == "openai":
-        return OpenAIBot(settings.bot_url or "http://localhost:11434/v1", settings.bot_timeout,
+        return OpenAIBot(settings.bot_url or DEFAULT_BOT_URLS["openai"], settings.bot_timeout,
                          settings.bot_model, settings.bot_prompt or default_prompt(settings.bot_name),
                          settings.bot_name)
     return KeywordBot(load_rules(settings.bot_rules) if settings.bot_rules else None)

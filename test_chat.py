@@ -419,6 +419,12 @@ def test_help_explains_every_flag_and_the_readme_lists_each() -> None:
         assert f"`{flag}" in readme, f"{flag} missing from the README's table"
 
 
+def test_without_flags_the_settings_are_the_dataclass_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PORT", raising=False)
+    monkeypatch.delenv("CHAT_PASSWORD", raising=False)
+    assert chat.parse_settings([]) == chat.Settings(), "each default is written once, in Settings"
+
+
 BAD_USAGE = {  # arguments, environment -> the one line chat.py prints before exiting 2
     "port not a number": (["--port", "eighty"], {}, "argument --port: not a port number: 'eighty'"),
     "port out of range": (["--port", "70000"], {}, "argument --port: port must be 0-65535, got 70000"),
