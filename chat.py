@@ -13,9 +13,23 @@ Run ``python chat.py`` and open http://127.0.0.1:3000. The page, its CSS and
 its JavaScript are embedded below; python-socketio runs the chat hub on top of
 aiohttp. ``python chat.py --help`` lists every option.
 
-Sections, in order: settings and command line; message model and validation;
-stores (history); bots; chat hub (Socket.IO events); web (aiohttp routes and
-headers); embedded assets; main().
+Sections, in order, each under a ``# ----`` banner:
+
+1. first run: a private environment (stdlib only) -- installs the two packages
+   on a machine that lacks them, then re-runs this file;
+2. errors and small helpers;
+3. settings and command line -- ``Settings`` holds every default once;
+4. message model and validation -- ``Message`` and the ``clean_*`` checks;
+5. the chat hub: Socket.IO event handlers -- ``ChatHub.on_newmessage``,
+   ``on_join`` and ``on_typing`` are the protocol (see the README's table);
+6. admission: rates, caps and passwords;
+7. rooms: presence and typing (in memory, or shared through Redis);
+8. stores (history): memory, SQLite (``--db``) or Redis (``--redis``);
+9. bots: keyword rules, Rasa, any OpenAI-compatible server;
+10. web: aiohttp routes, headers and connection guards;
+11. embedded assets: the page's HTML, CSS and JavaScript;
+12. library internals -- every use of a library's private names, with why;
+13. main() -- start-up, shutdown and the event loop.
 """
 
 from __future__ import annotations
@@ -338,16 +352,124 @@ if _DEPENDENCY_PROBLEM or sys.version_info < MIN_PYTHON:
     raise ImportError(f"chat.py: {_DEPENDENCY_PROBLEM}")
 
 
+# ---------------------------------------------------------------- errors and small helpers
+
+
+class InvalidInput(Exception):
+    """An inbound payload was refused; `message` is safe to show the sender."""
+
+    def __init__(self, code: str, message: str, quiet: bool = False, **details: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.quiet = quiet  # already logged (e.g. the rest of a flood)
+        self.details = details  # extra fields for the refusal, e.g. retry_after_ms
+
+
+
+class StoreError(Exception):
+    """The history store failed (disk full, I/O error, a damaged file); the message was not stored."""
+
+
+
+class StartupError(Exception):
+    """A problem that stops start-up with one clear line and exit code 1."""
+
+
+
+class ProblemLog:
+    """Warnings about what clients sent, at most one line per address and kind a minute,
+    so that junk cannot flood the log."""
+
+    def __init__(self) -> None:
+        self.last: dict[tuple[str, str], float] = {}
+
+    def warn(self, template: str, address: str) -> None:
+        now = time.monotonic()
+        key = (template, address)
+        if now - self.last.get(key, -60.0) < 60:
+            return
+        if len(self.last) > 10_000:
+            self.last.clear()
+        self.last[key] = now
+        log.warning(template + " (logged once a minute)", address)
+
+
+
+class TokenBucket:
+    """Allows `rate` events per second with bursts of up to `burst`; rate 0 allows everything."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def ready(self) -> bool:
+        """Whether take() would succeed now (without taking)."""
+        if self.rate <= 0:
+            return True
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return self.tokens >= 1
+
+    def take(self) -> bool:
+        if not self.ready():
+            return False
+        if self.rate > 0:
+            self.tokens -= 1
+        return True
+
+    def wait_ms(self) -> int:
+        """Milliseconds until the next event will be allowed."""
+        return 0 if self.rate <= 0 else int((1 - self.tokens) / self.rate * 1000) + 1
+
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short human reason for a failed HTTP call."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect ({exc.os_error.strerror or exc.os_error})"
+    return str(exc) or type(exc).__name__
+
+
+
+def now_ms() -> int:
+    """Server time as integer milliseconds since the Unix epoch (the wire `ts`)."""
+    return time.time_ns() // 1_000_000
+
+
+
+def new_epoch() -> str:
+    """A fresh name for an id sequence (see Store.epoch)."""
+    return os.urandom(6).hex()
+
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 # ---------------------------------------------------------------- settings and command line
 
 DEFAULT_ROOM = "lobby"
 CLIENT_JS_VERSION = "4.8.3"
 CLIENT_JS_ORIGIN = "https://cdn.socket.io"
 CLIENT_JS_CDN = f"{CLIENT_JS_ORIGIN}/{CLIENT_JS_VERSION}/socket.io.min.js"
+
 # sha384 of dist/socket.io.min.js in the socket.io-client 4.8.3 package.
 CLIENT_JS_SRI = "sha384-kzavj5fiMwLKzzD1f8S7TeoVIEi7uKHvbTA3ueZkrzYq75pNQUiUi6Dy98Q3fxb0"
 BOT_MODES = ("keyword", "rasa", "openai", "off")
 DEFAULT_BOT_URLS = {"rasa": "http://localhost:5005", "openai": "http://localhost:11434/v1"}  # without --bot-url
+
 
 
 @dataclass(frozen=True)
@@ -391,6 +513,7 @@ class Settings:
     gc: str = "tuned"
 
 
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -399,6 +522,7 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
 
 
 def _port(text: str) -> int:
@@ -411,6 +535,7 @@ def _port(text: str) -> int:
     return value
 
 
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -419,6 +544,7 @@ def _positive_float(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
     return value
+
 
 
 def _non_negative_float(text: str) -> float:
@@ -431,12 +557,14 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+
 def _origin(text: str) -> str:
     if text == "*" or re.fullmatch(r"https?://[^/\s?#]+", text):
         return text
     hint = f"; without the trailing slash: {text.rstrip('/')}" if re.fullmatch(r"https?://[^/\s?#]+/+", text) else \
         " (an origin is scheme://host[:port], e.g. https://chat.example.org)"
     raise argparse.ArgumentTypeError(f"not an origin: {text!r}{hint}")
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -520,6 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+
 def parse_settings(argv: list[str] | None = None) -> Settings:
     """Parse the command line into Settings; argparse exits 2 on bad values."""
     parser = build_parser()
@@ -560,15 +689,6 @@ ROOM_RE = re.compile(r"[a-z0-9_-]{1,32}")
 CID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
-def new_epoch() -> str:
-    """A fresh name for an id sequence (see Store.epoch)."""
-    return os.urandom(6).hex()
-
-
-def now_ms() -> int:
-    """Server time as integer milliseconds since the Unix epoch (the wire `ts`)."""
-    return time.time_ns() // 1_000_000
-
 
 @dataclass(frozen=True, slots=True)
 class Message:
@@ -594,16 +714,6 @@ class Message:
         return data
 
 
-class InvalidInput(Exception):
-    """An inbound payload was refused; `message` is safe to show the sender."""
-
-    def __init__(self, code: str, message: str, quiet: bool = False, **details: Any) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.quiet = quiet  # already logged (e.g. the rest of a flood)
-        self.details = details  # extra fields for the refusal, e.g. retry_after_ms
-
 
 MAX_ID = 2**53 - 1  # the largest integer a browser's JSON keeps exactly
 
@@ -618,6 +728,7 @@ CONFUSABLES = str.maketrans({
 })
 
 
+
 def _check_encodable(value: str, code: str, what: str) -> None:
     """Refuse text that is not valid Unicode (a lone surrogate), before it reaches JSON or SQLite."""
     if not value.isascii():
@@ -627,14 +738,17 @@ def _check_encodable(value: str, code: str, what: str) -> None:
             raise InvalidInput(code, f"{what} contains characters that are not valid text.") from None
 
 
+
 def _strip_invisible(text: str) -> str:
     return "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+
 
 
 def name_key(name: str) -> str:
     """A comparison key under which look-alike spellings of a name collide."""
     folded = _strip_invisible(unicodedata.normalize("NFKC", name)).casefold().translate(CONFUSABLES)
     return "".join(ch for ch in folded if not ch.isspace())
+
 
 
 def clean_user(value: Any, bot_name: str) -> str:
@@ -656,6 +770,7 @@ def clean_user(value: Any, bot_name: str) -> str:
     return name
 
 
+
 def clean_body(value: Any, max_length: int) -> str:
     """Validate a message body: string, 1..max_length characters, newlines kept, other controls removed."""
     if not isinstance(value, str):
@@ -672,6 +787,7 @@ def clean_body(value: Any, max_length: int) -> str:
     return text
 
 
+
 def clean_room(value: Any) -> str:
     """Validate a room name: 1-32 of lowercase letters, digits, '-' and '_'."""
     if value is None:
@@ -679,6 +795,7 @@ def clean_room(value: Any) -> str:
     if not isinstance(value, str) or not ROOM_RE.fullmatch(value):
         raise InvalidInput("bad_room", "Room names are 1-32 lowercase letters, digits, '-' or '_'.")
     return value
+
 
 
 def clean_cid(value: Any) -> str | None:
@@ -690,6 +807,7 @@ def clean_cid(value: Any) -> str | None:
     return value
 
 
+
 def clean_since(value: Any) -> int | None:
     """Validate an optional last-seen message id."""
     if value is None:
@@ -697,6 +815,7 @@ def clean_since(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ID:
         raise InvalidInput("bad_since", f"'since' must be a message id (a whole number from 0 to {MAX_ID}).")
     return value
+
 
 
 def expect_object(args: tuple[Any, ...], what: str) -> dict[str, Any]:
@@ -707,1585 +826,14 @@ def expect_object(args: tuple[Any, ...], what: str) -> dict[str, Any]:
     return args[0]
 
 
-# ---------------------------------------------------------------- stores (history)
-
-
-class Store(Protocol):
-    """Where messages live: assigns ids, keeps the last N per room, replays since an id.
-
-    `epoch` names the sequence the ids come from: it changes when ids may start
-    over (a restart without --db, a new database file), so a client that
-    remembers ids from another epoch knows to forget them.
-    """
-
-    epoch: str
-
-    async def open(self) -> None: ...
-
-    async def append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> tuple[Message, bool]:
-        """Store and number a message; if `cid` was already stored in the room, return that one and False."""
-        ...
-
-    async def recent(self, room: str, limit: int) -> list[Message]: ...
-
-    async def since(self, room: str, after_id: int, limit: int) -> tuple[list[Message], bool]: ...
-
-    async def close(self) -> None: ...
-
-
-def replay_from_window(window: Any, after_id: int, evicted_upto: int,
-                       limit: int) -> tuple[list[Message], bool]:
-    """The messages after `after_id` in a room's window of recent messages, and whether that is all of them
-    (nothing newer than `after_id` was evicted from the window, and no more than `limit` were missed)."""
-    missed = [m for m in window if m.id > after_id]
-    return missed[-limit:], after_id >= evicted_upto and len(missed) <= limit
-
-
-MAX_ROOMS_KEPT = 10_000  # rooms whose history the in-memory store keeps (least recently used dropped first)
-
-
-class MemoryStore:
-    """History in memory: a bounded deque per room, for at most MAX_ROOMS_KEPT rooms;
-    ids increase across the whole server."""
-
-    def __init__(self, history: int, max_rooms: int = MAX_ROOMS_KEPT) -> None:
-        self.history = history
-        self.max_rooms = max_rooms
-        self.epoch = new_epoch()
-        self._next_id = 1
-        self._rooms: collections.OrderedDict[str, collections.deque[Message]] = collections.OrderedDict()
-        self._cids: dict[str, dict[str, Message]] = {}
-        self._evicted_upto: dict[str, int] = {}
-        self._forgotten_upto = 0  # the newest id in any room whose history was dropped
-
-    async def open(self) -> None:
-        return None
-
-    async def append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> tuple[Message, bool]:
-        earlier = self._cids.get(room, {}).get(cid) if cid else None
-        if earlier is not None:
-            return earlier, False
-        msg = Message(self._next_id, room, user, body, now_ms(), kind, cid)
-        self._next_id += 1
-        self.remember(msg)
-        return msg, True
-
-    def continue_after(self, highest_id: int) -> None:
-        """Number new messages after `highest_id` (ids another store handed out)."""
-        self._next_id = max(self._next_id, highest_id + 1)
-
-    def remember(self, msg: Message) -> None:
-        """Add an already numbered message to the room's window."""
-        window = self._rooms.get(msg.room)
-        if window is None:
-            if len(self._rooms) >= self.max_rooms:
-                self._forget_oldest_room()
-            window = self._rooms[msg.room] = collections.deque()
-        else:
-            self._rooms.move_to_end(msg.room)
-        cids = self._cids.setdefault(msg.room, {})
-        if len(window) >= self.history:
-            old = window.popleft()
-            self._evicted_upto[msg.room] = old.id
-            if old.cid and cids.get(old.cid) is old:
-                del cids[old.cid]
-        window.append(msg)
-        if msg.cid:
-            cids[msg.cid] = msg
-
-    def _forget_oldest_room(self) -> None:
-        room, window = self._rooms.popitem(last=False)
-        self._cids.pop(room, None)
-        self._evicted_upto.pop(room, None)
-        if window:
-            self._forgotten_upto = max(self._forgotten_upto, window[-1].id)
-
-    async def recent(self, room: str, limit: int) -> list[Message]:
-        window = self._rooms.get(room, ())
-        return list(window)[-limit:] if limit else []
-
-    async def since(self, room: str, after_id: int, limit: int) -> tuple[list[Message], bool]:
-        window = self._rooms.get(room)
-        # A room not kept here may have had its history dropped: replay cannot promise completeness.
-        evicted = self._evicted_upto.get(room, 0) if window is not None else self._forgotten_upto
-        return replay_from_window(window or (), after_id, evicted, limit)
-
-    async def close(self) -> None:
-        return None
-
-
-SQLITE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    id    INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, also after deletes
-    room  TEXT    NOT NULL,
-    user  TEXT    NOT NULL,
-    body  TEXT    NOT NULL,
-    kind  TEXT    NOT NULL CHECK (kind IN ('user', 'bot')),
-    ts    INTEGER NOT NULL,                    -- epoch milliseconds
-    cid   TEXT                                 -- client id for de-duplication
-);
-CREATE INDEX IF NOT EXISTS messages_room_id ON messages (room, id);
-CREATE UNIQUE INDEX IF NOT EXISTS messages_room_cid ON messages (room, cid) WHERE cid IS NOT NULL;
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);  -- 'epoch': this file's id sequence
-"""
-
-
-class StoreError(Exception):
-    """The history store failed (disk full, I/O error, a damaged file); the message was not stored."""
-
-
-class SqliteStore:
-    """History in a SQLite file (WAL); all database work runs on one background thread.
-
-    The file is checked at start (PRAGMA quick_check) and locked (flock) for as long as
-    this process runs, so that a second chat.py cannot write to it too.
-    """
-
-    COLUMNS = "SELECT id, room, user, body, kind, ts, cid FROM messages"
-
-    def __init__(self, path: Path, history: int) -> None:
-        self.path = path
-        self.history = history
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-sqlite")
-        self._db: sqlite3.Connection | None = None
-        self._lock_fd: int | None = None
-        self.epoch = ""
-
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-        except sqlite3.IntegrityError:
-            raise
-        except sqlite3.Error as exc:
-            raise StoreError(f"the database {self.path}: {exc}") from None
-
-    def _lock(self) -> None:
-        try:
-            import fcntl
-        except ImportError:  # no flock on this platform: run unlocked
-            return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise StoreError(f"{self.path} is in use by another chat.py (one process per database file)") from None
-        self._lock_fd = fd  # held open, and so locked, until close()
-
-    def _open(self) -> None:
-        self._lock()
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        problems = [" ".join(str(row[0]).split()) for row in db.execute("PRAGMA quick_check(3)")]
-        if problems != ["ok"]:
-            db.close()
-            raise StoreError(f"{self.path} is damaged ({'; '.join(problems)[:200]}); restore a backup "
-                             "or move it aside to start a new one")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(SQLITE_SCHEMA)
-        db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (new_epoch(),))
-        self.epoch = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
-        self._db = db
-
-    async def open(self) -> None:
-        await self._run(self._open)
-
-    @staticmethod
-    def _row(row: tuple[Any, ...]) -> Message:
-        return Message(id=row[0], room=row[1], user=row[2], body=row[3], kind=row[4], ts=row[5], cid=row[6])
-
-    def _append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> tuple[Message, bool]:
-        assert self._db is not None
-        ts = now_ms()
-        try:
-            cur = self._db.execute(
-                "INSERT INTO messages (room, user, body, kind, ts, cid) VALUES (?, ?, ?, ?, ?, ?)",
-                (room, user, body, kind, ts, cid))
-        except sqlite3.IntegrityError:  # this cid is already stored in this room
-            return self._select(f"{self.COLUMNS} WHERE room = ? AND cid = ?", room, cid)[0], False
-        return Message(int(cur.lastrowid or 0), room, user, body, ts, kind, cid), True
-
-    async def append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> tuple[Message, bool]:
-        return await self._run(self._append, room, user, body, kind, cid)
-
-    def _select(self, sql: str, *params: Any) -> list[Message]:
-        assert self._db is not None
-        return [self._row(r) for r in self._db.execute(sql, params).fetchall()]
-
-    async def recent(self, room: str, limit: int) -> list[Message]:
-        rows = await self._run(self._select, f"{self.COLUMNS} WHERE room = ? ORDER BY id DESC LIMIT ?", room, limit)
-        return rows[::-1]
-
-    async def since(self, room: str, after_id: int, limit: int) -> tuple[list[Message], bool]:
-        rows = await self._run(self._select, f"{self.COLUMNS} WHERE room = ? AND id > ? ORDER BY id DESC LIMIT ?",
-                               room, after_id, limit + 1)
-        complete = len(rows) <= limit
-        return rows[:limit][::-1], complete
-
-    async def close(self) -> None:
-        if self._db is not None:
-            try:
-                await self._run(self._db.close)
-            except StoreError as exc:  # say, the final checkpoint on a full disk: what was acked is committed
-                log.warning("closing the history store: %s", exc)
-            self._db = None
-        self._pool.shutdown(wait=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
-
-REDIS_APPEND = """
-local cid = ARGV[1]
-if cid ~= '' then
-  local found = redis.call('HGET', KEYS[3], cid)
-  if found then return {0, found} end
-end
-local id = redis.call('INCR', KEYS[1])
-local msg = '{"id":' .. id .. ',' .. string.sub(ARGV[3], 2)
-redis.call('RPUSH', KEYS[2], msg)
-local limit = tonumber(ARGV[2])
-local excess = redis.call('LLEN', KEYS[2]) - limit
-if excess > 0 then
-  redis.call('SET', KEYS[5], cjson.decode(redis.call('LINDEX', KEYS[2], excess - 1))['id'])
-  redis.call('LTRIM', KEYS[2], excess, -1)
-end
-if cid ~= '' then
-  redis.call('HSET', KEYS[3], cid, msg)
-  redis.call('ZADD', KEYS[4], id, cid)
-  local over = redis.call('ZCARD', KEYS[4]) - limit * 2
-  if over > 0 then
-    local old = redis.call('ZRANGE', KEYS[4], 0, over - 1)
-    redis.call('HDEL', KEYS[3], unpack(old))
-    redis.call('ZREMRANGEBYRANK', KEYS[4], 0, over - 1)
-  end
-end
-return {1, msg}
-"""
-
-REDIS_RAISE_IDS = """
-if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
-"""
-
-
-class RedisStore:
-    """History and ids shared by every node through Redis.
-
-    Ids come from INCR; each room keeps a capped list of messages and a window of
-    client ids (twice the history length) for de-duplication, all updated by one
-    Lua script so that concurrent nodes cannot interleave. While Redis is down,
-    this node numbers and keeps messages in memory, continuing after the highest
-    id it has seen, and raises the shared counter past them when Redis is back.
-    """
-
-    def __init__(self, client: Any, health: RedisHealth, history: int) -> None:
-        self.client = client
-        self.health = health
-        self.history = history
-        self.local = MemoryStore(history)
-        self.highest_id = 0
-        self.epoch = ""
-        self._append = client.register_script(REDIS_APPEND)
-        self._raise_ids = client.register_script(REDIS_RAISE_IDS)
-        health.on_recovery.append(self._after_outage)
-
-    async def open(self) -> None:
-        await self.client.set("chat:epoch", new_epoch(), nx=True)
-        epoch = await self.client.get("chat:epoch")
-        self.epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
-
-    async def close(self) -> None:
-        return None
-
-    def note_id(self, message_id: int) -> None:
-        """Remember an id another node handed out, so numbering during an outage continues after it."""
-        self.highest_id = max(self.highest_id, message_id)
-
-    def _message(self, raw: bytes | str) -> Message:
-        data = json.loads(raw)
-        self.highest_id = max(self.highest_id, data["id"])
-        return Message(data["id"], data["room"], data["user"], data["body"], data["ts"], data["kind"],
-                       data.get("cid"))
-
-    async def _after_outage(self) -> None:
-        await self._raise_ids(keys=["chat:ids"], args=[self.highest_id])
-
-    async def append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> tuple[Message, bool]:
-        fields = {"room": room, "user": user, "body": body, "ts": now_ms(), "kind": kind}
-        if cid:
-            fields["cid"] = cid
-        keys = ["chat:ids", f"chat:history:{room}", f"chat:cids:{room}", f"chat:cid-order:{room}",
-                f"chat:evicted:{room}"]
-        try:
-            created, raw = await self.health.call(self._append, keys, [cid or "", self.history, json.dumps(fields)])
-        except RedisDown:
-            self.local.continue_after(self.highest_id)
-            message, created = await self.local.append(room, user, body, kind, cid)
-            self.note_id(message.id)
-            return message, created
-        return self._message(raw), bool(created)
-
-    async def _window(self, room: str) -> tuple[list[Message], int]:
-        async def read() -> tuple[list[Any], Any]:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.lrange(f"chat:history:{room}", 0, -1)
-                pipe.get(f"chat:evicted:{room}")
-                return await pipe.execute()
-
-        raws, evicted = await self.health.call(read)
-        return [self._message(r) for r in raws], int(evicted or 0)
-
-    async def recent(self, room: str, limit: int) -> list[Message]:
-        try:
-            window, _ = await self._window(room)
-        except RedisDown:
-            return await self.local.recent(room, limit)
-        return window[-limit:] if limit else []
-
-    async def since(self, room: str, after_id: int, limit: int) -> tuple[list[Message], bool]:
-        try:
-            window, evicted = await self._window(room)
-        except RedisDown:
-            return await self.local.since(room, after_id, limit)
-        return replay_from_window(window, after_id, evicted, limit)
-
-
-class Board:
-    """Who is online and who is typing in each room, as this process sees it.
-
-    Presence is counted per name across a person's tabs (connections).
-    """
-
-    def __init__(self) -> None:
-        self.counts: dict[str, collections.Counter[str]] = {}
-        self.typists: dict[str, dict[str, float]] = {}
-
-    def add(self, room: str, user: str) -> int:
-        counts = self.counts.setdefault(room, collections.Counter())
-        counts[user] += 1
-        return counts[user]
-
-    def remove(self, room: str, user: str) -> int:
-        """One tab fewer; returns how many this name still has here."""
-        counts = self.counts.get(room)
-        if not counts or counts[user] <= 0:
-            return 0
-        counts[user] -= 1
-        return counts[user]
-
-    def forget(self, room: str, user: str) -> None:
-        counts = self.counts.get(room)
-        if counts is not None and counts[user] <= 0:
-            del counts[user]
-            if not counts:
-                del self.counts[room]
-
-    def local_count(self, room: str, user: str) -> int:
-        return self.counts.get(room, collections.Counter())[user]
-
-    async def members(self, room: str) -> list[str]:
-        return sorted(self.counts.get(room, {}), key=str.casefold)
-
-    async def publish(self, room: str) -> None:
-        """Share this process's members of the room (nothing to do without Redis)."""
-        return None
-
-    async def set_typing(self, room: str, user: str, typing: bool, ttl: float) -> list[str] | None:
-        """Record typing on or off; returns the room's typists when that changed, else None."""
-        room_typing = self.typists.setdefault(room, {})
-        was = user in room_typing
-        if typing:
-            room_typing[user] = time.time() + ttl
-        else:
-            room_typing.pop(user, None)
-        users = sorted(room_typing)
-        if not room_typing:
-            del self.typists[room]
-        return users if was != typing else None
-
-    async def typing_users(self, room: str) -> list[str]:
-        return sorted(self.typists.get(room, {}))
-
-
-class RedisHealth:
-    """Tracks whether Redis answers, logs an outage once and its end once, and probes with backoff."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        self.down = False
-        self._probe: asyncio.Task[None] | None = None
-        self.on_recovery: list[Any] = []
-
-    def failed(self, exc: BaseException) -> None:
-        if self.down:
-            return
-        self.down = True
-        log.warning("Redis is unreachable (%s): each node keeps chatting on its own; retrying",
-                    describe_error(exc))
-        self._probe = asyncio.get_running_loop().create_task(self._wait_for_redis())
-
-    async def _wait_for_redis(self) -> None:
-        delay = 0.25
-        while True:
-            await asyncio.sleep(delay)
-            try:
-                await asyncio.wait_for(self.client.ping(), 2)
-            except Exception:
-                delay = min(delay * 2, 5.0)
-                continue
-            for callback in self.on_recovery:
-                try:
-                    await callback()
-                except Exception as exc:  # still flapping: try again later
-                    log.debug("recovery step failed: %s", exc)
-            self.down = False
-            log.warning("Redis is back: messages reach every node again")
-            return
-
-    async def call(self, coro_fn: Any, *args: Any) -> Any:
-        """Run a Redis call, raising RedisDown (after logging once) when Redis does not answer."""
-        if self.down:
-            raise RedisDown()
-        try:
-            return await asyncio.wait_for(coro_fn(*args), 2)
-        except (OSError, asyncio.TimeoutError) as exc:
-            self.failed(exc)
-            raise RedisDown() from None
-        except Exception as exc:
-            if type(exc).__module__.startswith("redis"):
-                self.failed(exc)
-                raise RedisDown() from None
-            raise
-
-    async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-
-
-class RedisDown(Exception):
-    """Redis is unreachable right now; the caller falls back to this process's own state."""
-
-
-class RedisBoard(Board):
-    """Presence and typing shared through Redis: each node keeps its own members under a key
-    that expires unless the node's heartbeat refreshes it, so a dead node's users vanish."""
-
-    def __init__(self, client: Any, health: RedisHealth, node: str, ttl: float) -> None:
-        super().__init__()
-        self.client = client
-        self.health = health
-        self.node = node
-        self.ttl = ttl
-
-    def _key(self, room: str, node: str | None = None) -> str:
-        return f"chat:presence:{room}:{node or self.node}"
-
-    async def publish(self, room: str) -> None:
-        names = {name: n for name, n in self.counts.get(room, {}).items() if n > 0}
-
-        async def write() -> None:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.delete(self._key(room))
-                if names:
-                    pipe.hset(self._key(room), mapping=names)
-                    pipe.pexpire(self._key(room), int(self.ttl * 1000))
-                    pipe.sadd(f"chat:presence-nodes:{room}", self.node)
-                await pipe.execute()
-
-        with contextlib.suppress(RedisDown):
-            await self.health.call(write)
-
-    async def members(self, room: str) -> list[str]:
-        async def read() -> list[str]:
-            nodes = await self.client.smembers(f"chat:presence-nodes:{room}")
-            names: set[str] = set()
-            for node in nodes:
-                node = node.decode() if isinstance(node, bytes) else node
-                found = await self.client.hkeys(self._key(room, node))
-                if not found and node != self.node:
-                    await self.client.srem(f"chat:presence-nodes:{room}", node)  # expired: that node died
-                names.update(n.decode() if isinstance(n, bytes) else n for n in found)
-            return sorted(names, key=str.casefold)
-
-        try:
-            return await self.health.call(read)
-        except RedisDown:
-            return await super().members(room)
-
-    async def set_typing(self, room: str, user: str, typing: bool, ttl: float) -> list[str] | None:
-        key = f"chat:typing:{room}"
-
-        async def write() -> list[str] | None:
-            if typing:
-                changed = await self.client.hset(key, user, int((time.time() + ttl) * 1000))
-                await self.client.pexpire(key, int((ttl + 5) * 1000))
-            else:
-                changed = await self.client.hdel(key, user)
-            return await self._typists(key) if changed else None
-
-        try:
-            return await self.health.call(write)
-        except RedisDown:
-            return await super().set_typing(room, user, typing, ttl)
-
-    async def _typists(self, key: str) -> list[str]:
-        now = time.time() * 1000
-        entries = await self.client.hgetall(key)
-        return sorted((k.decode() if isinstance(k, bytes) else k) for k, v in entries.items() if float(v) > now)
-
-    async def typing_users(self, room: str) -> list[str]:
-        try:
-            return await self.health.call(self._typists, f"chat:typing:{room}")
-        except RedisDown:
-            return await super().typing_users(room)
-
-    async def refresh(self) -> None:
-        """Heartbeat: re-publish this node's members of every room so they do not expire."""
-        for room in list(self.counts):
-            await self.publish(room)
-
-
-# ---------------------------------------------------------------- bots
-
-
-@dataclass(frozen=True)
-class BotTurn:
-    """What a bot is asked: one person's message, who sent it, and the room's recent messages."""
-
-    user: str
-    text: str
-    room: str
-    sender_id: str  # stable per person and room, for backends that keep conversation state
-    context: tuple[Message, ...] = ()  # oldest first, ending with this message
-
-
-class Bot(Protocol):
-    """A chat bot backend: a person's message in, zero or more replies out."""
-
-    remote: bool  # calls a service: limited, timed out, and shown typing while it works
-
-    async def open(self) -> None: ...
-
-    async def reply(self, turn: BotTurn) -> list[str]: ...
-
-    async def check(self) -> str | None:
-        """None when the backend answers, else why not (checked once at start-up)."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-class BotUnavailable(Exception):
-    """The backend failed; the message says why, for one log line."""
-
-
-class RulesError(Exception):
-    """A --bot-rules file is not valid; the message names the rule and the problem."""
-
-
-DEFAULT_RULES: dict[str, Any] = {
-    "rules": [
-        {"name": "greeting", "words": ["hello", "hi", "hey"], "replies": ["Hello, {user}!"]},
-        {"name": "question", "pattern": r"\?", "replies": ["We will be right with you to answer your question."]},
-        {"name": "no question", "pattern": r"^[^?]*$", "replies": ["Did you have a question for us today?"]},
-    ],
-    "fallback": [],
-}
-
-
-@dataclass(frozen=True)
-class KeywordRule:
-    """One rule: a pattern to look for and the reply templates to choose from."""
-
-    name: str
-    pattern: re.Pattern[str]
-    replies: tuple[str, ...]
-    stop: bool = False
-
-
-def _check_templates(where: str, templates: Any) -> tuple[str, ...]:
-    if not isinstance(templates, list) or not templates or not all(isinstance(t, str) and t for t in templates):
-        raise RulesError(f"{where}: 'replies' must be a non-empty list of non-empty strings")
-    for template in templates:
-        try:
-            fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-        except ValueError as exc:
-            raise RulesError(f"{where}: bad template {template!r}: {exc}") from None
-        if fields - {"user"}:
-            raise RulesError(f"{where}: template {template!r} may only use {{user}}, not {sorted(fields - {'user'})}")
-    return tuple(templates)
-
-
-def parse_rules(data: Any) -> tuple[tuple[KeywordRule, ...], tuple[str, ...]]:
-    """Validate a rules document (see README, "Bots"); raises RulesError naming the rule."""
-    if not isinstance(data, dict):
-        raise RulesError("the file must hold a JSON object with \"rules\" and optionally \"fallback\"")
-    unknown = set(data) - {"rules", "fallback"}
-    if unknown:
-        raise RulesError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
-    raw_rules = data.get("rules")
-    if not isinstance(raw_rules, list) or not raw_rules:
-        raise RulesError("\"rules\" must be a non-empty list")
-    rules = []
-    for index, raw in enumerate(raw_rules, 1):
-        where = f"rule {index}"
-        if not isinstance(raw, dict):
-            raise RulesError(f"{where}: must be an object")
-        if isinstance(raw.get("name"), str):
-            where += f" ({raw['name']!r})"
-        unknown = set(raw) - {"name", "words", "pattern", "replies", "stop"}
-        if unknown:
-            raise RulesError(f"{where}: unknown key(s): {', '.join(sorted(unknown))}")
-        if ("words" in raw) == ("pattern" in raw):
-            raise RulesError(f"{where}: give exactly one of 'words' or 'pattern'")
-        if "words" in raw:
-            words = raw["words"]
-            if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
-                raise RulesError(f"{where}: 'words' must be a non-empty list of non-empty strings")
-            pattern = re.compile(r"\b(?:" + "|".join(re.escape(w.strip()) for w in words) + r")\b", re.IGNORECASE)
-        else:
-            if not isinstance(raw["pattern"], str) or not raw["pattern"]:
-                raise RulesError(f"{where}: 'pattern' must be a non-empty string")
-            try:
-                pattern = re.compile(raw["pattern"], re.IGNORECASE)
-            except re.error as exc:
-                raise RulesError(f"{where}: 'pattern' is not a valid regular expression: {exc}") from None
-        if not isinstance(raw.get("stop", False), bool):
-            raise RulesError(f"{where}: 'stop' must be true or false")
-        rules.append(KeywordRule(str(raw.get("name", index)), pattern, _check_templates(where, raw.get("replies")),
-                                 raw.get("stop", False)))
-    fallback = data.get("fallback", [])
-    if fallback != []:
-        fallback = _check_templates("fallback", fallback)
-    return tuple(rules), tuple(fallback)
-
-
-def load_rules(path: Path) -> tuple[tuple[KeywordRule, ...], tuple[str, ...]]:
-    """Read and validate a --bot-rules JSON file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RulesError(f"cannot read the file: {getattr(exc, 'strerror', None) or exc}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RulesError(f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
-    return parse_rules(data)
-
-
-class KeywordBot:
-    """Ordered keyword rules: every matching rule adds one reply; a rule with stop ends the search.
-
-    The default rules are the tutorial's, with its bug fixed: greet only on the
-    words hello/hi/hey, then answer a question or ask for one.
-    """
-
-    remote = False
-
-    def __init__(self, rules: tuple[tuple[KeywordRule, ...], tuple[str, ...]] | None = None) -> None:
-        self.rules, self.fallback = rules or parse_rules(DEFAULT_RULES)
-        self._random = random.Random()
-
-    async def open(self) -> None:
-        return None
-
-    async def check(self) -> str | None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    def _fill(self, templates: tuple[str, ...], user: str) -> str:
-        return self._random.choice(templates).format(user=user)
-
-    async def reply(self, turn: BotTurn) -> list[str]:
-        replies = []
-        for rule in self.rules:
-            if rule.pattern.search(turn.text):
-                replies.append(self._fill(rule.replies, turn.user))
-                if rule.stop:
-                    break
-        if not replies and self.fallback:
-            replies.append(self._fill(self.fallback, turn.user))
-        return replies
-
-
-class SilentBot(KeywordBot):
-    """--bot off: never replies."""
-
-    async def reply(self, turn: BotTurn) -> list[str]:
-        return []
-
-
-class HttpBot:
-    """Shared plumbing for bots behind an HTTP API: one client session, clear failure reasons."""
-
-    remote = True
-
-    def __init__(self, url: str, timeout: float) -> None:
-        self.url = url.rstrip("/")
-        self.timeout = timeout
-        self.session: aiohttp.ClientSession | None = None
-
-    async def open(self) -> None:
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout))
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-
-    async def _probe(self, url: str, headers: dict[str, str] | None = None) -> str | None:
-        assert self.session is not None
-        try:
-            async with self.session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=3)) as resp:
-                return None if resp.status < 400 else f"HTTP {resp.status} from {url}"
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            return f"{url}: {describe_error(exc)}"
-
-
-def describe_error(exc: BaseException) -> str:
-    """A short human reason for a failed HTTP call."""
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timed out"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect ({exc.os_error.strerror or exc.os_error})"
-    return str(exc) or type(exc).__name__
-
-
-def _json_error(body: Any) -> str | None:
-    if isinstance(body, dict) and "error" in body:
-        error = body["error"]
-        message = error.get("message") if isinstance(error, dict) else error
-        return f"error from the backend: {str(message)[:200]}"
-    return None
-
-
-class RasaBot(HttpBot):
-    """Rasa's REST channel: POST {url}/webhooks/rest/webhook {sender, message} -> [{text|image|buttons}]."""
-
-    async def check(self) -> str | None:
-        return await self._probe(self.url + "/")
-
-    async def reply(self, turn: BotTurn) -> list[str]:
-        assert self.session is not None
-        url = self.url + "/webhooks/rest/webhook"
-        async with self.session.post(url, json={"sender": turn.sender_id, "message": turn.text}) as resp:
-            try:
-                body = await resp.json(content_type=None)
-            except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-                raise BotUnavailable(f"HTTP {resp.status}, malformed JSON from {url}") from None
-            if resp.status >= 400:
-                raise BotUnavailable(_json_error(body) or f"HTTP {resp.status} from {url}")
-        if not isinstance(body, list):
-            raise BotUnavailable(_json_error(body) or f"expected a JSON list from {url}")
-        replies = []
-        for item in body:  # Rasa answers errors with 200 and []: no reply, not a failure
-            if not isinstance(item, dict):
-                continue
-            if isinstance(item.get("text"), str) and item["text"].strip():
-                replies.append(item["text"])
-            if isinstance(item.get("image"), str) and item["image"].strip():
-                replies.append(item["image"])
-            buttons = item.get("buttons")
-            if isinstance(buttons, list):
-                titles = [str(b.get("title") or b.get("payload")) for b in buttons
-                          if isinstance(b, dict) and (b.get("title") or b.get("payload"))]
-                if titles:
-                    replies.append("Options: " + " | ".join(titles))
-        return replies
-
-
-class OpenAIBot(HttpBot):
-    """Any OpenAI-compatible chat completions server (Ollama, llama.cpp, vLLM, ...), streamed."""
-
-    def __init__(self, url: str, timeout: float, model: str, prompt: str, bot_name: str) -> None:
-        super().__init__(url, timeout)
-        self.model = model
-        self.prompt = prompt
-        self.bot_name = bot_name
-
-    @staticmethod
-    def auth_headers() -> dict[str, str]:
-        """The API key from OPENAI_API_KEY, for every request (the start-up check included)."""
-        key = os.environ.get("OPENAI_API_KEY")
-        return {"Authorization": f"Bearer {key}"} if key else {}
-
-    async def check(self) -> str | None:
-        return await self._probe(self.url + "/models", self.auth_headers())
-
-    def request_body(self, turn: BotTurn) -> dict[str, Any]:
-        """The chat completions request: system prompt, then the room's recent messages with roles."""
-        messages = [{"role": "system", "content": self.prompt}]
-        for msg in turn.context:
-            if msg.kind == "bot":
-                messages.append({"role": "assistant", "content": msg.body})
-            else:
-                messages.append({"role": "user", "content": f"{msg.user}: {msg.body}"})
-        return {"model": self.model, "messages": messages, "stream": True}
-
-    async def reply(self, turn: BotTurn) -> list[str]:
-        assert self.session is not None
-        url = self.url + "/chat/completions"
-        headers = {"Accept": "text/event-stream", **self.auth_headers()}
-        async with self.session.post(url, json=self.request_body(turn), headers=headers) as resp:
-            if resp.status >= 400 or resp.content_type != "text/event-stream":
-                raw = await resp.read()
-                try:
-                    body = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise BotUnavailable(f"HTTP {resp.status}, malformed JSON from {url}") from None
-                if resp.status >= 400 or _json_error(body):
-                    raise BotUnavailable(_json_error(body) or f"HTTP {resp.status} from {url}")
-                return self._whole_answer(body, url)
-            text = await self._read_stream(resp, url)
-        return [text] if text.strip() else []
-
-    @staticmethod
-    def _whole_answer(body: Any, url: str) -> list[str]:
-        try:
-            content = body["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            raise BotUnavailable(f"no choices[0].message.content in the answer from {url}") from None
-        return [content] if isinstance(content, str) and content.strip() else []
-
-    @staticmethod
-    async def _read_stream(resp: aiohttp.ClientResponse, url: str) -> str:
-        parts: list[str] = []
-        async for raw_line in resp.content:
-            line = raw_line.decode("utf-8", "replace").strip()
-            if not line or line.startswith(":"):
-                continue  # blank separators and keep-alive comments
-            if not line.startswith("data:"):
-                continue  # event:, id:, retry: fields carry nothing we need
-            data = line[5:].strip()
-            if data == "[DONE]":
-                return "".join(parts)
-            try:
-                chunk = json.loads(data)
-            except json.JSONDecodeError:
-                raise BotUnavailable(f"malformed JSON in the stream from {url}") from None
-            if _json_error(chunk):
-                raise BotUnavailable(_json_error(chunk) or "")
-            try:
-                delta = chunk["choices"][0].get("delta") or {}
-            except (KeyError, IndexError, TypeError, AttributeError):
-                continue
-            if isinstance(delta.get("content"), str):
-                parts.append(delta["content"])
-        raise BotUnavailable(f"the stream from {url} ended before [DONE]")
-
-
-def default_prompt(bot_name: str) -> str:
-    """The system prompt used when --bot-prompt is not given."""
-    return (f"You are {bot_name}, a friendly assistant in a group chat. Answer briefly and helpfully, "
-            "in plain text. People's messages are prefixed with their names.")
-
-
-def make_bot(settings: Settings) -> Bot:
-    """The bot backend the settings ask for."""
-    if settings.bot == "off":
-        return SilentBot()
-    if settings.bot == "rasa":
-        return RasaBot(settings.bot_url or DEFAULT_BOT_URLS["rasa"], settings.bot_timeout)
-    if settings.bot == "openai":
-        return OpenAIBot(settings.bot_url or DEFAULT_BOT_URLS["openai"], settings.bot_timeout,
-                         settings.bot_model, settings.bot_prompt or default_prompt(settings.bot_name),
-                         settings.bot_name)
-    return KeywordBot(load_rules(settings.bot_rules) if settings.bot_rules else None)
-
-
-class BotRunner:
-    """Runs a bot off the receive path, so that the bot can never hurt the chat.
-
-    At most `limit` calls run at once; a call waiting longer than the timeout for a
-    slot is dropped; each call has the timeout; any failure logs one warning and
-    the room sees at most one "unavailable" line a minute; replies are capped.
-    """
-
-    UNAVAILABLE_EVERY = 60.0
-
-    def __init__(self, bot: Bot, settings: Settings) -> None:
-        self.bot = bot
-        self.name = settings.bot_name
-        self.timeout = settings.bot_timeout
-        self.max_length = settings.max_length
-        self.slots = asyncio.Semaphore(4)
-        self._last_unavailable: dict[str, float] = {}
-
-    @property
-    def enabled(self) -> bool:
-        return not isinstance(self.bot, SilentBot)
-
-    async def answer(self, turn: BotTurn) -> list[str] | None:
-        """The capped replies, or None when the backend failed (already logged)."""
-        if not self.bot.remote:  # in-process rules: microseconds, no I/O, nothing to limit
-            return [self._cap(r) for r in await self.bot.reply(turn)]
-        try:
-            await asyncio.wait_for(self.slots.acquire(), self.timeout)
-        except asyncio.TimeoutError:
-            log.warning("bot busy: dropped a message in #%s after waiting %.0f s", turn.room, self.timeout)
-            return []
-        try:
-            replies = await asyncio.wait_for(self.bot.reply(turn), self.timeout)
-        except asyncio.TimeoutError:
-            log.warning("%s is unavailable: no answer within %.0f s", self.name, self.timeout)
-            return None
-        except BotUnavailable as exc:
-            log.warning("%s is unavailable: %s", self.name, exc)
-            return None
-        except (aiohttp.ClientError, OSError) as exc:
-            log.warning("%s is unavailable: %s", self.name, describe_error(exc))
-            return None
-        finally:
-            self.slots.release()
-        return [self._cap(str(r).strip()) for r in replies if str(r).strip()][:10]
-
-    def _cap(self, text: str) -> str:
-        return text if len(text) <= self.max_length else text[: self.max_length - 1] + "…"
-
-    def should_announce(self, room: str) -> bool:
-        """True at most once a minute per room: time to say the bot is unavailable."""
-        now = time.monotonic()
-        if now - self._last_unavailable.get(room, -self.UNAVAILABLE_EVERY) < self.UNAVAILABLE_EVERY:
-            return False
-        self._last_unavailable[room] = now
-        return True
-
-
-# ---------------------------------------------------------------- chat hub (Socket.IO events)
+# ---------------------------------------------------------------- the chat hub: Socket.IO event handlers
 
 _ack_wanted: contextvars.ContextVar[bool] = contextvars.ContextVar("ack_wanted", default=False)
-
 
 # Names python-socketio treats specially: its lifecycle events, and "*", which it would hand to
 # the catch-all handler without the event name (so the sender's sid would be lost).
 RESERVED_EVENTS = frozenset({"connect", "disconnect", "connect_error", "message", "*"})
 
-
-def packet_size(item: Any) -> int:
-    """Roughly how many bytes an outgoing Engine.IO packet will take on the wire."""
-    data = getattr(item, "data", None)
-    return 16 + (len(data) if isinstance(data, (str, bytes)) else 0)
-
-
-def valid_engine_packet(packet: Any) -> bool:
-    """Whether a frame or a polling payload's part is an Engine.IO packet python-engineio can decode."""
-    if isinstance(packet, bytes):
-        return True  # binary: handed to ChatServer, which refuses it
-    return isinstance(packet, str) and packet[:1] in ("0", "1", "2", "3", "4", "5", "6")
-
-
-CHECKED_BODY = web.RequestKey("checked_body", bytes)  # a polling POST body, read by guard_requests for EngineServer
-
-
-class CheckedBody:
-    """A request body already read (within the deadline) and checked, readable again by python-engineio."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-
-    async def read(self, size: int = -1) -> bytes:
-        return self.body
-
-
-def check_polling_payload(body: bytes) -> str | None:
-    """Why a long-polling POST body cannot be Engine.IO packets, or None when it can."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        return "a polling POST that is not UTF-8"
-    if not text or not all(valid_engine_packet(part) for part in text.split("\x1e")):
-        return "a polling POST that is not Engine.IO packets"
-    return None
-
-
-class ProblemLog:
-    """Warnings about what clients sent, at most one line per address and kind a minute,
-    so that junk cannot flood the log."""
-
-    def __init__(self) -> None:
-        self.last: dict[tuple[str, str], float] = {}
-
-    def warn(self, template: str, address: str) -> None:
-        now = time.monotonic()
-        key = (template, address)
-        if now - self.last.get(key, -60.0) < 60:
-            return
-        if len(self.last) > 10_000:
-            self.last.clear()
-        self.last[key] = now
-        log.warning(template + " (logged once a minute)", address)
-
-
-class OutgoingQueue(asyncio.Queue):  # type: ignore[type-arg]
-    """An Engine.IO socket's outgoing queue, bounded in packets and bytes, whatever the packet:
-    broadcasts, acks and errors alike. Past the bound it asks `overflow` to drop the client
-    instead of growing (one packet larger than the bound still goes out when the queue is empty)."""
-
-    def __init__(self, max_packets: int, max_bytes: int, overflow: Callable[[OutgoingQueue], None]) -> None:
-        super().__init__()
-        self.max_packets = max_packets
-        self.max_bytes = max_bytes
-        self.overflow = overflow
-        self.bytes = 0
-        self.overflowed = False
-
-    def put_nowait(self, item: Any) -> None:
-        if item is not None:  # None is the writer's stop signal: always accepted
-            size = packet_size(item)
-            if self.qsize() and (self.qsize() >= self.max_packets or self.bytes + size > self.max_bytes):
-                if not self.overflowed:
-                    self.overflowed = True
-                    self.overflow(self)
-                return
-            self.bytes += size
-        super().put_nowait(item)
-
-    def get_nowait(self) -> Any:
-        item = super().get_nowait()
-        if item is not None:
-            self.bytes -= packet_size(item)
-        return item
-
-
-class PollBatchQueue(OutgoingQueue):
-    """An Engine.IO socket's outgoing queue that hands out at most 16 packets per batch.
-
-    python-engineio builds a long-polling response from one get() and then
-    get_nowait() until the queue is empty; its client aborts the connection
-    when one response carries more than 16 packets. Refusing the 17th leaves
-    the rest, in order, for the next poll.
-    """
-
-    MAX_BATCH = 16
-
-    def __init__(self, max_packets: int, max_bytes: int, overflow: Callable[[OutgoingQueue], None]) -> None:
-        super().__init__(max_packets, max_bytes, overflow)
-        self.batch = 0
-        self.waiting = False
-
-    async def get(self) -> Any:
-        self.waiting = True
-        try:
-            item = await super().get()
-        finally:
-            self.waiting = False
-        self.batch = 1
-        return item
-
-    def get_nowait(self) -> Any:
-        if not self.waiting:
-            if self.batch >= self.MAX_BATCH:
-                raise asyncio.QueueEmpty
-            self.batch += 1
-        return super().get_nowait()
-
-
-class DirectQueue(OutgoingQueue):
-    """An Engine.IO socket's outgoing queue that also knows when it may be bypassed.
-
-    `held` counts packets the socket's writer task has taken but not yet written;
-    when the queue is empty and nothing is held, a broadcast may write its frame
-    straight to the transport without reordering anything (see FanoutManager).
-    """
-
-    def __init__(self, ws: ChatWebSocket, bounds: OutgoingQueue) -> None:
-        super().__init__(bounds.max_packets, bounds.max_bytes, bounds.overflow)
-        self.ws = ws
-        self.held = 0
-
-    def get_nowait(self) -> Any:
-        item = super().get_nowait()
-        self.held += 1
-        return item
-
-    def idle(self) -> bool:
-        return self.held == 0 and self.empty()
-
-
-class ChatWebSocket(eio_aiohttp.WebSocket):
-    """python-engineio's aiohttp WebSocket, with permessage-deflate only when --compress asks,
-    and a DirectQueue on connections that start as WebSockets.
-
-    Browsers offer compression, and aiohttp accepts by default: each frame is
-    then compressed once per recipient, and every connection carries a zlib
-    state of a few hundred KB.
-    """
-
-    compress = False
-
-    async def __call__(self, environ: dict[str, Any]) -> web.WebSocketResponse:
-        self._sock = web.WebSocketResponse(max_msg_size=self.server.max_http_buffer_size, compress=self.compress)
-        await self._sock.prepare(environ["aiohttp.request"])
-        self.environ = environ
-        open_websockets = getattr(self.server, "open_websockets", None)
-        if open_websockets is not None:
-            open_websockets.add(self)
-        sock = getattr(self.handler, "__self__", None)
-        if not self.compress and sock is not None and not sock.connected:
-            # A fresh WebSocket connection: nothing is polling the old queue, so swap it.
-            queue = DirectQueue(self, sock.queue)
-            while not sock.queue.empty():
-                queue.put_nowait(sock.queue.get_nowait())
-            queue.held = 0
-            sock.queue = queue
-        try:
-            await self.handler(self)
-        finally:
-            if open_websockets is not None:
-                open_websockets.discard(self)
-        return self._sock
-
-    async def wait(self) -> Any:
-        frame = await super().wait()
-        if not valid_engine_packet(frame):
-            # python-engineio would raise on it outside its error handling: a traceback per frame,
-            # and a session left behind. Treat it as the client leaving, with one line.
-            request = self.environ.get("aiohttp.request")
-            self.server.problems.warn("closing a WebSocket from %s: it sent a frame that is not Engine.IO",
-                                      request.remote if request is not None else "?")
-            return None
-        return frame
-
-    async def close_for_restart(self) -> None:
-        """Close with 1012 (service restart): clients treat it as a lost connection and reconnect."""
-        await self._sock.close(code=aiohttp.WSCloseCode.SERVICE_RESTART, message=b"server restart")
-
-    async def send(self, message: Any) -> None:
-        await super().send(message)
-        sock = getattr(self.handler, "__self__", None)
-        queue = getattr(sock, "queue", None)
-        if isinstance(queue, DirectQueue) and queue.held > 0:
-            queue.held -= 1
-
-    def transport_for_direct_write(self) -> asyncio.Transport | None:
-        """The transport, if a frame may be written to it now (open, not closing)."""
-        writer = getattr(self._sock, "_writer", None)
-        if writer is None or writer._closing or self._sock.closed:
-            return None
-        transport = writer.transport
-        return None if transport is None or transport.is_closing() else transport
-
-
-class CompressingWebSocket(ChatWebSocket):
-    """--compress: accept permessage-deflate when the browser offers it."""
-
-    compress = True
-
-
-class EngineServer(engineio.AsyncServer):
-    """Engine.IO server whose disconnects never wait for the client to read.
-
-    python-engineio's disconnect() waits until the client has drained its
-    queue; a polling client that is not polling, or a WebSocket client that
-    stopped reading, never does, and the request or task hangs for good.
-    It also uses ChatWebSocket for the WebSocket transport.
-    """
-
-    def __init__(self, *args: Any, compress: bool, max_queue: int,
-                 address_of: Callable[[dict[str, Any]], str | None], max_per_address: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._async = {**self._async, "websocket": CompressingWebSocket if compress else ChatWebSocket,
-                       "translate_request": self._translate_request}
-        self.open_websockets: set[ChatWebSocket] = set()
-        self.max_queue = max_queue
-        self.address_of = address_of  # the client's address, or None when it is exempt from the cap
-        self.max_per_address = max_per_address
-        self.by_address: dict[str, set[str]] = {}
-        self._connecting_from: str | None = None
-        self._dropping: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.problems = ProblemLog()
-        self._ping_tasks: dict[str, asyncio.Task[Any]] = {}
-
-    @staticmethod
-    def _translate_request(request: web.Request) -> dict[str, Any]:
-        environ: dict[str, Any] = eio_aiohttp.translate_request(request)
-        body = request.get(CHECKED_BODY)
-        if body is not None:  # read and checked by guard_requests: python-engineio reads it from here
-            environ["wsgi.input"] = CheckedBody(body)
-        return environ
-
-    def create_queue(self, *args: Any, **kwargs: Any) -> asyncio.Queue[Any]:
-        return PollBatchQueue(self.max_queue, self.max_queue * 1024, self._queue_overflowed)
-
-    # -- sessions per address: Engine.IO sessions (long-polling ones included) count, not only Socket.IO connects
-
-    async def _handle_connect(self, environ: dict[str, Any], transport: str, jsonp_index: int | None = None) -> Any:
-        address = self.address_of(environ)
-        if address is not None:
-            live = self.by_address.get(address)
-            if live:
-                live.intersection_update(self.sockets)
-            if live and len(live) >= self.max_per_address:
-                self.problems.warn(f"refused sessions from %s: over {self.max_per_address} at once", address)
-                return {"status": "429 Too Many Requests", "headers": [("Content-Type", "text/plain")],
-                        "response": b"too many connections from your address"}
-            self._connecting_from = address
-        return await super()._handle_connect(environ, transport, jsonp_index)
-
-    def generate_id(self) -> str:
-        sid: str = super().generate_id()
-        if self._connecting_from is not None:  # called by _handle_connect before anything else
-            self.by_address.setdefault(self._connecting_from, set()).add(sid)
-            self._connecting_from = None
-            if len(self.by_address) > 2 * len(self.sockets) + 1000:
-                self.by_address = {a: live & self.sockets.keys() for a, live in self.by_address.items()
-                                   if live & self.sockets.keys()}
-        return sid
-
-    # -- slow readers: a client that falls too far behind is dropped, never buffered without end
-
-    def _queue_overflowed(self, queue: OutgoingQueue) -> None:
-        for eio_sid, sock in self.sockets.items():
-            if sock.queue is queue:
-                self.drop_slow_reader(eio_sid)
-                return
-
-    def drop_slow_reader(self, eio_sid: str) -> None:
-        """Disconnect a client that fell `max_queue` packets (or KB) behind."""
-        if eio_sid in self._dropping:
-            return
-        self._dropping.add(eio_sid)
-        log.warning("disconnecting %s: it fell %d packets (or KB) behind", eio_sid, self.max_queue)
-        task = asyncio.get_running_loop().create_task(self._drop(eio_sid))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _drop(self, eio_sid: str) -> None:
-        # abort=True: a client that stopped reading would never read a CLOSE
-        # packet. Close, free what is queued for it and wake the writer so it exits.
-        sock = self.sockets.get(eio_sid)
-        try:
-            if sock is not None:
-                await sock.close(wait=False, abort=True, reason=self.reason.SERVER_DISCONNECT)
-                while not sock.queue.empty():
-                    sock.queue.get_nowait()
-                    sock.queue.task_done()
-                sock.queue.put_nowait(None)
-        finally:
-            self._dropping.discard(eio_sid)
-
-    async def close_for_restart(self) -> None:
-        """Shutdown: end every session without Engine.IO's CLOSE packet.
-
-        A CLOSE tells python-engineio's client that the server hung up on
-        purpose, and python-socketio then never reconnects; a transport that
-        just goes away is a lost connection, which every official client retries.
-        """
-        for sock in list(self.sockets.values()):
-            await sock.close(wait=False, abort=True, reason=self.reason.TRANSPORT_CLOSE)
-            sock.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))  # ends a waiting long-poll
-        self.sockets.clear()
-        closing = [asyncio.ensure_future(ws.close_for_restart()) for ws in list(self.open_websockets)]
-        if closing:  # a client that stopped reading never answers the close frame: do not wait for it
-            await asyncio.wait(closing, timeout=0.5)
-
-    # -- a closed session frees its memory at once
-
-    def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
-        task = super().start_background_task(target, *args, **kwargs)
-        owner = getattr(target, "__self__", None)
-        if getattr(target, "__name__", "") == "_send_ping" and owner is not None:
-            # Each session's ping task sleeps 25 s holding the session, its request and, after an
-            # abrupt close, the exception's frames (about 20 KB): connections opened and dropped
-            # in a loop would pile them up. It is cancelled when the session closes (below).
-            self._ping_tasks[owner.sid] = task
-            task.add_done_callback(functools.partial(self._ping_done, owner.sid))
-        return task
-
-    def _ping_done(self, sid: str, task: asyncio.Task[Any]) -> None:
-        if self._ping_tasks.get(sid) is task:
-            del self._ping_tasks[sid]
-
-    async def _trigger_event(self, event: str, *args: Any, **kwargs: Any) -> Any:
-        result = await super()._trigger_event(event, *args, **kwargs)
-        if event == "disconnect" and args:
-            ping = self._ping_tasks.pop(args[0], None)
-            if ping is not None and ping is not asyncio.current_task():
-                ping.cancel()
-        return result
-
-    async def disconnect(self, sid: str | None = None) -> None:
-        for eio_sid in [sid] if sid is not None else list(self.sockets):
-            sock = self.sockets.get(eio_sid)
-            if sock is not None:
-                await sock.close(wait=False, reason=self.reason.SERVER_DISCONNECT)
-                sock.queue.put_nowait(None)  # the writer sends the CLOSE packet, then ends the transport
-                self.sockets.pop(eio_sid, None)
-
-
-class ChatServer(socketio.AsyncServer):
-    """AsyncServer hardened against untrusted packets.
-
-    It records whether the client asked for an ack (so a refusal goes back the
-    way the client listens), refuses events named like Socket.IO's own
-    lifecycle events, and turns undecodable packets into one warning line.
-    """
-
-    def __init__(self, *args: Any, engine_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        self._engine_options = engine_options or {}
-        super().__init__(*args, **kwargs)
-
-    def _engineio_server_class(self) -> Any:
-        return functools.partial(EngineServer, **self._engine_options)
-
-    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
-        if isinstance(data, bytes) or (isinstance(data, str) and data[:1] in ("5", "6")):
-            # Binary events and their attachments: chat.py's protocol has none, and python-socketio
-            # would keep every frame until the announced number of attachments had arrived.
-            sid = self.manager.sid_from_eio_sid(eio_sid, "/")
-            log.warning("disconnecting %s: it sent a binary packet, which chat.py does not accept", sid or eio_sid)
-            await self.eio.disconnect(eio_sid)
-            return
-        try:
-            await super()._handle_eio_message(eio_sid, data)
-        except Exception as exc:  # a packet python-socketio could not decode
-            sid = self.manager.sid_from_eio_sid(eio_sid, "/")
-            log.warning("dropped a malformed packet from %s: %s", sid or eio_sid, type(exc).__name__)
-            if sid is not None:
-                await self.emit("chat_error", {"error": "The server could not read that packet.",
-                                               "code": "bad_packet", "event": None}, to=sid)
-
-    async def _handle_event_internal(self, server: Any, sid: str, eio_sid: str, data: Any,
-                                     namespace: str, id: int | None) -> None:
-        token = _ack_wanted.set(id is not None)
-        try:
-            if not isinstance(data, list) or not data or not isinstance(data[0], str) \
-                    or data[0] in RESERVED_EVENTS:
-                data = ["*invalid*", *(data[1:] if isinstance(data, list) else [])]
-            await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
-        finally:
-            _ack_wanted.reset(token)
-
-
-def websocket_text_frame(payload: bytes) -> bytes:
-    """One unmasked, unfragmented WebSocket text frame, as a server sends it."""
-    size = len(payload)
-    if size < 126:
-        header = bytes((0x81, size))
-    elif size < 65536:
-        header = bytes((0x81, 126)) + size.to_bytes(2, "big")
-    else:
-        header = bytes((0x81, 127)) + size.to_bytes(8, "big")
-    return header + payload
-
-
-class FanoutManager(socketio.AsyncManager):
-    """Room broadcasts that encode a packet once and hand it to each recipient without a Task each.
-
-    python-socketio's stock manager starts one asyncio Task per recipient, and each
-    recipient's writer task then wakes up to send it. Here, a WebSocket client whose
-    outgoing queue is idle gets the WebSocket frame (built once per broadcast)
-    written straight to its transport; any other client gets it queued. Either way
-    there is a bound: a client that falls `max_queue` packets (or KB) behind is
-    disconnected instead of growing server memory.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.on_message_id: Callable[[int], None] | None = None
-
-    async def emit(self, event: str, data: Any, namespace: str, room: Any = None, skip_sid: Any = None,
-                   callback: Any = None, to: Any = None, **kwargs: Any) -> None:
-        room = to or room
-        if (self.on_message_id is not None and event in ("newmessage", "botmessage") and isinstance(data, dict)
-                and type(data.get("id")) is int):
-            self.on_message_id(data["id"])
-        if callback is not None or namespace not in self.rooms:
-            return await super().emit(event, data, namespace, room=room, skip_sid=skip_sid,
-                                      callback=callback, **kwargs)
-        args = list(data) if isinstance(data, tuple) else ([] if data is None else [data])
-        encoded = self.server.packet_class(sio_packet.EVENT, namespace=namespace, data=[event, *args]).encode()
-        if isinstance(encoded, list):  # binary attachments: leave them to the stock path
-            return await super().emit(event, data, namespace, room=room, skip_sid=skip_sid, **kwargs)
-        frame = eio_packet.Packet(eio_packet.MESSAGE, encoded)
-        ws_frame: bytes | None = None
-        skip = skip_sid if isinstance(skip_sid, list) else [skip_sid]
-        sockets = self.server.eio.sockets
-        max_buffered = self.server.eio.max_queue * 1024
-        for sid, eio_sid in self.get_participants(namespace, room):
-            if sid in skip:
-                continue
-            sock = sockets.get(eio_sid)
-            if sock is None or sock.closing or sock.closed:
-                continue
-            queue = sock.queue
-            if type(queue) is DirectQueue and queue.idle():
-                transport = queue.ws.transport_for_direct_write()
-                if transport is not None:
-                    if transport.get_write_buffer_size() > max_buffered:
-                        self.server.eio.drop_slow_reader(eio_sid)
-                        continue
-                    if ws_frame is None:
-                        ws_frame = websocket_text_frame(b"4" + encoded.encode())
-                    transport.write(ws_frame)
-                    continue
-            queue.put_nowait(frame)  # an OutgoingQueue: past its bound it drops the client instead
-
-
-class RedisFanoutManager(socketio.AsyncRedisManager, FanoutManager):
-    """python-socketio's Redis manager (broadcasts reach every node) with the local fast path.
-
-    Each node delivers to its own clients first, then publishes for the others.
-    While Redis is down, publishing is skipped (logged once, through RedisHealth)
-    and the subscription retries every few seconds instead of backing off to a minute.
-    """
-
-    def __init__(self, url: str, health: RedisHealth,
-                 on_message_id: Callable[[int], None] | None = None) -> None:
-        quiet = logging.getLogger("chat.redis-manager")
-        quiet.setLevel(logging.CRITICAL)  # outages are reported once by RedisHealth
-        super().__init__(url, channel="chat.py", logger=quiet, redis_options={"socket_connect_timeout": 2})
-        self.health = health
-        self.on_message_id = on_message_id  # relayed messages tell the store which ids exist
-
-    async def _publish(self, data: Any) -> None:
-        if self.health.down:
-            return
-        try:
-            if not self.connected:
-                self._redis_connect()
-            await asyncio.wait_for(self.redis.publish(self.channel, self.json.dumps(data)), 2)
-        except Exception as exc:
-            self.connected = False
-            self.health.failed(exc)
-
-    async def _redis_listen_with_retries(self) -> Any:
-        delay = 0.25
-        subscribed = False
-        while True:
-            try:
-                if not subscribed:
-                    self._redis_connect()
-                    await self.pubsub.subscribe(self.channel)
-                    subscribed, delay = True, 0.25
-                async for message in self.pubsub.listen():
-                    yield message
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                subscribed = False
-                self.health.failed(exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 3.0)
-
-
-class TokenBucket:
-    """Allows `rate` events per second with bursts of up to `burst`; rate 0 allows everything."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = float(burst)
-        self.stamp = time.monotonic()
-
-    def ready(self) -> bool:
-        """Whether take() would succeed now (without taking)."""
-        if self.rate <= 0:
-            return True
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        return self.tokens >= 1
-
-    def take(self) -> bool:
-        if not self.ready():
-            return False
-        if self.rate > 0:
-            self.tokens -= 1
-        return True
-
-    def wait_ms(self) -> int:
-        """Milliseconds until the next event will be allowed."""
-        return 0 if self.rate <= 0 else int((1 - self.tokens) / self.rate * 1000) + 1
-
-
-class AddressBuckets:
-    """Token buckets per client address that outlive connections: reconnecting does not refill them.
-
-    A bucket is forgotten once it has refilled, so the map holds only addresses active lately.
-    """
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.buckets: dict[str, TokenBucket] = {}
-
-    def take(self, address: str) -> TokenBucket | None:
-        """None when allowed; otherwise the empty bucket (its wait_ms says how long to wait)."""
-        if self.rate <= 0:
-            return None
-        bucket = self.buckets.get(address)
-        if bucket is None:
-            if len(self.buckets) >= 10_000:
-                self.prune()
-            bucket = self.buckets[address] = TokenBucket(self.rate, self.burst)
-        return None if bucket.take() else bucket
-
-    def prune(self) -> None:
-        now = time.monotonic()
-        full = [a for a, b in self.buckets.items() if b.tokens + (now - b.stamp) * b.rate >= b.burst]
-        for address in full:
-            del self.buckets[address]
-
-
-class PasswordGuard:
-    """Limits password guesses: 5 a minute per address (IPv6 per /64, where one host has many
-    addresses); loopback, shared by everyone who comes through an SSH tunnel, is never locked
-    out but slowed down together (10 guesses, then one every 2 seconds)."""
-
-    PER_MINUTE = 5
-
-    def __init__(self) -> None:
-        self.failures: dict[str, collections.deque[float]] = {}
-        self.loopback = TokenBucket(0.5, 10)
-
-    @staticmethod
-    def group(ip: str, trust_proxy: bool) -> str:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return ip
-        if address.is_loopback and not trust_proxy:
-            return "loopback"
-        if address.version == 6 and not (address.ipv4_mapped and address.ipv4_mapped.is_loopback):
-            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-        return ip
-
-    def _recent(self, group: str) -> collections.deque[float] | None:
-        failures = self.failures.get(group)
-        if failures is not None:
-            now = time.monotonic()
-            while failures and now - failures[0] > 60:
-                failures.popleft()
-            if not failures:
-                del self.failures[group]
-                return None
-        return failures
-
-    def may_try(self, group: str) -> bool:
-        if group == "loopback":
-            return self.loopback.ready()
-        failures = self._recent(group)
-        return failures is None or len(failures) < self.PER_MINUTE
-
-    def failed(self, group: str) -> None:
-        if group == "loopback":
-            self.loopback.take()
-            return
-        if len(self.failures) >= 10_000:
-            for stale in list(self.failures):
-                self._recent(stale)
-        self.failures.setdefault(group, collections.deque()).append(time.monotonic())
-
-
-EXTRA_HANDSHAKES = 5  # Engine.IO sessions per address allowed beyond --max-per-ip
-
-# One address (all its connections together) may send this many times one connection's rate.
-PER_ADDRESS_FACTOR = 4
-JOIN_RATE, JOIN_BURST = 2.0, 5        # joins per second per connection (a page joins on connect and room switch)
-TYPING_RATE, TYPING_BURST = 2.0, 4    # typing changes relayed per second per connection; the rest are dropped
 
 
 @dataclass
@@ -2308,6 +856,7 @@ class Session:
     typing_timer: asyncio.TimerHandle | None = None
 
 
+
 class ChatHub:
     """Owns the Socket.IO server: rooms, presence, typing, messages and the bot."""
 
@@ -2316,10 +865,6 @@ class ChatHub:
         self.settings = settings
         self.store = store
         self.bot = BotRunner(bot, settings)
-        # python-engineio refuses a whole long-polling POST that batches more than
-        # 16 packets, which silently loses bursts; allow as many as fit the size cap.
-        eio_payload.Payload.max_decode_packets = max(eio_payload.Payload.max_decode_packets,
-                                                     settings.max_payload // 2)
         self.sio = ChatServer(
             async_mode="aiohttp",
             client_manager=manager or FanoutManager(),
@@ -2493,15 +1038,10 @@ class ChatHub:
         await self._leave_presence(session.room, session.user)
 
     def _release_long_poll(self, sid: str) -> None:
-        """Answer a long-polling GET still held open for a client that has gone.
-
-        python-engineio leaves it waiting for the ping timeout (about 45 s)
-        after the client says goodbye, holding a request and a socket.
-        """
+        """Answer a long-polling GET still held open for a client that has gone."""
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
-        sock = self.sio.eio.sockets.get(eio_sid) if eio_sid else None
-        if sock is not None and not sock.upgraded:
-            sock.queue.put_nowait(None)
+        if eio_sid:
+            self.sio.eio.release_long_poll(eio_sid)
 
     # -- presence and typing
 
@@ -2753,7 +1293,1059 @@ class ChatHub:
         await self.sio.shutdown()
 
 
-# ---------------------------------------------------------------- web (aiohttp routes and headers)
+# ---------------------------------------------------------------- admission: rates, caps and passwords
+
+EXTRA_HANDSHAKES = 5  # Engine.IO sessions per address allowed beyond --max-per-ip
+
+# One address (all its connections together) may send this many times one connection's rate.
+PER_ADDRESS_FACTOR = 4
+JOIN_RATE, JOIN_BURST = 2.0, 5        # joins per second per connection (a page joins on connect and room switch)
+TYPING_RATE, TYPING_BURST = 2.0, 4    # typing changes relayed per second per connection; the rest are dropped
+
+
+
+class AddressBuckets:
+    """Token buckets per client address that outlive connections: reconnecting does not refill them.
+
+    A bucket is forgotten once it has refilled, so the map holds only addresses active lately.
+    """
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.buckets: dict[str, TokenBucket] = {}
+
+    def take(self, address: str) -> TokenBucket | None:
+        """None when allowed; otherwise the empty bucket (its wait_ms says how long to wait)."""
+        if self.rate <= 0:
+            return None
+        bucket = self.buckets.get(address)
+        if bucket is None:
+            if len(self.buckets) >= 10_000:
+                self.prune()
+            bucket = self.buckets[address] = TokenBucket(self.rate, self.burst)
+        return None if bucket.take() else bucket
+
+    def prune(self) -> None:
+        now = time.monotonic()
+        full = [a for a, b in self.buckets.items() if b.tokens + (now - b.stamp) * b.rate >= b.burst]
+        for address in full:
+            del self.buckets[address]
+
+
+
+class PasswordGuard:
+    """Limits password guesses: 5 a minute per address (IPv6 per /64, where one host has many
+    addresses); loopback, shared by everyone who comes through an SSH tunnel, is never locked
+    out but slowed down together (10 guesses, then one every 2 seconds)."""
+
+    PER_MINUTE = 5
+
+    def __init__(self) -> None:
+        self.failures: dict[str, collections.deque[float]] = {}
+        self.loopback = TokenBucket(0.5, 10)
+
+    @staticmethod
+    def group(ip: str, trust_proxy: bool) -> str:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return ip
+        if address.is_loopback and not trust_proxy:
+            return "loopback"
+        if address.version == 6 and not (address.ipv4_mapped and address.ipv4_mapped.is_loopback):
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return ip
+
+    def _recent(self, group: str) -> collections.deque[float] | None:
+        failures = self.failures.get(group)
+        if failures is not None:
+            now = time.monotonic()
+            while failures and now - failures[0] > 60:
+                failures.popleft()
+            if not failures:
+                del self.failures[group]
+                return None
+        return failures
+
+    def may_try(self, group: str) -> bool:
+        if group == "loopback":
+            return self.loopback.ready()
+        failures = self._recent(group)
+        return failures is None or len(failures) < self.PER_MINUTE
+
+    def failed(self, group: str) -> None:
+        if group == "loopback":
+            self.loopback.take()
+            return
+        if len(self.failures) >= 10_000:
+            for stale in list(self.failures):
+                self._recent(stale)
+        self.failures.setdefault(group, collections.deque()).append(time.monotonic())
+
+
+# ---------------------------------------------------------------- rooms: presence and typing
+
+
+class Board:
+    """Who is online and who is typing in each room, as this process sees it.
+
+    Presence is counted per name across a person's tabs (connections).
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[str, collections.Counter[str]] = {}
+        self.typists: dict[str, dict[str, float]] = {}
+
+    def add(self, room: str, user: str) -> int:
+        counts = self.counts.setdefault(room, collections.Counter())
+        counts[user] += 1
+        return counts[user]
+
+    def remove(self, room: str, user: str) -> int:
+        """One tab fewer; returns how many this name still has here."""
+        counts = self.counts.get(room)
+        if not counts or counts[user] <= 0:
+            return 0
+        counts[user] -= 1
+        return counts[user]
+
+    def forget(self, room: str, user: str) -> None:
+        counts = self.counts.get(room)
+        if counts is not None and counts[user] <= 0:
+            del counts[user]
+            if not counts:
+                del self.counts[room]
+
+    def local_count(self, room: str, user: str) -> int:
+        return self.counts.get(room, collections.Counter())[user]
+
+    async def members(self, room: str) -> list[str]:
+        return sorted(self.counts.get(room, {}), key=str.casefold)
+
+    async def publish(self, room: str) -> None:
+        """Share this process's members of the room (nothing to do without Redis)."""
+        return None
+
+    async def set_typing(self, room: str, user: str, typing: bool, ttl: float) -> list[str] | None:
+        """Record typing on or off; returns the room's typists when that changed, else None."""
+        room_typing = self.typists.setdefault(room, {})
+        was = user in room_typing
+        if typing:
+            room_typing[user] = time.time() + ttl
+        else:
+            room_typing.pop(user, None)
+        users = sorted(room_typing)
+        if not room_typing:
+            del self.typists[room]
+        return users if was != typing else None
+
+    async def typing_users(self, room: str) -> list[str]:
+        return sorted(self.typists.get(room, {}))
+
+
+
+class RedisHealth:
+    """Tracks whether Redis answers, logs an outage once and its end once, and probes with backoff."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.down = False
+        self._probe: asyncio.Task[None] | None = None
+        self.on_recovery: list[Any] = []
+
+    def failed(self, exc: BaseException) -> None:
+        if self.down:
+            return
+        self.down = True
+        log.warning("Redis is unreachable (%s): each node keeps chatting on its own; retrying",
+                    describe_error(exc))
+        self._probe = asyncio.get_running_loop().create_task(self._wait_for_redis())
+
+    async def _wait_for_redis(self) -> None:
+        delay = 0.25
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await asyncio.wait_for(self.client.ping(), 2)
+            except Exception:
+                delay = min(delay * 2, 5.0)
+                continue
+            for callback in self.on_recovery:
+                try:
+                    await callback()
+                except Exception as exc:  # still flapping: try again later
+                    log.debug("recovery step failed: %s", exc)
+            self.down = False
+            log.warning("Redis is back: messages reach every node again")
+            return
+
+    async def call(self, coro_fn: Any, *args: Any) -> Any:
+        """Run a Redis call, raising RedisDown (after logging once) when Redis does not answer."""
+        if self.down:
+            raise RedisDown()
+        try:
+            return await asyncio.wait_for(coro_fn(*args), 2)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.failed(exc)
+            raise RedisDown() from None
+        except Exception as exc:
+            if type(exc).__module__.startswith("redis"):
+                self.failed(exc)
+                raise RedisDown() from None
+            raise
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+
+
+
+class RedisDown(Exception):
+    """Redis is unreachable right now; the caller falls back to this process's own state."""
+
+
+
+class RedisBoard(Board):
+    """Presence and typing shared through Redis: each node keeps its own members under a key
+    that expires unless the node's heartbeat refreshes it, so a dead node's users vanish."""
+
+    def __init__(self, client: Any, health: RedisHealth, node: str, ttl: float) -> None:
+        super().__init__()
+        self.client = client
+        self.health = health
+        self.node = node
+        self.ttl = ttl
+
+    def _key(self, room: str, node: str | None = None) -> str:
+        return f"chat:presence:{room}:{node or self.node}"
+
+    async def publish(self, room: str) -> None:
+        names = {name: n for name, n in self.counts.get(room, {}).items() if n > 0}
+
+        async def write() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.delete(self._key(room))
+                if names:
+                    pipe.hset(self._key(room), mapping=names)
+                    pipe.pexpire(self._key(room), int(self.ttl * 1000))
+                    pipe.sadd(f"chat:presence-nodes:{room}", self.node)
+                await pipe.execute()
+
+        with contextlib.suppress(RedisDown):
+            await self.health.call(write)
+
+    async def members(self, room: str) -> list[str]:
+        async def read() -> list[str]:
+            nodes = await self.client.smembers(f"chat:presence-nodes:{room}")
+            names: set[str] = set()
+            for node in nodes:
+                node = node.decode() if isinstance(node, bytes) else node
+                found = await self.client.hkeys(self._key(room, node))
+                if not found and node != self.node:
+                    await self.client.srem(f"chat:presence-nodes:{room}", node)  # expired: that node died
+                names.update(n.decode() if isinstance(n, bytes) else n for n in found)
+            return sorted(names, key=str.casefold)
+
+        try:
+            return await self.health.call(read)
+        except RedisDown:
+            return await super().members(room)
+
+    async def set_typing(self, room: str, user: str, typing: bool, ttl: float) -> list[str] | None:
+        key = f"chat:typing:{room}"
+
+        async def write() -> list[str] | None:
+            if typing:
+                changed = await self.client.hset(key, user, int((time.time() + ttl) * 1000))
+                await self.client.pexpire(key, int((ttl + 5) * 1000))
+            else:
+                changed = await self.client.hdel(key, user)
+            return await self._typists(key) if changed else None
+
+        try:
+            return await self.health.call(write)
+        except RedisDown:
+            return await super().set_typing(room, user, typing, ttl)
+
+    async def _typists(self, key: str) -> list[str]:
+        now = time.time() * 1000
+        entries = await self.client.hgetall(key)
+        return sorted((k.decode() if isinstance(k, bytes) else k) for k, v in entries.items() if float(v) > now)
+
+    async def typing_users(self, room: str) -> list[str]:
+        try:
+            return await self.health.call(self._typists, f"chat:typing:{room}")
+        except RedisDown:
+            return await super().typing_users(room)
+
+    async def refresh(self) -> None:
+        """Heartbeat: re-publish this node's members of every room so they do not expire."""
+        for room in list(self.counts):
+            await self.publish(room)
+
+
+# ---------------------------------------------------------------- stores (history)
+
+
+class Store(Protocol):
+    """Where messages live: assigns ids, keeps the last N per room, replays since an id.
+
+    `epoch` names the sequence the ids come from: it changes when ids may start
+    over (a restart without --db, a new database file), so a client that
+    remembers ids from another epoch knows to forget them.
+    """
+
+    epoch: str
+
+    async def open(self) -> None: ...
+
+    async def append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> tuple[Message, bool]:
+        """Store and number a message; if `cid` was already stored in the room, return that one and False."""
+        ...
+
+    async def recent(self, room: str, limit: int) -> list[Message]: ...
+
+    async def since(self, room: str, after_id: int, limit: int) -> tuple[list[Message], bool]: ...
+
+    async def close(self) -> None: ...
+
+
+
+def replay_from_window(window: Any, after_id: int, evicted_upto: int,
+                       limit: int) -> tuple[list[Message], bool]:
+    """The messages after `after_id` in a room's window of recent messages, and whether that is all of them
+    (nothing newer than `after_id` was evicted from the window, and no more than `limit` were missed)."""
+    missed = [m for m in window if m.id > after_id]
+    return missed[-limit:], after_id >= evicted_upto and len(missed) <= limit
+
+
+
+MAX_ROOMS_KEPT = 10_000  # rooms whose history the in-memory store keeps (least recently used dropped first)
+
+
+
+class MemoryStore:
+    """History in memory: a bounded deque per room, for at most MAX_ROOMS_KEPT rooms;
+    ids increase across the whole server."""
+
+    def __init__(self, history: int, max_rooms: int = MAX_ROOMS_KEPT) -> None:
+        self.history = history
+        self.max_rooms = max_rooms
+        self.epoch = new_epoch()
+        self._next_id = 1
+        self._rooms: collections.OrderedDict[str, collections.deque[Message]] = collections.OrderedDict()
+        self._cids: dict[str, dict[str, Message]] = {}
+        self._evicted_upto: dict[str, int] = {}
+        self._forgotten_upto = 0  # the newest id in any room whose history was dropped
+
+    async def open(self) -> None:
+        return None
+
+    async def append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> tuple[Message, bool]:
+        earlier = self._cids.get(room, {}).get(cid) if cid else None
+        if earlier is not None:
+            return earlier, False
+        msg = Message(self._next_id, room, user, body, now_ms(), kind, cid)
+        self._next_id += 1
+        self.remember(msg)
+        return msg, True
+
+    def continue_after(self, highest_id: int) -> None:
+        """Number new messages after `highest_id` (ids another store handed out)."""
+        self._next_id = max(self._next_id, highest_id + 1)
+
+    def remember(self, msg: Message) -> None:
+        """Add an already numbered message to the room's window."""
+        window = self._rooms.get(msg.room)
+        if window is None:
+            if len(self._rooms) >= self.max_rooms:
+                self._forget_oldest_room()
+            window = self._rooms[msg.room] = collections.deque()
+        else:
+            self._rooms.move_to_end(msg.room)
+        cids = self._cids.setdefault(msg.room, {})
+        if len(window) >= self.history:
+            old = window.popleft()
+            self._evicted_upto[msg.room] = old.id
+            if old.cid and cids.get(old.cid) is old:
+                del cids[old.cid]
+        window.append(msg)
+        if msg.cid:
+            cids[msg.cid] = msg
+
+    def _forget_oldest_room(self) -> None:
+        room, window = self._rooms.popitem(last=False)
+        self._cids.pop(room, None)
+        self._evicted_upto.pop(room, None)
+        if window:
+            self._forgotten_upto = max(self._forgotten_upto, window[-1].id)
+
+    async def recent(self, room: str, limit: int) -> list[Message]:
+        window = self._rooms.get(room, ())
+        return list(window)[-limit:] if limit else []
+
+    async def since(self, room: str, after_id: int, limit: int) -> tuple[list[Message], bool]:
+        window = self._rooms.get(room)
+        # A room not kept here may have had its history dropped: replay cannot promise completeness.
+        evicted = self._evicted_upto.get(room, 0) if window is not None else self._forgotten_upto
+        return replay_from_window(window or (), after_id, evicted, limit)
+
+    async def close(self) -> None:
+        return None
+
+
+
+SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id    INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, also after deletes
+    room  TEXT    NOT NULL,
+    user  TEXT    NOT NULL,
+    body  TEXT    NOT NULL,
+    kind  TEXT    NOT NULL CHECK (kind IN ('user', 'bot')),
+    ts    INTEGER NOT NULL,                    -- epoch milliseconds
+    cid   TEXT                                 -- client id for de-duplication
+);
+CREATE INDEX IF NOT EXISTS messages_room_id ON messages (room, id);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_room_cid ON messages (room, cid) WHERE cid IS NOT NULL;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);  -- 'epoch': this file's id sequence
+"""
+
+
+
+class SqliteStore:
+    """History in a SQLite file (WAL); all database work runs on one background thread.
+
+    The file is checked at start (PRAGMA quick_check) and locked (flock) for as long as
+    this process runs, so that a second chat.py cannot write to it too.
+    """
+
+    COLUMNS = "SELECT id, room, user, body, kind, ts, cid FROM messages"
+
+    def __init__(self, path: Path, history: int) -> None:
+        self.path = path
+        self.history = history
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-sqlite")
+        self._db: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self.epoch = ""
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"the database {self.path}: {exc}") from None
+
+    def _lock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: run unlocked
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StoreError(f"{self.path} is in use by another chat.py (one process per database file)") from None
+        self._lock_fd = fd  # held open, and so locked, until close()
+
+    def _open(self) -> None:
+        self._lock()
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        problems = [" ".join(str(row[0]).split()) for row in db.execute("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            db.close()
+            raise StoreError(f"{self.path} is damaged ({'; '.join(problems)[:200]}); restore a backup "
+                             "or move it aside to start a new one")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(SQLITE_SCHEMA)
+        db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (new_epoch(),))
+        self.epoch = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
+        self._db = db
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    @staticmethod
+    def _row(row: tuple[Any, ...]) -> Message:
+        return Message(id=row[0], room=row[1], user=row[2], body=row[3], kind=row[4], ts=row[5], cid=row[6])
+
+    def _append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> tuple[Message, bool]:
+        assert self._db is not None
+        ts = now_ms()
+        try:
+            cur = self._db.execute(
+                "INSERT INTO messages (room, user, body, kind, ts, cid) VALUES (?, ?, ?, ?, ?, ?)",
+                (room, user, body, kind, ts, cid))
+        except sqlite3.IntegrityError:  # this cid is already stored in this room
+            return self._select(f"{self.COLUMNS} WHERE room = ? AND cid = ?", room, cid)[0], False
+        return Message(int(cur.lastrowid or 0), room, user, body, ts, kind, cid), True
+
+    async def append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> tuple[Message, bool]:
+        return await self._run(self._append, room, user, body, kind, cid)
+
+    def _select(self, sql: str, *params: Any) -> list[Message]:
+        assert self._db is not None
+        return [self._row(r) for r in self._db.execute(sql, params).fetchall()]
+
+    async def recent(self, room: str, limit: int) -> list[Message]:
+        rows = await self._run(self._select, f"{self.COLUMNS} WHERE room = ? ORDER BY id DESC LIMIT ?", room, limit)
+        return rows[::-1]
+
+    async def since(self, room: str, after_id: int, limit: int) -> tuple[list[Message], bool]:
+        rows = await self._run(self._select, f"{self.COLUMNS} WHERE room = ? AND id > ? ORDER BY id DESC LIMIT ?",
+                               room, after_id, limit + 1)
+        complete = len(rows) <= limit
+        return rows[:limit][::-1], complete
+
+    async def close(self) -> None:
+        if self._db is not None:
+            try:
+                await self._run(self._db.close)
+            except StoreError as exc:  # say, the final checkpoint on a full disk: what was acked is committed
+                log.warning("closing the history store: %s", exc)
+            self._db = None
+        self._pool.shutdown(wait=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+
+REDIS_APPEND = """
+local cid = ARGV[1]
+if cid ~= '' then
+  local found = redis.call('HGET', KEYS[3], cid)
+  if found then return {0, found} end
+end
+local id = redis.call('INCR', KEYS[1])
+local msg = '{"id":' .. id .. ',' .. string.sub(ARGV[3], 2)
+redis.call('RPUSH', KEYS[2], msg)
+local limit = tonumber(ARGV[2])
+local excess = redis.call('LLEN', KEYS[2]) - limit
+if excess > 0 then
+  redis.call('SET', KEYS[5], cjson.decode(redis.call('LINDEX', KEYS[2], excess - 1))['id'])
+  redis.call('LTRIM', KEYS[2], excess, -1)
+end
+if cid ~= '' then
+  redis.call('HSET', KEYS[3], cid, msg)
+  redis.call('ZADD', KEYS[4], id, cid)
+  local over = redis.call('ZCARD', KEYS[4]) - limit * 2
+  if over > 0 then
+    local old = redis.call('ZRANGE', KEYS[4], 0, over - 1)
+    redis.call('HDEL', KEYS[3], unpack(old))
+    redis.call('ZREMRANGEBYRANK', KEYS[4], 0, over - 1)
+  end
+end
+return {1, msg}
+"""
+REDIS_RAISE_IDS = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+"""
+
+
+
+class RedisStore:
+    """History and ids shared by every node through Redis.
+
+    Ids come from INCR; each room keeps a capped list of messages and a window of
+    client ids (twice the history length) for de-duplication, all updated by one
+    Lua script so that concurrent nodes cannot interleave. While Redis is down,
+    this node numbers and keeps messages in memory, continuing after the highest
+    id it has seen, and raises the shared counter past them when Redis is back.
+    """
+
+    def __init__(self, client: Any, health: RedisHealth, history: int) -> None:
+        self.client = client
+        self.health = health
+        self.history = history
+        self.local = MemoryStore(history)
+        self.highest_id = 0
+        self.epoch = ""
+        self._append = client.register_script(REDIS_APPEND)
+        self._raise_ids = client.register_script(REDIS_RAISE_IDS)
+        health.on_recovery.append(self._after_outage)
+
+    async def open(self) -> None:
+        await self.client.set("chat:epoch", new_epoch(), nx=True)
+        epoch = await self.client.get("chat:epoch")
+        self.epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+
+    async def close(self) -> None:
+        return None
+
+    def note_id(self, message_id: int) -> None:
+        """Remember an id another node handed out, so numbering during an outage continues after it."""
+        self.highest_id = max(self.highest_id, message_id)
+
+    def _message(self, raw: bytes | str) -> Message:
+        data = json.loads(raw)
+        self.highest_id = max(self.highest_id, data["id"])
+        return Message(data["id"], data["room"], data["user"], data["body"], data["ts"], data["kind"],
+                       data.get("cid"))
+
+    async def _after_outage(self) -> None:
+        await self._raise_ids(keys=["chat:ids"], args=[self.highest_id])
+
+    async def append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> tuple[Message, bool]:
+        fields = {"room": room, "user": user, "body": body, "ts": now_ms(), "kind": kind}
+        if cid:
+            fields["cid"] = cid
+        keys = ["chat:ids", f"chat:history:{room}", f"chat:cids:{room}", f"chat:cid-order:{room}",
+                f"chat:evicted:{room}"]
+        try:
+            created, raw = await self.health.call(self._append, keys, [cid or "", self.history, json.dumps(fields)])
+        except RedisDown:
+            self.local.continue_after(self.highest_id)
+            message, created = await self.local.append(room, user, body, kind, cid)
+            self.note_id(message.id)
+            return message, created
+        return self._message(raw), bool(created)
+
+    async def _window(self, room: str) -> tuple[list[Message], int]:
+        async def read() -> tuple[list[Any], Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.lrange(f"chat:history:{room}", 0, -1)
+                pipe.get(f"chat:evicted:{room}")
+                return await pipe.execute()
+
+        raws, evicted = await self.health.call(read)
+        return [self._message(r) for r in raws], int(evicted or 0)
+
+    async def recent(self, room: str, limit: int) -> list[Message]:
+        try:
+            window, _ = await self._window(room)
+        except RedisDown:
+            return await self.local.recent(room, limit)
+        return window[-limit:] if limit else []
+
+    async def since(self, room: str, after_id: int, limit: int) -> tuple[list[Message], bool]:
+        try:
+            window, evicted = await self._window(room)
+        except RedisDown:
+            return await self.local.since(room, after_id, limit)
+        return replay_from_window(window, after_id, evicted, limit)
+
+
+# ---------------------------------------------------------------- bots
+
+
+@dataclass(frozen=True)
+class BotTurn:
+    """What a bot is asked: one person's message, who sent it, and the room's recent messages."""
+
+    user: str
+    text: str
+    room: str
+    sender_id: str  # stable per person and room, for backends that keep conversation state
+    context: tuple[Message, ...] = ()  # oldest first, ending with this message
+
+
+
+class Bot(Protocol):
+    """A chat bot backend: a person's message in, zero or more replies out."""
+
+    remote: bool  # calls a service: limited, timed out, and shown typing while it works
+
+    async def open(self) -> None: ...
+
+    async def reply(self, turn: BotTurn) -> list[str]: ...
+
+    async def check(self) -> str | None:
+        """None when the backend answers, else why not (checked once at start-up)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+
+class BotUnavailable(Exception):
+    """The backend failed; the message says why, for one log line."""
+
+
+
+class RulesError(Exception):
+    """A --bot-rules file is not valid; the message names the rule and the problem."""
+
+
+
+DEFAULT_RULES: dict[str, Any] = {
+    "rules": [
+        {"name": "greeting", "words": ["hello", "hi", "hey"], "replies": ["Hello, {user}!"]},
+        {"name": "question", "pattern": r"\?", "replies": ["We will be right with you to answer your question."]},
+        {"name": "no question", "pattern": r"^[^?]*$", "replies": ["Did you have a question for us today?"]},
+    ],
+    "fallback": [],
+}
+
+
+
+@dataclass(frozen=True)
+class KeywordRule:
+    """One rule: a pattern to look for and the reply templates to choose from."""
+
+    name: str
+    pattern: re.Pattern[str]
+    replies: tuple[str, ...]
+    stop: bool = False
+
+
+
+def _check_templates(where: str, templates: Any) -> tuple[str, ...]:
+    if not isinstance(templates, list) or not templates or not all(isinstance(t, str) and t for t in templates):
+        raise RulesError(f"{where}: 'replies' must be a non-empty list of non-empty strings")
+    for template in templates:
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        except ValueError as exc:
+            raise RulesError(f"{where}: bad template {template!r}: {exc}") from None
+        if fields - {"user"}:
+            raise RulesError(f"{where}: template {template!r} may only use {{user}}, not {sorted(fields - {'user'})}")
+    return tuple(templates)
+
+
+
+def parse_rules(data: Any) -> tuple[tuple[KeywordRule, ...], tuple[str, ...]]:
+    """Validate a rules document (see README, "Bots"); raises RulesError naming the rule."""
+    if not isinstance(data, dict):
+        raise RulesError("the file must hold a JSON object with \"rules\" and optionally \"fallback\"")
+    unknown = set(data) - {"rules", "fallback"}
+    if unknown:
+        raise RulesError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
+    raw_rules = data.get("rules")
+    if not isinstance(raw_rules, list) or not raw_rules:
+        raise RulesError("\"rules\" must be a non-empty list")
+    rules = []
+    for index, raw in enumerate(raw_rules, 1):
+        where = f"rule {index}"
+        if not isinstance(raw, dict):
+            raise RulesError(f"{where}: must be an object")
+        if isinstance(raw.get("name"), str):
+            where += f" ({raw['name']!r})"
+        unknown = set(raw) - {"name", "words", "pattern", "replies", "stop"}
+        if unknown:
+            raise RulesError(f"{where}: unknown key(s): {', '.join(sorted(unknown))}")
+        if ("words" in raw) == ("pattern" in raw):
+            raise RulesError(f"{where}: give exactly one of 'words' or 'pattern'")
+        if "words" in raw:
+            words = raw["words"]
+            if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
+                raise RulesError(f"{where}: 'words' must be a non-empty list of non-empty strings")
+            pattern = re.compile(r"\b(?:" + "|".join(re.escape(w.strip()) for w in words) + r")\b", re.IGNORECASE)
+        else:
+            if not isinstance(raw["pattern"], str) or not raw["pattern"]:
+                raise RulesError(f"{where}: 'pattern' must be a non-empty string")
+            try:
+                pattern = re.compile(raw["pattern"], re.IGNORECASE)
+            except re.error as exc:
+                raise RulesError(f"{where}: 'pattern' is not a valid regular expression: {exc}") from None
+        if not isinstance(raw.get("stop", False), bool):
+            raise RulesError(f"{where}: 'stop' must be true or false")
+        rules.append(KeywordRule(str(raw.get("name", index)), pattern, _check_templates(where, raw.get("replies")),
+                                 raw.get("stop", False)))
+    fallback = data.get("fallback", [])
+    if fallback != []:
+        fallback = _check_templates("fallback", fallback)
+    return tuple(rules), tuple(fallback)
+
+
+
+def load_rules(path: Path) -> tuple[tuple[KeywordRule, ...], tuple[str, ...]]:
+    """Read and validate a --bot-rules JSON file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RulesError(f"cannot read the file: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RulesError(f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    return parse_rules(data)
+
+
+
+class KeywordBot:
+    """Ordered keyword rules: every matching rule adds one reply; a rule with stop ends the search.
+
+    The default rules are the tutorial's, with its bug fixed: greet only on the
+    words hello/hi/hey, then answer a question or ask for one.
+    """
+
+    remote = False
+
+    def __init__(self, rules: tuple[tuple[KeywordRule, ...], tuple[str, ...]] | None = None) -> None:
+        self.rules, self.fallback = rules or parse_rules(DEFAULT_RULES)
+        self._random = random.Random()
+
+    async def open(self) -> None:
+        return None
+
+    async def check(self) -> str | None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _fill(self, templates: tuple[str, ...], user: str) -> str:
+        return self._random.choice(templates).format(user=user)
+
+    async def reply(self, turn: BotTurn) -> list[str]:
+        replies = []
+        for rule in self.rules:
+            if rule.pattern.search(turn.text):
+                replies.append(self._fill(rule.replies, turn.user))
+                if rule.stop:
+                    break
+        if not replies and self.fallback:
+            replies.append(self._fill(self.fallback, turn.user))
+        return replies
+
+
+
+class SilentBot(KeywordBot):
+    """--bot off: never replies."""
+
+    async def reply(self, turn: BotTurn) -> list[str]:
+        return []
+
+
+
+class HttpBot:
+    """Shared plumbing for bots behind an HTTP API: one client session, clear failure reasons."""
+
+    remote = True
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout))
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def _probe(self, url: str, headers: dict[str, str] | None = None) -> str | None:
+        assert self.session is not None
+        try:
+            async with self.session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=3)) as resp:
+                return None if resp.status < 400 else f"HTTP {resp.status} from {url}"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            return f"{url}: {describe_error(exc)}"
+
+
+
+def _json_error(body: Any) -> str | None:
+    if isinstance(body, dict) and "error" in body:
+        error = body["error"]
+        message = error.get("message") if isinstance(error, dict) else error
+        return f"error from the backend: {str(message)[:200]}"
+    return None
+
+
+
+class RasaBot(HttpBot):
+    """Rasa's REST channel: POST {url}/webhooks/rest/webhook {sender, message} -> [{text|image|buttons}]."""
+
+    async def check(self) -> str | None:
+        return await self._probe(self.url + "/")
+
+    async def reply(self, turn: BotTurn) -> list[str]:
+        assert self.session is not None
+        url = self.url + "/webhooks/rest/webhook"
+        async with self.session.post(url, json={"sender": turn.sender_id, "message": turn.text}) as resp:
+            try:
+                body = await resp.json(content_type=None)
+            except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+                raise BotUnavailable(f"HTTP {resp.status}, malformed JSON from {url}") from None
+            if resp.status >= 400:
+                raise BotUnavailable(_json_error(body) or f"HTTP {resp.status} from {url}")
+        if not isinstance(body, list):
+            raise BotUnavailable(_json_error(body) or f"expected a JSON list from {url}")
+        replies = []
+        for item in body:  # Rasa answers errors with 200 and []: no reply, not a failure
+            if not isinstance(item, dict):
+                continue
+            if isinstance(item.get("text"), str) and item["text"].strip():
+                replies.append(item["text"])
+            if isinstance(item.get("image"), str) and item["image"].strip():
+                replies.append(item["image"])
+            buttons = item.get("buttons")
+            if isinstance(buttons, list):
+                titles = [str(b.get("title") or b.get("payload")) for b in buttons
+                          if isinstance(b, dict) and (b.get("title") or b.get("payload"))]
+                if titles:
+                    replies.append("Options: " + " | ".join(titles))
+        return replies
+
+
+
+class OpenAIBot(HttpBot):
+    """Any OpenAI-compatible chat completions server (Ollama, llama.cpp, vLLM, ...), streamed."""
+
+    def __init__(self, url: str, timeout: float, model: str, prompt: str, bot_name: str) -> None:
+        super().__init__(url, timeout)
+        self.model = model
+        self.prompt = prompt
+        self.bot_name = bot_name
+
+    @staticmethod
+    def auth_headers() -> dict[str, str]:
+        """The API key from OPENAI_API_KEY, for every request (the start-up check included)."""
+        key = os.environ.get("OPENAI_API_KEY")
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    async def check(self) -> str | None:
+        return await self._probe(self.url + "/models", self.auth_headers())
+
+    def request_body(self, turn: BotTurn) -> dict[str, Any]:
+        """The chat completions request: system prompt, then the room's recent messages with roles."""
+        messages = [{"role": "system", "content": self.prompt}]
+        for msg in turn.context:
+            if msg.kind == "bot":
+                messages.append({"role": "assistant", "content": msg.body})
+            else:
+                messages.append({"role": "user", "content": f"{msg.user}: {msg.body}"})
+        return {"model": self.model, "messages": messages, "stream": True}
+
+    async def reply(self, turn: BotTurn) -> list[str]:
+        assert self.session is not None
+        url = self.url + "/chat/completions"
+        headers = {"Accept": "text/event-stream", **self.auth_headers()}
+        async with self.session.post(url, json=self.request_body(turn), headers=headers) as resp:
+            if resp.status >= 400 or resp.content_type != "text/event-stream":
+                raw = await resp.read()
+                try:
+                    body = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise BotUnavailable(f"HTTP {resp.status}, malformed JSON from {url}") from None
+                if resp.status >= 400 or _json_error(body):
+                    raise BotUnavailable(_json_error(body) or f"HTTP {resp.status} from {url}")
+                return self._whole_answer(body, url)
+            text = await self._read_stream(resp, url)
+        return [text] if text.strip() else []
+
+    @staticmethod
+    def _whole_answer(body: Any, url: str) -> list[str]:
+        try:
+            content = body["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise BotUnavailable(f"no choices[0].message.content in the answer from {url}") from None
+        return [content] if isinstance(content, str) and content.strip() else []
+
+    @staticmethod
+    async def _read_stream(resp: aiohttp.ClientResponse, url: str) -> str:
+        parts: list[str] = []
+        async for raw_line in resp.content:
+            line = raw_line.decode("utf-8", "replace").strip()
+            if not line or line.startswith(":"):
+                continue  # blank separators and keep-alive comments
+            if not line.startswith("data:"):
+                continue  # event:, id:, retry: fields carry nothing we need
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return "".join(parts)
+            try:
+                chunk = json.loads(data)
+            except json.JSONDecodeError:
+                raise BotUnavailable(f"malformed JSON in the stream from {url}") from None
+            if _json_error(chunk):
+                raise BotUnavailable(_json_error(chunk) or "")
+            try:
+                delta = chunk["choices"][0].get("delta") or {}
+            except (KeyError, IndexError, TypeError, AttributeError):
+                continue
+            if isinstance(delta.get("content"), str):
+                parts.append(delta["content"])
+        raise BotUnavailable(f"the stream from {url} ended before [DONE]")
+
+
+
+def default_prompt(bot_name: str) -> str:
+    """The system prompt used when --bot-prompt is not given."""
+    return (f"You are {bot_name}, a friendly assistant in a group chat. Answer briefly and helpfully, "
+            "in plain text. People's messages are prefixed with their names.")
+
+
+
+def make_bot(settings: Settings) -> Bot:
+    """The bot backend the settings ask for."""
+    if settings.bot == "off":
+        return SilentBot()
+    if settings.bot == "rasa":
+        return RasaBot(settings.bot_url or DEFAULT_BOT_URLS["rasa"], settings.bot_timeout)
+    if settings.bot == "openai":
+        return OpenAIBot(settings.bot_url or DEFAULT_BOT_URLS["openai"], settings.bot_timeout,
+                         settings.bot_model, settings.bot_prompt or default_prompt(settings.bot_name),
+                         settings.bot_name)
+    return KeywordBot(load_rules(settings.bot_rules) if settings.bot_rules else None)
+
+
+
+class BotRunner:
+    """Runs a bot off the receive path, so that the bot can never hurt the chat.
+
+    At most `limit` calls run at once; a call waiting longer than the timeout for a
+    slot is dropped; each call has the timeout; any failure logs one warning and
+    the room sees at most one "unavailable" line a minute; replies are capped.
+    """
+
+    UNAVAILABLE_EVERY = 60.0
+
+    def __init__(self, bot: Bot, settings: Settings) -> None:
+        self.bot = bot
+        self.name = settings.bot_name
+        self.timeout = settings.bot_timeout
+        self.max_length = settings.max_length
+        self.slots = asyncio.Semaphore(4)
+        self._last_unavailable: dict[str, float] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return not isinstance(self.bot, SilentBot)
+
+    async def answer(self, turn: BotTurn) -> list[str] | None:
+        """The capped replies, or None when the backend failed (already logged)."""
+        if not self.bot.remote:  # in-process rules: microseconds, no I/O, nothing to limit
+            return [self._cap(r) for r in await self.bot.reply(turn)]
+        try:
+            await asyncio.wait_for(self.slots.acquire(), self.timeout)
+        except asyncio.TimeoutError:
+            log.warning("bot busy: dropped a message in #%s after waiting %.0f s", turn.room, self.timeout)
+            return []
+        try:
+            replies = await asyncio.wait_for(self.bot.reply(turn), self.timeout)
+        except asyncio.TimeoutError:
+            log.warning("%s is unavailable: no answer within %.0f s", self.name, self.timeout)
+            return None
+        except BotUnavailable as exc:
+            log.warning("%s is unavailable: %s", self.name, exc)
+            return None
+        except (aiohttp.ClientError, OSError) as exc:
+            log.warning("%s is unavailable: %s", self.name, describe_error(exc))
+            return None
+        finally:
+            self.slots.release()
+        return [self._cap(str(r).strip()) for r in replies if str(r).strip()][:10]
+
+    def _cap(self, text: str) -> str:
+        return text if len(text) <= self.max_length else text[: self.max_length - 1] + "…"
+
+    def should_announce(self, room: str) -> bool:
+        """True at most once a minute per room: time to say the bot is unavailable."""
+        now = time.monotonic()
+        if now - self._last_unavailable.get(room, -self.UNAVAILABLE_EVERY) < self.UNAVAILABLE_EVERY:
+            return False
+        self._last_unavailable[room] = now
+        return True
+
+
+# ---------------------------------------------------------------- web: aiohttp routes, headers and connection guards
 
 
 def content_security_policy(settings: Settings) -> str:
@@ -2762,6 +2354,7 @@ def content_security_policy(settings: Settings) -> str:
     return ("default-src 'self'; "
             f"script-src {script_src}; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
             "frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'")
+
 
 
 def render_page(settings: Settings) -> str:
@@ -2775,9 +2368,11 @@ def render_page(settings: Settings) -> str:
             .replace("{{TRANSPORTS}}", ",".join(sorted(settings.transports, reverse=True))))
 
 
+
 REQUEST_DEADLINE = 10.0  # seconds for a request's headers, and for a POST's body, to arrive
 IDLE_KEEPALIVE = 15.0    # seconds an idle keep-alive connection stays open
 STARTED_REQUESTS = web.AppKey("started_requests", weakref.WeakSet)  # transports whose request got going
+
 
 
 def host_name(host: str) -> str:
@@ -2788,8 +2383,45 @@ def host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+
+def valid_engine_packet(packet: Any) -> bool:
+    """Whether a frame or a polling payload's part is an Engine.IO packet python-engineio can decode."""
+    if isinstance(packet, bytes):
+        return True  # binary: handed to ChatServer, which refuses it
+    return isinstance(packet, str) and packet[:1] in ("0", "1", "2", "3", "4", "5", "6")
+
+
+
+def check_polling_payload(body: bytes) -> str | None:
+    """Why a long-polling POST body cannot be Engine.IO packets, or None when it can."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return "a polling POST that is not UTF-8"
+    if not text or not all(valid_engine_packet(part) for part in text.split("\x1e")):
+        return "a polling POST that is not Engine.IO packets"
+    return None
+
+
+
+CHECKED_BODY = web.RequestKey("checked_body", bytes)  # a polling POST body, read by guard_requests for EngineServer
+
+
+
+class CheckedBody:
+    """A request body already read (within the deadline) and checked, readable again by python-engineio."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    async def read(self, size: int = -1) -> bytes:
+        return self.body
+
+
+
 OUT_OF_SOCKETS = ("out of sockets at the open-file limit of %s (see LimitNOFILE in the README): "
                   "new connections wait or are dropped until others close")
+
 
 
 class ConnectionWatch:
@@ -2833,6 +2465,7 @@ class ConnectionWatch:
                 self.problems.warn(f"closed a connection from %s: no complete request within {REQUEST_DEADLINE:.0f} s",
                                    str(peer[0]) if peer else "?")
                 transport.abort()
+
 
 
 def build_app(settings: Settings, hub: ChatHub) -> web.Application:
@@ -2945,7 +2578,6 @@ FAVICON_SVG = """<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 64 64">\
 <rect width="64" height="64" rx="14" fill="#3b6df0"/>\
 <path d="M16 20h32a4 4 0 0 1 4 4v14a4 4 0 0 1-4 4H30l-10 8v-8h-4a4 4 0 0 1-4-4V24a4 4 0 0 1 4-4z" fill="#fff"/>\
 </svg>"""
-
 PAGE_HTML = """<!doctype html>
 <html lang="en">
 <head>
@@ -3018,7 +2650,6 @@ PAGE_HTML = """<!doctype html>
 </body>
 </html>
 """
-
 PAGE_CSS = """
 :root {
   --bg: #f4f6fb; --panel: #ffffff; --text: #1b1f2a; --muted: #5f6b7f; --border: #dde2ec;
@@ -3132,7 +2763,6 @@ dialog h2 { margin: 0 0 .5rem; font-size: 1.1rem; }
   .message { max-width: 92%; }
 }
 """
-
 PAGE_JS = r"""
 'use strict';
 (() => {
@@ -3657,6 +3287,513 @@ PAGE_JS = r"""
 """
 
 
+# ---------------------------------------------------------------- library internals
+# Every use of a private name of python-socketio, python-engineio, aiohttp or asyncio is in this
+# section, verified with python-socketio 5.18.1, python-engineio 4.15.1, aiohttp 3.14.5 and
+# CPython 3.10-3.13 (the minor versions are pinned in the header for that reason), and guarded by
+# test_every_library_internal_chat_py_relies_on_is_still_there:
+#
+# - engineio.AsyncServer._async["websocket"/"translate_request"]: EngineServer plugs in ChatWebSocket
+#   and hands python-engineio the polling POST body that guard_requests already read and checked.
+# - engineio.AsyncServer._handle_connect(environ, transport, jsonp_index), called before
+#   generate_id(): Engine.IO sessions counted per address, long-polling ones included.
+# - engineio.AsyncServer._trigger_event("disconnect", sid) and the ping task's target name
+#   AsyncSocket._send_ping: the task is cancelled on close instead of holding the session for 25 s.
+# - engineio.AsyncSocket.queue / .upgraded / .close(wait, abort, reason), and poll(), which builds a
+#   long-polling response from one queue.get() and then get_nowait() until empty (PollBatchQueue).
+# - engineio.async_drivers.aiohttp.WebSocket.__call__ (copied in ChatWebSocket to choose
+#   compression and swap in a DirectQueue) and wait() (junk frames end the connection).
+# - aiohttp WebSocketResponse._writer and its _closing flag: whether a frame may be written to the
+#   transport directly (ChatWebSocket.transport_for_direct_write).
+# - asyncio.Queue.get()/put() ending in get_nowait()/put_nowait(): the queues' bounds and bookkeeping.
+# - socketio.AsyncServer._engineio_server_class(), _handle_eio_message(eio_sid, data) and
+#   _handle_event_internal(server, sid, eio_sid, data, namespace, id): ChatServer.
+# - socketio.AsyncRedisManager._publish(data), _redis_listen_with_retries(), _redis_connect() and
+#   .pubsub: RedisFanoutManager's outage handling.
+# - engineio.payload.Payload.max_decode_packets, a class attribute with no per-server option:
+#   python-engineio refuses a whole long-polling POST that batches more than 16 packets, which
+#   silently loses bursts; allow as many as fit chat.py's size cap (set once, here).
+
+eio_payload.Payload.max_decode_packets = max(eio_payload.Payload.max_decode_packets, Settings.max_payload // 2)
+
+
+def packet_size(item: Any) -> int:
+    """Roughly how many bytes an outgoing Engine.IO packet will take on the wire."""
+    data = getattr(item, "data", None)
+    return 16 + (len(data) if isinstance(data, (str, bytes)) else 0)
+
+
+
+class OutgoingQueue(asyncio.Queue):  # type: ignore[type-arg]
+    """An Engine.IO socket's outgoing queue, bounded in packets and bytes, whatever the packet:
+    broadcasts, acks and errors alike. Past the bound it asks `overflow` to drop the client
+    instead of growing (one packet larger than the bound still goes out when the queue is empty)."""
+
+    def __init__(self, max_packets: int, max_bytes: int, overflow: Callable[[OutgoingQueue], None]) -> None:
+        super().__init__()
+        self.max_packets = max_packets
+        self.max_bytes = max_bytes
+        self.overflow = overflow
+        self.bytes = 0
+        self.overflowed = False
+
+    def put_nowait(self, item: Any) -> None:
+        if item is not None:  # None is the writer's stop signal: always accepted
+            size = packet_size(item)
+            if self.qsize() and (self.qsize() >= self.max_packets or self.bytes + size > self.max_bytes):
+                if not self.overflowed:
+                    self.overflowed = True
+                    self.overflow(self)
+                return
+            self.bytes += size
+        super().put_nowait(item)
+
+    def get_nowait(self) -> Any:
+        item = super().get_nowait()
+        if item is not None:
+            self.bytes -= packet_size(item)
+        return item
+
+
+
+class PollBatchQueue(OutgoingQueue):
+    """An Engine.IO socket's outgoing queue that hands out at most 16 packets per batch.
+
+    python-engineio builds a long-polling response from one get() and then
+    get_nowait() until the queue is empty; its client aborts the connection
+    when one response carries more than 16 packets. Refusing the 17th leaves
+    the rest, in order, for the next poll.
+    """
+
+    MAX_BATCH = 16
+
+    def __init__(self, max_packets: int, max_bytes: int, overflow: Callable[[OutgoingQueue], None]) -> None:
+        super().__init__(max_packets, max_bytes, overflow)
+        self.batch = 0
+        self.waiting = False
+
+    async def get(self) -> Any:
+        self.waiting = True
+        try:
+            item = await super().get()
+        finally:
+            self.waiting = False
+        self.batch = 1
+        return item
+
+    def get_nowait(self) -> Any:
+        if not self.waiting:
+            if self.batch >= self.MAX_BATCH:
+                raise asyncio.QueueEmpty
+            self.batch += 1
+        return super().get_nowait()
+
+
+
+class DirectQueue(OutgoingQueue):
+    """An Engine.IO socket's outgoing queue that also knows when it may be bypassed.
+
+    `held` counts packets the socket's writer task has taken but not yet written;
+    when the queue is empty and nothing is held, a broadcast may write its frame
+    straight to the transport without reordering anything (see FanoutManager).
+    """
+
+    def __init__(self, ws: ChatWebSocket, bounds: OutgoingQueue) -> None:
+        super().__init__(bounds.max_packets, bounds.max_bytes, bounds.overflow)
+        self.ws = ws
+        self.held = 0
+
+    def get_nowait(self) -> Any:
+        item = super().get_nowait()
+        self.held += 1
+        return item
+
+    def idle(self) -> bool:
+        return self.held == 0 and self.empty()
+
+
+
+class ChatWebSocket(eio_aiohttp.WebSocket):
+    """python-engineio's aiohttp WebSocket, with permessage-deflate only when --compress asks,
+    and a DirectQueue on connections that start as WebSockets.
+
+    Browsers offer compression, and aiohttp accepts by default: each frame is
+    then compressed once per recipient, and every connection carries a zlib
+    state of a few hundred KB.
+    """
+
+    compress = False
+
+    async def __call__(self, environ: dict[str, Any]) -> web.WebSocketResponse:
+        self._sock = web.WebSocketResponse(max_msg_size=self.server.max_http_buffer_size, compress=self.compress)
+        await self._sock.prepare(environ["aiohttp.request"])
+        self.environ = environ
+        open_websockets = getattr(self.server, "open_websockets", None)
+        if open_websockets is not None:
+            open_websockets.add(self)
+        sock = getattr(self.handler, "__self__", None)
+        if not self.compress and sock is not None and not sock.connected:
+            # A fresh WebSocket connection: nothing is polling the old queue, so swap it.
+            queue = DirectQueue(self, sock.queue)
+            while not sock.queue.empty():
+                queue.put_nowait(sock.queue.get_nowait())
+            queue.held = 0
+            sock.queue = queue
+        try:
+            await self.handler(self)
+        finally:
+            if open_websockets is not None:
+                open_websockets.discard(self)
+        return self._sock
+
+    async def wait(self) -> Any:
+        frame = await super().wait()
+        if not valid_engine_packet(frame):
+            # python-engineio would raise on it outside its error handling: a traceback per frame,
+            # and a session left behind. Treat it as the client leaving, with one line.
+            request = self.environ.get("aiohttp.request")
+            self.server.problems.warn("closing a WebSocket from %s: it sent a frame that is not Engine.IO",
+                                      request.remote if request is not None else "?")
+            return None
+        return frame
+
+    async def close_for_restart(self) -> None:
+        """Close with 1012 (service restart): clients treat it as a lost connection and reconnect."""
+        await self._sock.close(code=aiohttp.WSCloseCode.SERVICE_RESTART, message=b"server restart")
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        sock = getattr(self.handler, "__self__", None)
+        queue = getattr(sock, "queue", None)
+        if isinstance(queue, DirectQueue) and queue.held > 0:
+            queue.held -= 1
+
+    def transport_for_direct_write(self) -> asyncio.Transport | None:
+        """The transport, if a frame may be written to it now (open, not closing)."""
+        writer = getattr(self._sock, "_writer", None)
+        if writer is None or writer._closing or self._sock.closed:
+            return None
+        transport = writer.transport
+        return None if transport is None or transport.is_closing() else transport
+
+
+
+class CompressingWebSocket(ChatWebSocket):
+    """--compress: accept permessage-deflate when the browser offers it."""
+
+    compress = True
+
+
+
+class EngineServer(engineio.AsyncServer):
+    """Engine.IO server whose disconnects never wait for the client to read.
+
+    python-engineio's disconnect() waits until the client has drained its
+    queue; a polling client that is not polling, or a WebSocket client that
+    stopped reading, never does, and the request or task hangs for good.
+    It also uses ChatWebSocket for the WebSocket transport.
+    """
+
+    def __init__(self, *args: Any, compress: bool, max_queue: int,
+                 address_of: Callable[[dict[str, Any]], str | None], max_per_address: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._async = {**self._async, "websocket": CompressingWebSocket if compress else ChatWebSocket,
+                       "translate_request": self._translate_request}
+        self.open_websockets: set[ChatWebSocket] = set()
+        self.max_queue = max_queue
+        self.address_of = address_of  # the client's address, or None when it is exempt from the cap
+        self.max_per_address = max_per_address
+        self.by_address: dict[str, set[str]] = {}
+        self._connecting_from: str | None = None
+        self._dropping: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.problems = ProblemLog()
+        self._ping_tasks: dict[str, asyncio.Task[Any]] = {}
+
+    @staticmethod
+    def _translate_request(request: web.Request) -> dict[str, Any]:
+        environ: dict[str, Any] = eio_aiohttp.translate_request(request)
+        body = request.get(CHECKED_BODY)
+        if body is not None:  # read and checked by guard_requests: python-engineio reads it from here
+            environ["wsgi.input"] = CheckedBody(body)
+        return environ
+
+    def create_queue(self, *args: Any, **kwargs: Any) -> asyncio.Queue[Any]:
+        return PollBatchQueue(self.max_queue, self.max_queue * 1024, self._queue_overflowed)
+
+    # -- sessions per address: Engine.IO sessions (long-polling ones included) count, not only Socket.IO connects
+
+    async def _handle_connect(self, environ: dict[str, Any], transport: str, jsonp_index: int | None = None) -> Any:
+        address = self.address_of(environ)
+        if address is not None:
+            live = self.by_address.get(address)
+            if live:
+                live.intersection_update(self.sockets)
+            if live and len(live) >= self.max_per_address:
+                self.problems.warn(f"refused sessions from %s: over {self.max_per_address} at once", address)
+                return {"status": "429 Too Many Requests", "headers": [("Content-Type", "text/plain")],
+                        "response": b"too many connections from your address"}
+            self._connecting_from = address
+        return await super()._handle_connect(environ, transport, jsonp_index)
+
+    def generate_id(self) -> str:
+        sid: str = super().generate_id()
+        if self._connecting_from is not None:  # called by _handle_connect before anything else
+            self.by_address.setdefault(self._connecting_from, set()).add(sid)
+            self._connecting_from = None
+            if len(self.by_address) > 2 * len(self.sockets) + 1000:
+                self.by_address = {a: live & self.sockets.keys() for a, live in self.by_address.items()
+                                   if live & self.sockets.keys()}
+        return sid
+
+    # -- slow readers: a client that falls too far behind is dropped, never buffered without end
+
+    def _queue_overflowed(self, queue: OutgoingQueue) -> None:
+        for eio_sid, sock in self.sockets.items():
+            if sock.queue is queue:
+                self.drop_slow_reader(eio_sid)
+                return
+
+    def drop_slow_reader(self, eio_sid: str) -> None:
+        """Disconnect a client that fell `max_queue` packets (or KB) behind."""
+        if eio_sid in self._dropping:
+            return
+        self._dropping.add(eio_sid)
+        log.warning("disconnecting %s: it fell %d packets (or KB) behind", eio_sid, self.max_queue)
+        task = asyncio.get_running_loop().create_task(self._drop(eio_sid))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drop(self, eio_sid: str) -> None:
+        # abort=True: a client that stopped reading would never read a CLOSE
+        # packet. Close, free what is queued for it and wake the writer so it exits.
+        sock = self.sockets.get(eio_sid)
+        try:
+            if sock is not None:
+                await sock.close(wait=False, abort=True, reason=self.reason.SERVER_DISCONNECT)
+                while not sock.queue.empty():
+                    sock.queue.get_nowait()
+                    sock.queue.task_done()
+                sock.queue.put_nowait(None)
+        finally:
+            self._dropping.discard(eio_sid)
+
+    async def close_for_restart(self) -> None:
+        """Shutdown: end every session without Engine.IO's CLOSE packet.
+
+        A CLOSE tells python-engineio's client that the server hung up on
+        purpose, and python-socketio then never reconnects; a transport that
+        just goes away is a lost connection, which every official client retries.
+        """
+        for sock in list(self.sockets.values()):
+            await sock.close(wait=False, abort=True, reason=self.reason.TRANSPORT_CLOSE)
+            sock.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))  # ends a waiting long-poll
+        self.sockets.clear()
+        closing = [asyncio.ensure_future(ws.close_for_restart()) for ws in list(self.open_websockets)]
+        if closing:  # a client that stopped reading never answers the close frame: do not wait for it
+            await asyncio.wait(closing, timeout=0.5)
+
+    # -- a closed session frees its memory at once
+
+    def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
+        task = super().start_background_task(target, *args, **kwargs)
+        owner = getattr(target, "__self__", None)
+        if getattr(target, "__name__", "") == "_send_ping" and owner is not None:
+            # Each session's ping task sleeps 25 s holding the session, its request and, after an
+            # abrupt close, the exception's frames (about 20 KB): connections opened and dropped
+            # in a loop would pile them up. It is cancelled when the session closes (below).
+            self._ping_tasks[owner.sid] = task
+            task.add_done_callback(functools.partial(self._ping_done, owner.sid))
+        return task
+
+    def _ping_done(self, sid: str, task: asyncio.Task[Any]) -> None:
+        if self._ping_tasks.get(sid) is task:
+            del self._ping_tasks[sid]
+
+    async def _trigger_event(self, event: str, *args: Any, **kwargs: Any) -> Any:
+        result = await super()._trigger_event(event, *args, **kwargs)
+        if event == "disconnect" and args:
+            ping = self._ping_tasks.pop(args[0], None)
+            if ping is not None and ping is not asyncio.current_task():
+                ping.cancel()
+        return result
+
+    def release_long_poll(self, eio_sid: str) -> None:
+        """python-engineio leaves a long-polling GET waiting for the ping timeout (about 45 s) after
+        the client says goodbye, holding a request and a socket: answer it now."""
+        sock = self.sockets.get(eio_sid)
+        if sock is not None and not sock.upgraded:
+            sock.queue.put_nowait(None)
+
+    async def disconnect(self, sid: str | None = None) -> None:
+        for eio_sid in [sid] if sid is not None else list(self.sockets):
+            sock = self.sockets.get(eio_sid)
+            if sock is not None:
+                await sock.close(wait=False, reason=self.reason.SERVER_DISCONNECT)
+                sock.queue.put_nowait(None)  # the writer sends the CLOSE packet, then ends the transport
+                self.sockets.pop(eio_sid, None)
+
+
+
+class ChatServer(socketio.AsyncServer):
+    """AsyncServer hardened against untrusted packets.
+
+    It records whether the client asked for an ack (so a refusal goes back the
+    way the client listens), refuses events named like Socket.IO's own
+    lifecycle events, and turns undecodable packets into one warning line.
+    """
+
+    def __init__(self, *args: Any, engine_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self._engine_options = engine_options or {}
+        super().__init__(*args, **kwargs)
+
+    def _engineio_server_class(self) -> Any:
+        return functools.partial(EngineServer, **self._engine_options)
+
+    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        if isinstance(data, bytes) or (isinstance(data, str) and data[:1] in ("5", "6")):
+            # Binary events and their attachments: chat.py's protocol has none, and python-socketio
+            # would keep every frame until the announced number of attachments had arrived.
+            sid = self.manager.sid_from_eio_sid(eio_sid, "/")
+            log.warning("disconnecting %s: it sent a binary packet, which chat.py does not accept", sid or eio_sid)
+            await self.eio.disconnect(eio_sid)
+            return
+        try:
+            await super()._handle_eio_message(eio_sid, data)
+        except Exception as exc:  # a packet python-socketio could not decode
+            sid = self.manager.sid_from_eio_sid(eio_sid, "/")
+            log.warning("dropped a malformed packet from %s: %s", sid or eio_sid, type(exc).__name__)
+            if sid is not None:
+                await self.emit("chat_error", {"error": "The server could not read that packet.",
+                                               "code": "bad_packet", "event": None}, to=sid)
+
+    async def _handle_event_internal(self, server: Any, sid: str, eio_sid: str, data: Any,
+                                     namespace: str, id: int | None) -> None:
+        token = _ack_wanted.set(id is not None)
+        try:
+            if not isinstance(data, list) or not data or not isinstance(data[0], str) \
+                    or data[0] in RESERVED_EVENTS:
+                data = ["*invalid*", *(data[1:] if isinstance(data, list) else [])]
+            await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
+        finally:
+            _ack_wanted.reset(token)
+
+
+
+def websocket_text_frame(payload: bytes) -> bytes:
+    """One unmasked, unfragmented WebSocket text frame, as a server sends it."""
+    size = len(payload)
+    if size < 126:
+        header = bytes((0x81, size))
+    elif size < 65536:
+        header = bytes((0x81, 126)) + size.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + size.to_bytes(8, "big")
+    return header + payload
+
+
+
+class FanoutManager(socketio.AsyncManager):
+    """Room broadcasts that encode a packet once and hand it to each recipient without a Task each.
+
+    python-socketio's stock manager starts one asyncio Task per recipient, and each
+    recipient's writer task then wakes up to send it. Here, a WebSocket client whose
+    outgoing queue is idle gets the WebSocket frame (built once per broadcast)
+    written straight to its transport; any other client gets it queued. Either way
+    there is a bound: a client that falls `max_queue` packets (or KB) behind is
+    disconnected instead of growing server memory.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_message_id: Callable[[int], None] | None = None
+
+    async def emit(self, event: str, data: Any, namespace: str, room: Any = None, skip_sid: Any = None,
+                   callback: Any = None, to: Any = None, **kwargs: Any) -> None:
+        room = to or room
+        if (self.on_message_id is not None and event in ("newmessage", "botmessage") and isinstance(data, dict)
+                and type(data.get("id")) is int):
+            self.on_message_id(data["id"])
+        if callback is not None or namespace not in self.rooms:
+            return await super().emit(event, data, namespace, room=room, skip_sid=skip_sid,
+                                      callback=callback, **kwargs)
+        args = list(data) if isinstance(data, tuple) else ([] if data is None else [data])
+        encoded = self.server.packet_class(sio_packet.EVENT, namespace=namespace, data=[event, *args]).encode()
+        if isinstance(encoded, list):  # binary attachments: leave them to the stock path
+            return await super().emit(event, data, namespace, room=room, skip_sid=skip_sid, **kwargs)
+        frame = eio_packet.Packet(eio_packet.MESSAGE, encoded)
+        ws_frame: bytes | None = None
+        skip = skip_sid if isinstance(skip_sid, list) else [skip_sid]
+        sockets = self.server.eio.sockets
+        max_buffered = self.server.eio.max_queue * 1024
+        for sid, eio_sid in self.get_participants(namespace, room):
+            if sid in skip:
+                continue
+            sock = sockets.get(eio_sid)
+            if sock is None or sock.closing or sock.closed:
+                continue
+            queue = sock.queue
+            if type(queue) is DirectQueue and queue.idle():
+                transport = queue.ws.transport_for_direct_write()
+                if transport is not None:
+                    if transport.get_write_buffer_size() > max_buffered:
+                        self.server.eio.drop_slow_reader(eio_sid)
+                        continue
+                    if ws_frame is None:
+                        ws_frame = websocket_text_frame(b"4" + encoded.encode())
+                    transport.write(ws_frame)
+                    continue
+            queue.put_nowait(frame)  # an OutgoingQueue: past its bound it drops the client instead
+
+
+
+class RedisFanoutManager(socketio.AsyncRedisManager, FanoutManager):
+    """python-socketio's Redis manager (broadcasts reach every node) with the local fast path.
+
+    Each node delivers to its own clients first, then publishes for the others.
+    While Redis is down, publishing is skipped (logged once, through RedisHealth)
+    and the subscription retries every few seconds instead of backing off to a minute.
+    """
+
+    def __init__(self, url: str, health: RedisHealth,
+                 on_message_id: Callable[[int], None] | None = None) -> None:
+        quiet = logging.getLogger("chat.redis-manager")
+        quiet.setLevel(logging.CRITICAL)  # outages are reported once by RedisHealth
+        super().__init__(url, channel="chat.py", logger=quiet, redis_options={"socket_connect_timeout": 2})
+        self.health = health
+        self.on_message_id = on_message_id  # relayed messages tell the store which ids exist
+
+    async def _publish(self, data: Any) -> None:
+        if self.health.down:
+            return
+        try:
+            if not self.connected:
+                self._redis_connect()
+            await asyncio.wait_for(self.redis.publish(self.channel, self.json.dumps(data)), 2)
+        except Exception as exc:
+            self.connected = False
+            self.health.failed(exc)
+
+    async def _redis_listen_with_retries(self) -> Any:
+        delay = 0.25
+        subscribed = False
+        while True:
+            try:
+                if not subscribed:
+                    self._redis_connect()
+                    await self.pubsub.subscribe(self.channel)
+                    subscribed, delay = True, 0.25
+                async for message in self.pubsub.listen():
+                    yield message
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                subscribed = False
+                self.health.failed(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 3.0)
+
+
 # ---------------------------------------------------------------- main()
 
 
@@ -3665,6 +3802,7 @@ def make_store(settings: Settings) -> Store:
     if settings.db is not None:
         return SqliteStore(settings.db, settings.history)
     return MemoryStore(settings.history)
+
 
 
 @dataclass
@@ -3680,6 +3818,7 @@ class SharedState:
     async def close(self) -> None:
         await self.health.close()
         await self.client.aclose()
+
 
 
 async def connect_redis(settings: Settings) -> SharedState:
@@ -3699,6 +3838,7 @@ async def connect_redis(settings: Settings) -> SharedState:
                        RedisFanoutManager(settings.redis, health, on_message_id=store.note_id))
 
 
+
 def machine_addresses() -> list[str]:
     """This machine's non-loopback addresses, as its name resolves (may be empty)."""
     try:
@@ -3712,6 +3852,7 @@ def machine_addresses() -> list[str]:
             if not ipaddress.ip_address(address).is_loopback and address not in found:
                 found.append(address)
     return found
+
 
 
 def banner(settings: Settings, url: str) -> str:
@@ -3736,9 +3877,6 @@ def banner(settings: Settings, url: str) -> str:
             f"{versions}; {share}; Ctrl-C stops)")
 
 
-class StartupError(Exception):
-    """A problem that stops start-up with one clear line and exit code 1."""
-
 
 def _file_problem(flag: str, path: Path) -> str | None:
     if path.is_dir():
@@ -3746,6 +3884,7 @@ def _file_problem(flag: str, path: Path) -> str | None:
     if not path.is_file():
         return f"{flag} {path}: no such file"
     return None
+
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -3774,6 +3913,7 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+
 def bad_file(settings: Settings) -> str | None:
     """What is wrong with a file or directory named on the command line, before anything starts."""
     if settings.client_js:
@@ -3800,6 +3940,7 @@ def bad_file(settings: Settings) -> str | None:
     except ValueError as exc:
         return str(exc)
     return None
+
 
 
 async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
@@ -3873,6 +4014,7 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
             await shared.close()
 
 
+
 async def warn_if_bot_unreachable(bot: Bot, settings: Settings) -> None:
     """One warning at start-up when the bot's backend does not answer; chat.py runs regardless."""
     problem = await bot.check()
@@ -3881,12 +4023,14 @@ async def warn_if_bot_unreachable(bot: Bot, settings: Settings) -> None:
                     settings.bot_name, settings.bot, problem)
 
 
+
 def files_open_now() -> int:
     """How many file descriptors this process has open (a guess where /proc is missing)."""
     try:
         return len(os.listdir("/proc/self/fd"))
     except OSError:
         return 32
+
 
 
 def raise_open_file_limit() -> int:
@@ -3903,6 +4047,7 @@ def raise_open_file_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+
 class SocketShortage:
     """The event loop's exception handler: running out of file descriptors while accepting
     becomes one clear line a minute instead of a line per refused connection."""
@@ -3917,6 +4062,7 @@ class SocketShortage:
             self.problems.warn(OUT_OF_SOCKETS, str(self.limit))
             return
         loop.default_exception_handler(context)
+
 
 
 class OneLineErrors(logging.Filter):
@@ -3944,6 +4090,7 @@ class OneLineErrors(logging.Filter):
         return True
 
 
+
 def tune_gc() -> None:
     """Fewer, cheaper collections: every full collection walks a heap that grows with the clients.
 
@@ -3955,14 +4102,6 @@ def tune_gc() -> None:
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
 
-
-def _is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def loop_name(choice: str) -> str:
@@ -3978,6 +4117,7 @@ def loop_name(choice: str) -> str:
     return "uvloop"
 
 
+
 def run_event_loop(coro: Any, choice: str) -> None:
     """Run `coro` to completion on the event loop `--loop` asks for."""
     if loop_name(choice) == "uvloop":
@@ -3988,6 +4128,7 @@ def run_event_loop(coro: Any, choice: str) -> None:
             return
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # uvloop before 0.18
     asyncio.run(coro)
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -4019,6 +4160,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     print("chat.py: stopped", flush=True)
     return 0
+
 
 
 if __name__ == "__main__":

@@ -3323,6 +3323,54 @@ async def test_an_unacknowledged_message_is_retried_then_marked_failed_with_a_re
     await context.close()
 
 
+# ---------------------------------------------------------------- library internals still where chat.py expects them
+
+
+def test_every_library_internal_chat_py_relies_on_is_still_there() -> None:
+    """One check per hook listed in chat.py's "library internals" section: an upgrade that moves
+    one fails here, by name, instead of misbehaving at run time."""
+    import inspect
+
+    import engineio
+    from engineio import async_socket
+    from engineio.async_drivers import aiohttp as eio_aiohttp
+
+    def params(fn: Any) -> list[str]:
+        return list(inspect.signature(fn).parameters)
+
+    def source(fn: Any) -> str:
+        return inspect.getsource(fn)
+
+    server = engineio.AsyncServer(async_mode="aiohttp")
+    assert {"websocket", "translate_request"} <= set(server._async), "engineio AsyncServer._async"
+    assert params(engineio.AsyncServer._handle_connect) == ["self", "environ", "transport", "jsonp_index"]
+    assert source(engineio.AsyncServer._handle_connect).index("self.generate_id()") < \
+        source(engineio.AsyncServer._handle_connect).index("await"), "generate_id() before any await"
+    assert params(engineio.AsyncServer._trigger_event)[:2] == ["self", "event"]
+    assert "_send_ping" in source(async_socket.AsyncSocket.schedule_ping)
+    assert "self.server.start_background_task" in source(async_socket.AsyncSocket.schedule_ping)
+    assert "self.queue.get_nowait()" in source(async_socket.AsyncSocket.poll)
+    assert "self.queue = self.server.create_queue()" in source(async_socket.AsyncSocket.__init__)
+    assert params(async_socket.AsyncSocket.close) == ["self", "wait", "abort", "reason"]
+    copied = hashlib.sha256(source(eio_aiohttp.WebSocket.__call__).encode()).hexdigest()[:16]
+    assert copied == "71f9a94476d737c3", "engineio's WebSocket.__call__ changed: ChatWebSocket.__call__ copies it"
+    assert "await self._sock.receive()" in source(eio_aiohttp.WebSocket.wait)
+    assert "_writer" in inspect.getsource(aiohttp.web_ws.WebSocketResponse)
+    from aiohttp._websocket import writer as ws_writer
+    assert "self._closing" in inspect.getsource(ws_writer.WebSocketWriter)
+    assert "self.get_nowait()" in source(asyncio.Queue.get) and "self.put_nowait(" in source(asyncio.Queue.put)
+    assert callable(socketio.AsyncServer._engineio_server_class)
+    assert params(socketio.AsyncServer._handle_eio_message) == ["self", "eio_sid", "data"]
+    assert params(socketio.AsyncServer._handle_event_internal) == [
+        "self", "server", "sid", "eio_sid", "data", "namespace", "id"]
+    assert params(socketio.AsyncRedisManager._publish) == ["self", "data"]
+    assert params(socketio.AsyncRedisManager._redis_listen_with_retries) == ["self"]
+    assert callable(socketio.AsyncRedisManager._redis_connect)
+    from engineio import payload
+    assert payload.Payload.max_decode_packets >= chat.Settings.max_payload // 2, "set in chat.py's internals"
+    assert "self.max_decode_packets" in source(payload.Payload.decode)
+
+
 # ---------------------------------------------------------------- the broadcast fast path keeps order
 
 
