@@ -366,15 +366,12 @@ class InvalidInput(Exception):
         self.details = details  # extra fields for the refusal, e.g. retry_after_ms
 
 
-
 class StoreError(Exception):
     """The history store failed (disk full, I/O error, a damaged file); the message was not stored."""
 
 
-
 class StartupError(Exception):
     """A problem that stops start-up with one clear line and exit code 1."""
-
 
 
 class ProblemLog:
@@ -393,7 +390,6 @@ class ProblemLog:
             self.last.clear()
         self.last[key] = now
         log.warning(template + " (logged once a minute)", address)
-
 
 
 class TokenBucket:
@@ -426,7 +422,6 @@ class TokenBucket:
         return 0 if self.rate <= 0 else int((1 - self.tokens) / self.rate * 1000) + 1
 
 
-
 def describe_error(exc: BaseException) -> str:
     """A short human reason for a failed HTTP call."""
     if isinstance(exc, asyncio.TimeoutError):
@@ -436,17 +431,14 @@ def describe_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-
 def now_ms() -> int:
     """Server time as integer milliseconds since the Unix epoch (the wire `ts`)."""
     return time.time_ns() // 1_000_000
 
 
-
 def new_epoch() -> str:
     """A fresh name for an id sequence (see Store.epoch)."""
     return os.urandom(6).hex()
-
 
 
 def _is_loopback_host(host: str) -> bool:
@@ -469,7 +461,6 @@ CLIENT_JS_CDN = f"{CLIENT_JS_ORIGIN}/{CLIENT_JS_VERSION}/socket.io.min.js"
 CLIENT_JS_SRI = "sha384-kzavj5fiMwLKzzD1f8S7TeoVIEi7uKHvbTA3ueZkrzYq75pNQUiUi6Dy98Q3fxb0"
 BOT_MODES = ("keyword", "rasa", "openai", "off")
 DEFAULT_BOT_URLS = {"rasa": "http://localhost:5005", "openai": "http://localhost:11434/v1"}  # without --bot-url
-
 
 
 @dataclass(frozen=True)
@@ -513,7 +504,6 @@ class Settings:
     gc: str = "tuned"
 
 
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -522,7 +512,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
-
 
 
 def _port(text: str) -> int:
@@ -535,7 +524,6 @@ def _port(text: str) -> int:
     return value
 
 
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -544,7 +532,6 @@ def _positive_float(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
     return value
-
 
 
 def _non_negative_float(text: str) -> float:
@@ -557,14 +544,12 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-
 def _origin(text: str) -> str:
     if text == "*" or re.fullmatch(r"https?://[^/\s?#]+", text):
         return text
     hint = f"; without the trailing slash: {text.rstrip('/')}" if re.fullmatch(r"https?://[^/\s?#]+/+", text) else \
         " (an origin is scheme://host[:port], e.g. https://chat.example.org)"
     raise argparse.ArgumentTypeError(f"not an origin: {text!r}{hint}")
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -648,7 +633,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-
 def parse_settings(argv: list[str] | None = None) -> Settings:
     """Parse the command line into Settings; argparse exits 2 on bad values."""
     parser = build_parser()
@@ -689,7 +673,6 @@ ROOM_RE = re.compile(r"[a-z0-9_-]{1,32}")
 CID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
-
 @dataclass(frozen=True, slots=True)
 class Message:
     """One stored chat line: a person's message or a bot reply."""
@@ -714,7 +697,6 @@ class Message:
         return data
 
 
-
 MAX_ID = 2**53 - 1  # the largest integer a browser's JSON keeps exactly
 
 # Latin look-alikes in other scripts (after casefold), so that "СhatFriend" with a Cyrillic С
@@ -728,7 +710,6 @@ CONFUSABLES = str.maketrans({
 })
 
 
-
 def _check_encodable(value: str, code: str, what: str) -> None:
     """Refuse text that is not valid Unicode (a lone surrogate), before it reaches JSON or SQLite."""
     if not value.isascii():
@@ -738,17 +719,14 @@ def _check_encodable(value: str, code: str, what: str) -> None:
             raise InvalidInput(code, f"{what} contains characters that are not valid text.") from None
 
 
-
 def _strip_invisible(text: str) -> str:
     return "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
-
 
 
 def name_key(name: str) -> str:
     """A comparison key under which look-alike spellings of a name collide."""
     folded = _strip_invisible(unicodedata.normalize("NFKC", name)).casefold().translate(CONFUSABLES)
     return "".join(ch for ch in folded if not ch.isspace())
-
 
 
 def clean_user(value: Any, bot_name: str) -> str:
@@ -770,7 +748,6 @@ def clean_user(value: Any, bot_name: str) -> str:
     return name
 
 
-
 def clean_body(value: Any, max_length: int) -> str:
     """Validate a message body: string, 1..max_length characters, newlines kept, other controls removed."""
     if not isinstance(value, str):
@@ -787,7 +764,6 @@ def clean_body(value: Any, max_length: int) -> str:
     return text
 
 
-
 def clean_room(value: Any) -> str:
     """Validate a room name: 1-32 of lowercase letters, digits, '-' and '_'."""
     if value is None:
@@ -795,7 +771,6 @@ def clean_room(value: Any) -> str:
     if not isinstance(value, str) or not ROOM_RE.fullmatch(value):
         raise InvalidInput("bad_room", "Room names are 1-32 lowercase letters, digits, '-' or '_'.")
     return value
-
 
 
 def clean_cid(value: Any) -> str | None:
@@ -807,7 +782,6 @@ def clean_cid(value: Any) -> str | None:
     return value
 
 
-
 def clean_since(value: Any) -> int | None:
     """Validate an optional last-seen message id."""
     if value is None:
@@ -815,7 +789,6 @@ def clean_since(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ID:
         raise InvalidInput("bad_since", f"'since' must be a message id (a whole number from 0 to {MAX_ID}).")
     return value
-
 
 
 def expect_object(args: tuple[Any, ...], what: str) -> dict[str, Any]:
@@ -833,7 +806,6 @@ _ack_wanted: contextvars.ContextVar[bool] = contextvars.ContextVar("ack_wanted",
 # Names python-socketio treats specially: its lifecycle events, and "*", which it would hand to
 # the catch-all handler without the event name (so the sender's sid would be lost).
 RESERVED_EVENTS = frozenset({"connect", "disconnect", "connect_error", "message", "*"})
-
 
 
 @dataclass
@@ -856,52 +828,188 @@ class Session:
     typing_timer: asyncio.TimerHandle | None = None
 
 
-
 class ChatHub:
-    """Owns the Socket.IO server: rooms, presence, typing, messages and the bot."""
+    """The chat's Socket.IO events: connect, `join`, `newmessage`, `typing`, and the bot's turn.
+
+    It owns the Socket.IO server and the sessions. Admission decides who may connect and how fast
+    each may talk, Presence tells rooms who is there and who is typing, the Store keeps history,
+    and the BotRunner asks the bot.
+    """
 
     def __init__(self, settings: Settings, store: Store, bot: Bot, board: Board | None = None,
                  manager: socketio.AsyncManager | None = None) -> None:
         self.settings = settings
         self.store = store
         self.bot = BotRunner(bot, settings)
+        self.admission = Admission(settings)
         self.sio = ChatServer(
             async_mode="aiohttp",
             client_manager=manager or FanoutManager(),
             async_handlers=False,  # one client's events are handled strictly in order
-            cors_allowed_origins=self._origin_allowed,
+            cors_allowed_origins=self.admission.engine_origin_allowed,
             max_http_buffer_size=settings.max_payload,
             engine_options={"compress": settings.compress, "max_queue": settings.max_queue,
-                            "address_of": self._capped_address,
-                            # room for sessions still handshaking, so that the Socket.IO refusal below
+                            "address_of": self.admission.capped_address,
+                            # room for sessions still handshaking, so that the Socket.IO refusal
                             # (a readable "too many connections") is what a page normally sees
                             "max_per_address": settings.max_per_ip + EXTRA_HANDSHAKES},
             transports=list(settings.transports),
             logger=False,
             engineio_logger=False,
         )
+        self.presence = Presence(self.sio, board or Board(), settings)
         self.sessions: dict[str, Session] = {}
-        self.per_ip: collections.Counter[str] = collections.Counter()
-        self.board = board or Board()
-        self._last_members: dict[str, list[str]] = {}
-        self._pending_leaves: dict[tuple[str, str], asyncio.TimerHandle] = {}
-        self.passwords = PasswordGuard()
-        self.address_messages = AddressBuckets(settings.rate * PER_ADDRESS_FACTOR, settings.burst * PER_ADDRESS_FACTOR)
-        self.address_joins = AddressBuckets(JOIN_RATE * PER_ADDRESS_FACTOR, JOIN_BURST * PER_ADDRESS_FACTOR)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started = time.monotonic()
         self.messages_sent = 0
-        self._register()
-
-    # -- wiring
-
-    def _register(self) -> None:
         self.sio.on("connect", self.on_connect)
         self.sio.on("disconnect", self.on_disconnect)
         for event, handler in (("newmessage", self.on_newmessage), ("join", self.on_join),
                                ("typing", self.on_typing)):
             self.sio.on(event, self._guarded(event, handler))
         self.sio.on("*", self.on_unknown)
+
+    # -- the protocol (the README's event table)
+
+    async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        """A new connection: admitted (password, address cap), then in the lobby until it joins a room."""
+        self.sessions[sid] = self.admission.admit(sid, environ, auth)
+        await self.sio.enter_room(sid, DEFAULT_ROOM)
+
+    async def on_disconnect(self, sid: str, reason: Any = None) -> None:
+        session = self.sessions.pop(sid, None)
+        if session is None:
+            return
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
+        if eio_sid:
+            self.sio.eio.release_long_poll(eio_sid)
+        self.admission.release(session)
+        await self.presence.set_typing(session, False)
+        await self.presence.leave(session.room, session.user)
+
+    async def on_join(self, sid: str, *args: Any) -> dict[str, Any]:
+        """`join` {room, user?, since?, epoch?}: move to a room; the ack carries history and members."""
+        session = self.sessions[sid]
+        empty = self.admission.over_join_rate(session)
+        if empty is not None:
+            raise InvalidInput("rate_limited", "You are joining rooms too fast; wait a moment.",
+                               retry_after_ms=empty.wait_ms())
+        data = expect_object(args, "join")
+        room = clean_room(data.get("room"))
+        user = data.get("user")
+        user = clean_user(user, self.settings.bot_name) if user not in (None, "") else None
+        since = clean_since(data.get("since"))
+        epoch = data.get("epoch")
+        if room != session.room:
+            await self.presence.set_typing(session, False)
+            await self.presence.leave(session.room, session.user)
+            await self.sio.leave_room(sid, session.room)
+            await self.sio.enter_room(sid, room)
+            session.room = room
+            session.user = None
+        await self.presence.rename(session, user)
+        if since is None:
+            history, complete = await self.store.recent(room, self.settings.history), True
+        elif epoch is not None and epoch != self.store.epoch:
+            # `since` counts in another id sequence (the server restarted without --db): start afresh
+            history, complete = await self.store.recent(room, self.settings.history), False
+        else:
+            history, complete = await self.store.since(room, since, self.settings.history)
+        return {"ok": True, "room": room, "user": user, "history": [m.wire() for m in history],
+                "complete": complete, "epoch": self.store.epoch, "members": await self.presence.board.members(room),
+                "typing": await self.presence.board.typing_users(room)}
+
+    async def on_newmessage(self, sid: str, *args: Any) -> dict[str, Any] | None:
+        """`newmessage` {user, body, cid?, room?}: store, broadcast to the room, ack, then ask the bot.
+
+        `room`, when given, must be the room this connection is in: a message never lands in a room
+        other than the one it was written in.
+        """
+        session = self.sessions[sid]
+        data = expect_object(args, "newmessage")
+        user = clean_user(data.get("user"), self.settings.bot_name)
+        body = clean_body(data.get("body"), self.settings.max_length)
+        cid = clean_cid(data.get("cid"))
+        if "room" in data and clean_room(data.get("room")) != session.room:
+            raise InvalidInput("not_in_room", "That message was written in another room; join it to send it.")
+        empty = self.admission.over_message_rate(session)
+        if empty is not None:
+            assert session.flood_started is not None
+            flooding_for = time.monotonic() - session.flood_started
+            if flooding_for >= self.settings.flood_timeout and not session.kicked:
+                session.kicked = True
+                log.warning("disconnecting %s (%s): over the rate limit for %.0f s", sid, session.ip, flooding_for)
+                self._spawn(self.sio.disconnect(sid))
+            raise InvalidInput("rate_limited", "You are sending messages too fast; slow down.",
+                               quiet=flooding_for > 0, retry_after_ms=empty.wait_ms())
+        room = session.room
+        await self.presence.rename(session, user)
+        msg, created = await self.store.append(room, user, body, "user", cid)
+        if not created:  # a resend of a message already delivered: ack it again, show it once
+            return {"ok": True, "id": msg.id, "ts": msg.ts, "duplicate": True}
+        await self.sio.emit("newmessage", msg.wire(), room=room)
+        self.messages_sent += 1
+        if session.user:
+            await self.presence.set_typing(session, False)
+        if self.bot.enabled:
+            self._spawn(self._answer(msg))
+        return {"ok": True, "id": msg.id, "ts": msg.ts}
+
+    async def on_typing(self, sid: str, *args: Any) -> None:
+        """`typing` {typing: bool}: show or clear this person's typing indicator."""
+        session = self.sessions[sid]
+        data = expect_object(args, "typing")
+        typing = data.get("typing")
+        if not isinstance(typing, bool):
+            raise InvalidInput("bad_typing", "'typing' must be true or false.")
+        if not session.typings.take():
+            return  # more changes than anyone can read: dropped (an indicator left on expires by itself)
+        await self.presence.set_typing(session, typing)
+
+    async def on_unknown(self, event: str, sid: str, *args: Any) -> Any:
+        """Any other event name: refused with a reason, never an exception."""
+        if event == "*invalid*":
+            return await self._refuse(sid, event, "bad_event", "That is not a valid event.")
+        name = event[:40]
+        return await self._refuse(sid, name, "unknown_event", f"Unknown event '{name}'.")
+
+    # -- the bot's turn
+
+    async def _answer(self, msg: Message) -> None:
+        """Ask the bot about one message and post its replies (or one "unavailable" line)."""
+        room = msg.room
+        remote = self.bot.remote
+        try:
+            context: tuple[Message, ...] = ()
+            if self.bot.wants_context:
+                context = tuple(await self.store.recent(room, self.settings.bot_context))
+            sender_id = "chatpy-" + hashlib.sha256(f"{room}\0{msg.user}".encode()).hexdigest()[:16] if remote else ""
+            turn = BotTurn(msg.user, msg.body, room, sender_id, context)
+            if remote:
+                await self.presence.set_bot_typing(room, True)
+            replies = await self.bot.answer(turn)
+            if remote:
+                await self.presence.set_bot_typing(room, False)
+            if replies is None:
+                if self.bot.should_announce(room):
+                    await self.presence.announce(room, f"{self.settings.bot_name} is unavailable right now.",
+                                                 "unavailable", self.settings.bot_name)
+                return
+            for text in replies:
+                reply, _ = await self.store.append(room, self.settings.bot_name, text, "bot", None)
+                await self.sio.emit("botmessage", reply.wire(), room=room)
+        except asyncio.CancelledError:
+            raise
+        except StoreError as exc:
+            self.sio.eio.problems.warn(f"history store failed: {exc}; the bot's reply was not posted %s", "")
+            if remote:
+                await self.presence.set_bot_typing(room, False)
+        except Exception:
+            log.exception("the bot failed to answer message %d", msg.id)
+            if remote:
+                await self.presence.set_bot_typing(room, False)
+
+    # -- refusals: a reply to the sender, never a crash and never a broadcast
 
     def _guarded(self, event: str, handler: Any) -> Any:
         """Wrap an event handler so bad input and bugs become a reply, never a crash."""
@@ -949,334 +1057,16 @@ class ChatHub:
             more = ""
         log.warning("refused %s from %s (%s): %s%s", event[:40], session.ip if session else sid, code, message, more)
 
-    # -- origin, address and password checks
-
-    def _origin_allowed(self, origin: str, environ: dict[str, Any]) -> bool:
-        request: web.Request | None = environ.get("aiohttp.request")
-        return request is not None and self.origin_allowed(origin, request)
-
-    def origin_allowed(self, origin: str, request: web.Request) -> bool:
-        """Whether a page on `origin` may connect: the same origin as this server, or --allow-origin."""
-        if "*" in self.settings.allow_origins or origin in self.settings.allow_origins:
-            return True
-        schemes = {request.scheme}
-        hosts = {request.headers.get("Host", "")}
-        # Behind your own TLS-terminating proxy (--trust-proxy) the page's origin is the proxy's.
-        if self.settings.trust_proxy and "X-Forwarded-Proto" in request.headers:
-            schemes.add(request.headers["X-Forwarded-Proto"].split(",")[0].strip())
-        if self.settings.trust_proxy and "X-Forwarded-Host" in request.headers:
-            hosts.add(request.headers["X-Forwarded-Host"].split(",")[0].strip())
-        return origin in {f"{s}://{h}" for s in schemes for h in hosts if h}
-
-    def client_address(self, environ: dict[str, Any]) -> str:
-        """The peer's real address (X-Forwarded-For is honoured only with --trust-proxy)."""
-        request: web.Request | None = environ.get("aiohttp.request")
-        address = (request.remote if request is not None else None) or "unknown"
-        if self.settings.trust_proxy:
-            forwarded = environ.get("HTTP_X_FORWARDED_FOR", "")
-            hops = [h.strip() for h in forwarded.split(",") if h.strip()]
-            if hops:
-                address = hops[-1]
-        return address
-
-    def _capped_address(self, environ: dict[str, Any]) -> str | None:
-        """The address a new Engine.IO session counts against, or None when it is exempt (loopback)."""
-        address = self.client_address(environ)
-        return None if self._is_exempt(address) else address
-
-    def _is_exempt(self, address: str) -> bool:
-        if self.settings.trust_proxy:
-            return False
-        try:
-            return ipaddress.ip_address(address).is_loopback
-        except ValueError:
-            return False
-
-    def _password_ok(self, ip: str, auth: Any) -> bool:
-        if self.settings.password is None:
-            return True
-        given = auth.get("password") if isinstance(auth, dict) else None
-        if not given:  # a page that has not asked for the password yet is not an attempt
-            return False
-        group = self.passwords.group(ip, self.settings.trust_proxy)
-        if not self.passwords.may_try(group):
-            raise socketio.exceptions.ConnectionRefusedError("too many attempts; wait a minute",
-                                                             {"code": "too_many_attempts"})
-        if isinstance(given, str) and hmac.compare_digest(given.encode(), self.settings.password.encode()):
-            return True
-        self.passwords.failed(group)
-        return False
-
-    # -- connection lifecycle
-
-    async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
-        ip = self.client_address(environ)
-        if not self._password_ok(ip, auth):
-            log.warning("refused connection from %s: wrong or missing password", ip)
-            raise socketio.exceptions.ConnectionRefusedError(
-                "unauthorized", {"code": "wrong_password" if isinstance(auth, dict) and auth.get("password")
-                                 else "password_needed"})
-        exempt = self._is_exempt(ip)
-        if not exempt and self.per_ip[ip] >= self.settings.max_per_ip:
-            log.warning("refused connection from %s: over %d connections", ip, self.settings.max_per_ip)
-            raise socketio.exceptions.ConnectionRefusedError("too many connections from your address",
-                                                             {"code": "too_many_connections"})
-        self.per_ip[ip] += 1
-        bucket = TokenBucket(self.settings.rate, self.settings.burst)
-        self.sessions[sid] = Session(sid=sid, ip=ip, exempt=exempt, bucket=bucket)
-        await self.sio.enter_room(sid, DEFAULT_ROOM)
-
-    async def on_disconnect(self, sid: str, reason: Any = None) -> None:
-        session = self.sessions.pop(sid, None)
-        if session is None:
-            return
-        self._release_long_poll(sid)
-        self.per_ip[session.ip] -= 1
-        if self.per_ip[session.ip] <= 0:
-            del self.per_ip[session.ip]
-        await self._set_typing(session, False)
-        await self._leave_presence(session.room, session.user)
-
-    def _release_long_poll(self, sid: str) -> None:
-        """Answer a long-polling GET still held open for a client that has gone."""
-        eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
-        if eio_sid:
-            self.sio.eio.release_long_poll(eio_sid)
-
-    # -- presence and typing
-
-    async def _announce(self, room: str, text: str, kind: str, user: str) -> None:
-        """A line for the room: `kind` ("joined", "left", "unavailable") and `user` let clients decide about it."""
-        await self.sio.emit("system", {"room": room, "text": text, "kind": kind, "user": user, "ts": now_ms()},
-                            room=room)
-
-    async def _emit_presence(self, room: str, members: list[str] | None = None, local_only: bool = False) -> None:
-        members = await self.board.members(room) if members is None else members
-        if members:
-            self._last_members[room] = members
-        else:
-            self._last_members.pop(room, None)  # an empty room costs nothing
-        await self.sio.emit("presence", {"room": room, "members": members, "count": len(members)}, room=room,
-                            ignore_queue=local_only)
-
-    async def _enter_presence(self, room: str, user: str | None) -> None:
-        if not user:
-            return
-        known = await self.board.members(room) if self.board.local_count(room, user) == 0 else [user]
-        self.board.add(room, user)
-        await self.board.publish(room)
-        pending = self._pending_leaves.pop((room, user), None)
-        if pending is not None:
-            pending.cancel()  # a quick reconnect: no leave and no join line
-        elif user not in known:
-            await self._announce(room, f"{user} joined", "joined", user)
-        await self._emit_presence(room)
-
-    async def _leave_presence(self, room: str, user: str | None) -> None:
-        if not user or self.board.local_count(room, user) <= 0:
-            return
-        if self.board.remove(room, user) > 0:
-            return  # another tab of this person is still here
-        loop = asyncio.get_running_loop()
-        self._pending_leaves[(room, user)] = loop.call_later(
-            self.settings.presence_grace, lambda: self._spawn(self._finish_leave(room, user)))
-
-    async def _finish_leave(self, room: str, user: str) -> None:
-        self._pending_leaves.pop((room, user), None)
-        if self.board.local_count(room, user) > 0:
-            return
-        self.board.forget(room, user)
-        await self.board.publish(room)
-        members = await self.board.members(room)
-        if user not in members:  # not still here through another node
-            await self._announce(room, f"{user} left", "left", user)
-        await self._emit_presence(room, members)
-
-    async def heartbeat(self, every: float) -> None:
-        """With Redis: keep this node's presence alive and heal lists when another node dies."""
-        while True:
-            await asyncio.sleep(every)
-            try:
-                await self.board.refresh()
-                for room in {s.room for s in self.sessions.values()}:
-                    members = await self.board.members(room)
-                    if members != self._last_members.get(room, []):
-                        await self._emit_presence(room, members, local_only=True)
-            except Exception:
-                log.exception("presence heartbeat failed")
-
-    async def _rename(self, session: Session, user: str | None) -> None:
-        if user == session.user:
-            return
-        old = session.user
-        await self._set_typing(session, False)
-        session.user = user
-        await self._enter_presence(session.room, user)
-        await self._leave_presence(session.room, old)
-
-    async def _set_typing(self, session: Session, typing: bool) -> None:
-        if session.typing_timer is not None:
-            session.typing_timer.cancel()
-            session.typing_timer = None
-        if not session.user:
-            return
-        if typing:
-            loop = asyncio.get_running_loop()
-            session.typing_timer = loop.call_later(
-                self.settings.typing_timeout, lambda: self._spawn(self._set_typing(session, False)))
-        await self._update_typing(session.room, session.user, typing, self.settings.typing_timeout)
-
-    async def _update_typing(self, room: str, user: str, typing: bool, ttl: float) -> None:
-        """Record one person (or the bot) typing or not, and tell the room when the list changed."""
-        users = await self.board.set_typing(room, user, typing, ttl)
-        if users is not None:
-            await self.sio.emit("typing", {"room": room, "users": users}, room=room)
+    # -- background work and shutdown
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # -- events
-
-    async def on_join(self, sid: str, *args: Any) -> dict[str, Any]:
-        """`join` {room, user?, since?}: move to a room; the ack carries history and members."""
-        session = self.sessions[sid]
-        empty = None if session.joins.take() else session.joins
-        if empty is None and not session.exempt:
-            empty = self.address_joins.take(session.ip)
-        if empty is not None:
-            raise InvalidInput("rate_limited", "You are joining rooms too fast; wait a moment.",
-                               retry_after_ms=empty.wait_ms())
-        data = expect_object(args, "join")
-        room = clean_room(data.get("room"))
-        user = data.get("user")
-        user = clean_user(user, self.settings.bot_name) if user not in (None, "") else None
-        since = clean_since(data.get("since"))
-        epoch = data.get("epoch")
-        if room != session.room:
-            await self._set_typing(session, False)
-            await self._leave_presence(session.room, session.user)
-            await self.sio.leave_room(sid, session.room)
-            await self.sio.enter_room(sid, room)
-            session.room = room
-            session.user = None
-        await self._rename(session, user)
-        if since is None:
-            history, complete = await self.store.recent(room, self.settings.history), True
-        elif epoch is not None and epoch != self.store.epoch:
-            # `since` counts in another id sequence (the server restarted without --db): start afresh
-            history, complete = await self.store.recent(room, self.settings.history), False
-        else:
-            history, complete = await self.store.since(room, since, self.settings.history)
-        return {"ok": True, "room": room, "user": user, "history": [m.wire() for m in history],
-                "complete": complete, "epoch": self.store.epoch, "members": await self.board.members(room),
-                "typing": await self.board.typing_users(room)}
-
-    def _over_rate(self, session: Session) -> TokenBucket | None:
-        """None if this connection, and its address, may send a message now; else the empty bucket."""
-        assert session.bucket is not None
-        empty = None if session.bucket.take() else session.bucket
-        if empty is None and not session.exempt:
-            empty = self.address_messages.take(session.ip)
-        if empty is None:
-            return None
-        now = time.monotonic()
-        if session.flood_started is None or now - session.last_refusal > 2.0:
-            session.flood_started = now
-        session.last_refusal = now
-        return empty
-
-    async def on_newmessage(self, sid: str, *args: Any) -> dict[str, Any] | None:
-        """`newmessage` {user, body, cid?, room?}: store, broadcast to the room, ack, then ask the bot.
-
-        `room`, when given, must be the room this connection is in: a message never lands in a room
-        other than the one it was written in.
-        """
-        session = self.sessions[sid]
-        data = expect_object(args, "newmessage")
-        user = clean_user(data.get("user"), self.settings.bot_name)
-        body = clean_body(data.get("body"), self.settings.max_length)
-        cid = clean_cid(data.get("cid"))
-        if "room" in data and clean_room(data.get("room")) != session.room:
-            raise InvalidInput("not_in_room", "That message was written in another room; join it to send it.")
-        empty = self._over_rate(session)
-        if empty is not None:
-            assert session.flood_started is not None
-            flooding_for = time.monotonic() - session.flood_started
-            if flooding_for >= self.settings.flood_timeout and not session.kicked:
-                session.kicked = True
-                log.warning("disconnecting %s (%s): over the rate limit for %.0f s", sid, session.ip, flooding_for)
-                self._spawn(self.sio.disconnect(sid))
-            raise InvalidInput("rate_limited", "You are sending messages too fast; slow down.",
-                               quiet=flooding_for > 0, retry_after_ms=empty.wait_ms())
-        room = session.room
-        await self._rename(session, user)
-        msg, created = await self.store.append(room, user, body, "user", cid)
-        if not created:  # a resend of a message already delivered: ack it again, show it once
-            return {"ok": True, "id": msg.id, "ts": msg.ts, "duplicate": True}
-        await self.sio.emit("newmessage", msg.wire(), room=room)
-        self.messages_sent += 1
-        if session.user:
-            await self._set_typing(session, False)
-        if self.bot.enabled:
-            self._spawn(self._answer(msg))
-        return {"ok": True, "id": msg.id, "ts": msg.ts}
-
-    async def _answer(self, msg: Message) -> None:
-        """Ask the bot about one message and post its replies (or one "unavailable" line)."""
-        room = msg.room
-        remote = self.bot.bot.remote
-        try:
-            context: tuple[Message, ...] = ()
-            if isinstance(self.bot.bot, OpenAIBot):
-                context = tuple(await self.store.recent(room, self.settings.bot_context))
-            sender_id = "chatpy-" + hashlib.sha256(f"{room}\0{msg.user}".encode()).hexdigest()[:16] if remote else ""
-            turn = BotTurn(msg.user, msg.body, room, sender_id, context)
-            if remote:
-                await self._set_bot_typing(room, True)
-            replies = await self.bot.answer(turn)
-            if remote:
-                await self._set_bot_typing(room, False)
-            if replies is None:
-                if self.bot.should_announce(room):
-                    await self._announce(room, f"{self.settings.bot_name} is unavailable right now.", "unavailable",
-                                         self.settings.bot_name)
-                return
-            for text in replies:
-                reply, _ = await self.store.append(room, self.settings.bot_name, text, "bot", None)
-                await self.sio.emit("botmessage", reply.wire(), room=room)
-        except asyncio.CancelledError:
-            raise
-        except StoreError as exc:
-            self.sio.eio.problems.warn(f"history store failed: {exc}; the bot's reply was not posted %s", "")
-            if remote:
-                await self._set_bot_typing(room, False)
-        except Exception:
-            log.exception("the bot failed to answer message %d", msg.id)
-            if remote:
-                await self._set_bot_typing(room, False)
-
-    async def _set_bot_typing(self, room: str, typing: bool) -> None:
-        await self._update_typing(room, self.settings.bot_name, typing, self.settings.bot_timeout + 5)
-
-    async def on_typing(self, sid: str, *args: Any) -> None:
-        """`typing` {typing: bool}: show or clear this person's typing indicator."""
-        session = self.sessions[sid]
-        data = expect_object(args, "typing")
-        typing = data.get("typing")
-        if not isinstance(typing, bool):
-            raise InvalidInput("bad_typing", "'typing' must be true or false.")
-        if not session.typings.take():
-            return  # more changes than anyone can read: dropped (an indicator left on expires by itself)
-        await self._set_typing(session, typing)
-
-    async def on_unknown(self, event: str, sid: str, *args: Any) -> Any:
-        """Any other event name: refused with a reason, never an exception."""
-        if event == "*invalid*":
-            return await self._refuse(sid, event, "bad_event", "That is not a valid event.")
-        name = event[:40]
-        return await self._refuse(sid, name, "unknown_event", f"Unknown event '{name}'.")
+    async def heartbeat(self, every: float) -> None:
+        """With Redis: keep this node's presence alive and heal lists when another node dies."""
+        await self.presence.heartbeat(lambda: {s.room for s in self.sessions.values()}, every)
 
     async def close(self) -> None:
         """Close every connection and stop background work.
@@ -1285,8 +1075,7 @@ class ChatHub:
         so that browsers treat it as a lost connection and reconnect by themselves
         when the server comes back.
         """
-        for handle in self._pending_leaves.values():
-            handle.cancel()
+        self.presence.close()
         for task in list(self._tasks):
             task.cancel()
         await self.sio.eio.close_for_restart()
@@ -1301,7 +1090,6 @@ EXTRA_HANDSHAKES = 5  # Engine.IO sessions per address allowed beyond --max-per-
 PER_ADDRESS_FACTOR = 4
 JOIN_RATE, JOIN_BURST = 2.0, 5        # joins per second per connection (a page joins on connect and room switch)
 TYPING_RATE, TYPING_BURST = 2.0, 4    # typing changes relayed per second per connection; the rest are dropped
-
 
 
 class AddressBuckets:
@@ -1331,7 +1119,6 @@ class AddressBuckets:
         full = [a for a, b in self.buckets.items() if b.tokens + (now - b.stamp) * b.rate >= b.burst]
         for address in full:
             del self.buckets[address]
-
 
 
 class PasswordGuard:
@@ -1384,7 +1171,240 @@ class PasswordGuard:
         self.failures.setdefault(group, collections.deque()).append(time.monotonic())
 
 
+class Admission:
+    """Who may connect (origin, password, connections per address) and how fast each connection,
+    and each address over all its connections, may send messages and join rooms."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.passwords = PasswordGuard()
+        self.address_messages = AddressBuckets(settings.rate * PER_ADDRESS_FACTOR, settings.burst * PER_ADDRESS_FACTOR)
+        self.address_joins = AddressBuckets(JOIN_RATE * PER_ADDRESS_FACTOR, JOIN_BURST * PER_ADDRESS_FACTOR)
+
+    def origin_allowed(self, origin: str, request: web.Request) -> bool:
+        """Whether a page on `origin` may connect: the same origin as this server, or --allow-origin."""
+        if "*" in self.settings.allow_origins or origin in self.settings.allow_origins:
+            return True
+        schemes = {request.scheme}
+        hosts = {request.headers.get("Host", "")}
+        # Behind your own TLS-terminating proxy (--trust-proxy) the page's origin is the proxy's.
+        if self.settings.trust_proxy and "X-Forwarded-Proto" in request.headers:
+            schemes.add(request.headers["X-Forwarded-Proto"].split(",")[0].strip())
+        if self.settings.trust_proxy and "X-Forwarded-Host" in request.headers:
+            hosts.add(request.headers["X-Forwarded-Host"].split(",")[0].strip())
+        return origin in {f"{s}://{h}" for s in schemes for h in hosts if h}
+
+    def engine_origin_allowed(self, origin: str, environ: dict[str, Any]) -> bool:
+        """origin_allowed() in the form python-engineio calls (a second line behind guard_requests)."""
+        request: web.Request | None = environ.get("aiohttp.request")
+        return request is not None and self.origin_allowed(origin, request)
+
+    def client_address(self, environ: dict[str, Any]) -> str:
+        """The peer's real address (X-Forwarded-For is honoured only with --trust-proxy)."""
+        request: web.Request | None = environ.get("aiohttp.request")
+        address = (request.remote if request is not None else None) or "unknown"
+        if self.settings.trust_proxy:
+            forwarded = environ.get("HTTP_X_FORWARDED_FOR", "")
+            hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+            if hops:
+                address = hops[-1]
+        return address
+
+    def capped_address(self, environ: dict[str, Any]) -> str | None:
+        """The address a new Engine.IO session counts against, or None when it is exempt (loopback)."""
+        address = self.client_address(environ)
+        return None if self.is_exempt(address) else address
+
+    def is_exempt(self, address: str) -> bool:
+        """Loopback is exempt from per-address limits (an SSH tunnel's users all come from it),
+        unless --trust-proxy says the real addresses are in X-Forwarded-For."""
+        if self.settings.trust_proxy:
+            return False
+        try:
+            return ipaddress.ip_address(address).is_loopback
+        except ValueError:
+            return False
+
+    def admit(self, sid: str, environ: dict[str, Any], auth: Any) -> Session:
+        """A new Socket.IO connection's session, or ConnectionRefusedError with a `code` the page reads."""
+        ip = self.client_address(environ)
+        if not self._password_ok(ip, auth):
+            log.warning("refused connection from %s: wrong or missing password", ip)
+            raise socketio.exceptions.ConnectionRefusedError(
+                "unauthorized", {"code": "wrong_password" if isinstance(auth, dict) and auth.get("password")
+                                 else "password_needed"})
+        exempt = self.is_exempt(ip)
+        if not exempt and self.per_ip[ip] >= self.settings.max_per_ip:
+            log.warning("refused connection from %s: over %d connections", ip, self.settings.max_per_ip)
+            raise socketio.exceptions.ConnectionRefusedError("too many connections from your address",
+                                                             {"code": "too_many_connections"})
+        self.per_ip[ip] += 1
+        return Session(sid=sid, ip=ip, exempt=exempt, bucket=TokenBucket(self.settings.rate, self.settings.burst))
+
+    def release(self, session: Session) -> None:
+        """The connection has gone: it no longer counts against its address."""
+        self.per_ip[session.ip] -= 1
+        if self.per_ip[session.ip] <= 0:
+            del self.per_ip[session.ip]
+
+    def over_message_rate(self, session: Session) -> TokenBucket | None:
+        """None if this connection, and its address, may send a message now; else the empty bucket."""
+        assert session.bucket is not None
+        empty = None if session.bucket.take() else session.bucket
+        if empty is None and not session.exempt:
+            empty = self.address_messages.take(session.ip)
+        if empty is None:
+            return None
+        now = time.monotonic()
+        if session.flood_started is None or now - session.last_refusal > 2.0:
+            session.flood_started = now
+        session.last_refusal = now
+        return empty
+
+    def over_join_rate(self, session: Session) -> TokenBucket | None:
+        """None if this connection, and its address, may join a room now; else the empty bucket."""
+        empty = None if session.joins.take() else session.joins
+        if empty is None and not session.exempt:
+            empty = self.address_joins.take(session.ip)
+        return empty
+
+    def _password_ok(self, ip: str, auth: Any) -> bool:
+        if self.settings.password is None:
+            return True
+        given = auth.get("password") if isinstance(auth, dict) else None
+        if not given:  # a page that has not asked for the password yet is not an attempt
+            return False
+        group = self.passwords.group(ip, self.settings.trust_proxy)
+        if not self.passwords.may_try(group):
+            raise socketio.exceptions.ConnectionRefusedError("too many attempts; wait a minute",
+                                                             {"code": "too_many_attempts"})
+        if isinstance(given, str) and hmac.compare_digest(given.encode(), self.settings.password.encode()):
+            return True
+        self.passwords.failed(group)
+        return False
+
+
 # ---------------------------------------------------------------- rooms: presence and typing
+
+
+class Presence:
+    """Tells each room who is in it and who is typing, and posts its notices ("X joined").
+
+    Members are counted per name across a person's tabs; a reconnect within the grace period
+    announces nothing. The Board holds the state (this process's, or shared through Redis).
+    """
+
+    def __init__(self, sio: socketio.AsyncServer, board: Board, settings: Settings) -> None:
+        self.sio = sio
+        self.board = board
+        self.settings = settings
+        self._last_members: dict[str, list[str]] = {}
+        self._pending_leaves: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def announce(self, room: str, text: str, kind: str, user: str) -> None:
+        """A line for the room: `kind` ("joined", "left", "unavailable") and `user` let clients decide about it."""
+        await self.sio.emit("system", {"room": room, "text": text, "kind": kind, "user": user, "ts": now_ms()},
+                            room=room)
+
+    async def emit(self, room: str, members: list[str] | None = None, local_only: bool = False) -> None:
+        members = await self.board.members(room) if members is None else members
+        if members:
+            self._last_members[room] = members
+        else:
+            self._last_members.pop(room, None)  # an empty room costs nothing
+        await self.sio.emit("presence", {"room": room, "members": members, "count": len(members)}, room=room,
+                            ignore_queue=local_only)
+
+    async def enter(self, room: str, user: str | None) -> None:
+        if not user:
+            return
+        known = await self.board.members(room) if self.board.local_count(room, user) == 0 else [user]
+        self.board.add(room, user)
+        await self.board.publish(room)
+        pending = self._pending_leaves.pop((room, user), None)
+        if pending is not None:
+            pending.cancel()  # a quick reconnect: no leave and no join line
+        elif user not in known:
+            await self.announce(room, f"{user} joined", "joined", user)
+        await self.emit(room)
+
+    async def leave(self, room: str, user: str | None) -> None:
+        if not user or self.board.local_count(room, user) <= 0:
+            return
+        if self.board.remove(room, user) > 0:
+            return  # another tab of this person is still here
+        loop = asyncio.get_running_loop()
+        self._pending_leaves[(room, user)] = loop.call_later(
+            self.settings.presence_grace, lambda: self._spawn(self._finish_leave(room, user)))
+
+    async def _finish_leave(self, room: str, user: str) -> None:
+        self._pending_leaves.pop((room, user), None)
+        if self.board.local_count(room, user) > 0:
+            return
+        self.board.forget(room, user)
+        await self.board.publish(room)
+        members = await self.board.members(room)
+        if user not in members:  # not still here through another node
+            await self.announce(room, f"{user} left", "left", user)
+        await self.emit(room, members)
+
+    async def rename(self, session: Session, user: str | None) -> None:
+        """The connection now speaks as `user` (or as nobody) in its room."""
+        if user == session.user:
+            return
+        old = session.user
+        await self.set_typing(session, False)
+        session.user = user
+        await self.enter(session.room, user)
+        await self.leave(session.room, old)
+
+    async def set_typing(self, session: Session, typing: bool) -> None:
+        """Show or clear a person's indicator; it clears itself after --typing-timeout of silence."""
+        if session.typing_timer is not None:
+            session.typing_timer.cancel()
+            session.typing_timer = None
+        if not session.user:
+            return
+        if typing:
+            loop = asyncio.get_running_loop()
+            session.typing_timer = loop.call_later(
+                self.settings.typing_timeout, lambda: self._spawn(self.set_typing(session, False)))
+        await self._update_typing(session.room, session.user, typing, self.settings.typing_timeout)
+
+    async def set_bot_typing(self, room: str, typing: bool) -> None:
+        await self._update_typing(room, self.settings.bot_name, typing, self.settings.bot_timeout + 5)
+
+    async def _update_typing(self, room: str, user: str, typing: bool, ttl: float) -> None:
+        """Record one person (or the bot) typing or not, and tell the room when the list changed."""
+        users = await self.board.set_typing(room, user, typing, ttl)
+        if users is not None:
+            await self.sio.emit("typing", {"room": room, "users": users}, room=room)
+
+    async def heartbeat(self, rooms: Callable[[], set[str]], every: float) -> None:
+        """With Redis: keep this node's presence alive and heal lists when another node dies."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.board.refresh()
+                for room in rooms():
+                    members = await self.board.members(room)
+                    if members != self._last_members.get(room, []):
+                        await self.emit(room, members, local_only=True)
+            except Exception:
+                log.exception("presence heartbeat failed")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def close(self) -> None:
+        for handle in self._pending_leaves.values():
+            handle.cancel()
+        for task in list(self._tasks):
+            task.cancel()
 
 
 class Board:
@@ -1444,7 +1464,6 @@ class Board:
         return sorted(self.typists.get(room, {}))
 
 
-
 class RedisHealth:
     """Tracks whether Redis answers, logs an outage once and its end once, and probes with backoff."""
 
@@ -1500,10 +1519,8 @@ class RedisHealth:
             self._probe.cancel()
 
 
-
 class RedisDown(Exception):
     """Redis is unreachable right now; the caller falls back to this process's own state."""
-
 
 
 class RedisBoard(Board):
@@ -1611,7 +1628,6 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
-
 def replay_from_window(window: Any, after_id: int, evicted_upto: int,
                        limit: int) -> tuple[list[Message], bool]:
     """The messages after `after_id` in a room's window of recent messages, and whether that is all of them
@@ -1620,9 +1636,7 @@ def replay_from_window(window: Any, after_id: int, evicted_upto: int,
     return missed[-limit:], after_id >= evicted_upto and len(missed) <= limit
 
 
-
 MAX_ROOMS_KEPT = 10_000  # rooms whose history the in-memory store keeps (least recently used dropped first)
-
 
 
 class MemoryStore:
@@ -1695,7 +1709,6 @@ class MemoryStore:
         return None
 
 
-
 SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     id    INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, also after deletes
@@ -1710,7 +1723,6 @@ CREATE INDEX IF NOT EXISTS messages_room_id ON messages (room, id);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_room_cid ON messages (room, cid) WHERE cid IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);  -- 'epoch': this file's id sequence
 """
-
 
 
 class SqliteStore:
@@ -1814,7 +1826,6 @@ class SqliteStore:
             self._lock_fd = None
 
 
-
 REDIS_APPEND = """
 local cid = ARGV[1]
 if cid ~= '' then
@@ -1845,7 +1856,6 @@ return {1, msg}
 REDIS_RAISE_IDS = """
 if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
 """
-
 
 
 class RedisStore:
@@ -1944,11 +1954,12 @@ class BotTurn:
     context: tuple[Message, ...] = ()  # oldest first, ending with this message
 
 
-
 class Bot(Protocol):
     """A chat bot backend: a person's message in, zero or more replies out."""
 
     remote: bool  # calls a service: limited, timed out, and shown typing while it works
+    wants_context: bool  # gets the room's recent messages with each turn
+    answers: bool  # False for --bot off: no turn is started at all
 
     async def open(self) -> None: ...
 
@@ -1961,15 +1972,12 @@ class Bot(Protocol):
     async def close(self) -> None: ...
 
 
-
 class BotUnavailable(Exception):
     """The backend failed; the message says why, for one log line."""
 
 
-
 class RulesError(Exception):
     """A --bot-rules file is not valid; the message names the rule and the problem."""
-
 
 
 DEFAULT_RULES: dict[str, Any] = {
@@ -1982,7 +1990,6 @@ DEFAULT_RULES: dict[str, Any] = {
 }
 
 
-
 @dataclass(frozen=True)
 class KeywordRule:
     """One rule: a pattern to look for and the reply templates to choose from."""
@@ -1991,7 +1998,6 @@ class KeywordRule:
     pattern: re.Pattern[str]
     replies: tuple[str, ...]
     stop: bool = False
-
 
 
 def _check_templates(where: str, templates: Any) -> tuple[str, ...]:
@@ -2005,7 +2011,6 @@ def _check_templates(where: str, templates: Any) -> tuple[str, ...]:
         if fields - {"user"}:
             raise RulesError(f"{where}: template {template!r} may only use {{user}}, not {sorted(fields - {'user'})}")
     return tuple(templates)
-
 
 
 def parse_rules(data: Any) -> tuple[tuple[KeywordRule, ...], tuple[str, ...]]:
@@ -2052,7 +2057,6 @@ def parse_rules(data: Any) -> tuple[tuple[KeywordRule, ...], tuple[str, ...]]:
     return tuple(rules), tuple(fallback)
 
 
-
 def load_rules(path: Path) -> tuple[tuple[KeywordRule, ...], tuple[str, ...]]:
     """Read and validate a --bot-rules JSON file."""
     try:
@@ -2066,7 +2070,6 @@ def load_rules(path: Path) -> tuple[tuple[KeywordRule, ...], tuple[str, ...]]:
     return parse_rules(data)
 
 
-
 class KeywordBot:
     """Ordered keyword rules: every matching rule adds one reply; a rule with stop ends the search.
 
@@ -2075,6 +2078,8 @@ class KeywordBot:
     """
 
     remote = False
+    wants_context = False
+    answers = True
 
     def __init__(self, rules: tuple[tuple[KeywordRule, ...], tuple[str, ...]] | None = None) -> None:
         self.rules, self.fallback = rules or parse_rules(DEFAULT_RULES)
@@ -2104,19 +2109,32 @@ class KeywordBot:
         return replies
 
 
+class SilentBot:
+    """--bot off: never asked, never replies."""
 
-class SilentBot(KeywordBot):
-    """--bot off: never replies."""
+    remote = False
+    wants_context = False
+    answers = False
+
+    async def open(self) -> None:
+        return None
 
     async def reply(self, turn: BotTurn) -> list[str]:
         return []
 
+    async def check(self) -> str | None:
+        return None
+
+    async def close(self) -> None:
+        return None
 
 
 class HttpBot:
     """Shared plumbing for bots behind an HTTP API: one client session, clear failure reasons."""
 
     remote = True
+    wants_context = False
+    answers = True
 
     def __init__(self, url: str, timeout: float) -> None:
         self.url = url.rstrip("/")
@@ -2139,14 +2157,12 @@ class HttpBot:
             return f"{url}: {describe_error(exc)}"
 
 
-
 def _json_error(body: Any) -> str | None:
     if isinstance(body, dict) and "error" in body:
         error = body["error"]
         message = error.get("message") if isinstance(error, dict) else error
         return f"error from the backend: {str(message)[:200]}"
     return None
-
 
 
 class RasaBot(HttpBot):
@@ -2184,9 +2200,10 @@ class RasaBot(HttpBot):
         return replies
 
 
-
 class OpenAIBot(HttpBot):
     """Any OpenAI-compatible chat completions server (Ollama, llama.cpp, vLLM, ...), streamed."""
+
+    wants_context = True
 
     def __init__(self, url: str, timeout: float, model: str, prompt: str, bot_name: str) -> None:
         super().__init__(url, timeout)
@@ -2265,12 +2282,10 @@ class OpenAIBot(HttpBot):
         raise BotUnavailable(f"the stream from {url} ended before [DONE]")
 
 
-
 def default_prompt(bot_name: str) -> str:
     """The system prompt used when --bot-prompt is not given."""
     return (f"You are {bot_name}, a friendly assistant in a group chat. Answer briefly and helpfully, "
             "in plain text. People's messages are prefixed with their names.")
-
 
 
 def make_bot(settings: Settings) -> Bot:
@@ -2284,7 +2299,6 @@ def make_bot(settings: Settings) -> Bot:
                          settings.bot_model, settings.bot_prompt or default_prompt(settings.bot_name),
                          settings.bot_name)
     return KeywordBot(load_rules(settings.bot_rules) if settings.bot_rules else None)
-
 
 
 class BotRunner:
@@ -2307,7 +2321,15 @@ class BotRunner:
 
     @property
     def enabled(self) -> bool:
-        return not isinstance(self.bot, SilentBot)
+        return self.bot.answers
+
+    @property
+    def remote(self) -> bool:
+        return self.bot.remote
+
+    @property
+    def wants_context(self) -> bool:
+        return self.bot.wants_context
 
     async def answer(self, turn: BotTurn) -> list[str] | None:
         """The capped replies, or None when the backend failed (already logged)."""
@@ -2356,7 +2378,6 @@ def content_security_policy(settings: Settings) -> str:
             "frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'")
 
 
-
 def render_page(settings: Settings) -> str:
     """The HTML page, with the Socket.IO client script tag for the chosen source."""
     if settings.client_js:
@@ -2368,11 +2389,9 @@ def render_page(settings: Settings) -> str:
             .replace("{{TRANSPORTS}}", ",".join(sorted(settings.transports, reverse=True))))
 
 
-
 REQUEST_DEADLINE = 10.0  # seconds for a request's headers, and for a POST's body, to arrive
 IDLE_KEEPALIVE = 15.0    # seconds an idle keep-alive connection stays open
 STARTED_REQUESTS = web.AppKey("started_requests", weakref.WeakSet)  # transports whose request got going
-
 
 
 def host_name(host: str) -> str:
@@ -2383,13 +2402,11 @@ def host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-
 def valid_engine_packet(packet: Any) -> bool:
     """Whether a frame or a polling payload's part is an Engine.IO packet python-engineio can decode."""
     if isinstance(packet, bytes):
         return True  # binary: handed to ChatServer, which refuses it
     return isinstance(packet, str) and packet[:1] in ("0", "1", "2", "3", "4", "5", "6")
-
 
 
 def check_polling_payload(body: bytes) -> str | None:
@@ -2403,9 +2420,7 @@ def check_polling_payload(body: bytes) -> str | None:
     return None
 
 
-
 CHECKED_BODY = web.RequestKey("checked_body", bytes)  # a polling POST body, read by guard_requests for EngineServer
-
 
 
 class CheckedBody:
@@ -2418,10 +2433,8 @@ class CheckedBody:
         return self.body
 
 
-
 OUT_OF_SOCKETS = ("out of sockets at the open-file limit of %s (see LimitNOFILE in the README): "
                   "new connections wait or are dropped until others close")
-
 
 
 class ConnectionWatch:
@@ -2467,7 +2480,6 @@ class ConnectionWatch:
                 transport.abort()
 
 
-
 def build_app(settings: Settings, hub: ChatHub) -> web.Application:
     """The aiohttp application: page, assets, health check and the Socket.IO endpoint."""
     page = render_page(settings).encode()
@@ -2503,7 +2515,7 @@ def build_app(settings: Settings, hub: ChatHub) -> web.Application:
             raise web.HTTPMisdirectedRequest(text="chat.py does not answer for this host name "
                                                   "(see --allow-host)\n")
         origin = request.headers.get("Origin")
-        if origin and request.path.startswith("/socket.io/") and not hub.origin_allowed(origin, request):
+        if origin and request.path.startswith("/socket.io/") and not hub.admission.origin_allowed(origin, request):
             problems.warn(f"refused a connection from a page on {origin[:100]!r} (from %s): not this server's "
                           "origin; allow it with --allow-origin, or behind a proxy pass Host $http_host "
                           "(and X-Forwarded-Proto/-Host with --trust-proxy)", request.remote or "?")
@@ -3323,7 +3335,6 @@ def packet_size(item: Any) -> int:
     return 16 + (len(data) if isinstance(data, (str, bytes)) else 0)
 
 
-
 class OutgoingQueue(asyncio.Queue):  # type: ignore[type-arg]
     """An Engine.IO socket's outgoing queue, bounded in packets and bytes, whatever the packet:
     broadcasts, acks and errors alike. Past the bound it asks `overflow` to drop the client
@@ -3353,7 +3364,6 @@ class OutgoingQueue(asyncio.Queue):  # type: ignore[type-arg]
         if item is not None:
             self.bytes -= packet_size(item)
         return item
-
 
 
 class PollBatchQueue(OutgoingQueue):
@@ -3389,7 +3399,6 @@ class PollBatchQueue(OutgoingQueue):
         return super().get_nowait()
 
 
-
 class DirectQueue(OutgoingQueue):
     """An Engine.IO socket's outgoing queue that also knows when it may be bypassed.
 
@@ -3410,7 +3419,6 @@ class DirectQueue(OutgoingQueue):
 
     def idle(self) -> bool:
         return self.held == 0 and self.empty()
-
 
 
 class ChatWebSocket(eio_aiohttp.WebSocket):
@@ -3477,12 +3485,10 @@ class ChatWebSocket(eio_aiohttp.WebSocket):
         return None if transport is None or transport.is_closing() else transport
 
 
-
 class CompressingWebSocket(ChatWebSocket):
     """--compress: accept permessage-deflate when the browser offers it."""
 
     compress = True
-
 
 
 class EngineServer(engineio.AsyncServer):
@@ -3634,7 +3640,6 @@ class EngineServer(engineio.AsyncServer):
                 self.sockets.pop(eio_sid, None)
 
 
-
 class ChatServer(socketio.AsyncServer):
     """AsyncServer hardened against untrusted packets.
 
@@ -3679,7 +3684,6 @@ class ChatServer(socketio.AsyncServer):
             _ack_wanted.reset(token)
 
 
-
 def websocket_text_frame(payload: bytes) -> bytes:
     """One unmasked, unfragmented WebSocket text frame, as a server sends it."""
     size = len(payload)
@@ -3690,7 +3694,6 @@ def websocket_text_frame(payload: bytes) -> bytes:
     else:
         header = bytes((0x81, 127)) + size.to_bytes(8, "big")
     return header + payload
-
 
 
 class FanoutManager(socketio.AsyncManager):
@@ -3744,7 +3747,6 @@ class FanoutManager(socketio.AsyncManager):
                     transport.write(ws_frame)
                     continue
             queue.put_nowait(frame)  # an OutgoingQueue: past its bound it drops the client instead
-
 
 
 class RedisFanoutManager(socketio.AsyncRedisManager, FanoutManager):
@@ -3804,7 +3806,6 @@ def make_store(settings: Settings) -> Store:
     return MemoryStore(settings.history)
 
 
-
 @dataclass
 class SharedState:
     """The Redis-backed parts of one node: store, presence board and Socket.IO manager."""
@@ -3818,7 +3819,6 @@ class SharedState:
     async def close(self) -> None:
         await self.health.close()
         await self.client.aclose()
-
 
 
 async def connect_redis(settings: Settings) -> SharedState:
@@ -3838,7 +3838,6 @@ async def connect_redis(settings: Settings) -> SharedState:
                        RedisFanoutManager(settings.redis, health, on_message_id=store.note_id))
 
 
-
 def machine_addresses() -> list[str]:
     """This machine's non-loopback addresses, as its name resolves (may be empty)."""
     try:
@@ -3852,7 +3851,6 @@ def machine_addresses() -> list[str]:
             if not ipaddress.ip_address(address).is_loopback and address not in found:
                 found.append(address)
     return found
-
 
 
 def banner(settings: Settings, url: str) -> str:
@@ -3877,14 +3875,12 @@ def banner(settings: Settings, url: str) -> str:
             f"{versions}; {share}; Ctrl-C stops)")
 
 
-
 def _file_problem(flag: str, path: Path) -> str | None:
     if path.is_dir():
         return f"{flag} {path}: is a directory, not a file"
     if not path.is_file():
         return f"{flag} {path}: no such file"
     return None
-
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -3913,7 +3909,6 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-
 def bad_file(settings: Settings) -> str | None:
     """What is wrong with a file or directory named on the command line, before anything starts."""
     if settings.client_js:
@@ -3940,7 +3935,6 @@ def bad_file(settings: Settings) -> str | None:
     except ValueError as exc:
         return str(exc)
     return None
-
 
 
 async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
@@ -4014,7 +4008,6 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
             await shared.close()
 
 
-
 async def warn_if_bot_unreachable(bot: Bot, settings: Settings) -> None:
     """One warning at start-up when the bot's backend does not answer; chat.py runs regardless."""
     problem = await bot.check()
@@ -4023,14 +4016,12 @@ async def warn_if_bot_unreachable(bot: Bot, settings: Settings) -> None:
                     settings.bot_name, settings.bot, problem)
 
 
-
 def files_open_now() -> int:
     """How many file descriptors this process has open (a guess where /proc is missing)."""
     try:
         return len(os.listdir("/proc/self/fd"))
     except OSError:
         return 32
-
 
 
 def raise_open_file_limit() -> int:
@@ -4047,7 +4038,6 @@ def raise_open_file_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-
 class SocketShortage:
     """The event loop's exception handler: running out of file descriptors while accepting
     becomes one clear line a minute instead of a line per refused connection."""
@@ -4062,7 +4052,6 @@ class SocketShortage:
             self.problems.warn(OUT_OF_SOCKETS, str(self.limit))
             return
         loop.default_exception_handler(context)
-
 
 
 class OneLineErrors(logging.Filter):
@@ -4090,7 +4079,6 @@ class OneLineErrors(logging.Filter):
         return True
 
 
-
 def tune_gc() -> None:
     """Fewer, cheaper collections: every full collection walks a heap that grows with the clients.
 
@@ -4101,7 +4089,6 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-
 
 
 def loop_name(choice: str) -> str:
@@ -4117,7 +4104,6 @@ def loop_name(choice: str) -> str:
     return "uvloop"
 
 
-
 def run_event_loop(coro: Any, choice: str) -> None:
     """Run `coro` to completion on the event loop `--loop` asks for."""
     if loop_name(choice) == "uvloop":
@@ -4128,7 +4114,6 @@ def run_event_loop(coro: Any, choice: str) -> None:
             return
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # uvloop before 0.18
     asyncio.run(coro)
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -4160,7 +4145,6 @@ def main(argv: list[str] | None = None) -> int:
         pass
     print("chat.py: stopped", flush=True)
     return 0
-
 
 
 if __name__ == "__main__":
