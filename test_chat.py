@@ -15,6 +15,7 @@ import collections
 import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import queue
@@ -332,7 +333,45 @@ async def test_every_transport_delivers(url: str, connect: Connect, transports: 
     receiver = await connect(url, transports=transports)
     await sender.say("over " + "+".join(transports))
     assert (await receiver.next("newmessage"))["body"] == "over " + "+".join(transports)
-    assert sender.sio.transport() == transports[-1] or transports == ["polling", "websocket"]
+    await wait_until(lambda: sender.sio.transport() == transports[-1])  # polling-then-upgrade: upgraded
+    await sender.say("after the upgrade")
+    assert (await receiver.next("newmessage"))["body"] == "after the upgrade"
+
+
+@pytest.mark.parametrize("compress", [False, True])
+async def test_websocket_compression_is_accepted_only_with_compress(start_chat: StartChat, compress: bool) -> None:
+    url = await start_chat(compress=compress)
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write((f"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                  "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                  f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+                  "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n").encode())
+    head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).decode().lower()
+    writer.close()
+    assert head.startswith("http/1.1 101")
+    assert ("permessage-deflate" in head) == compress
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_event_loop_is_the_one_asked_for(loop: str) -> None:
+    require(loop == "asyncio" or importlib.util.find_spec("uvloop") is not None, "uvloop")
+    proc = ChatProcess("--port", "0", "--loop", loop)
+    try:
+        proc.wait_ready()
+        assert f"; {loop}; " in proc.banner
+    finally:
+        proc.stop()
+
+
+async def test_transports_polling_refuses_websocket_and_tells_the_page(start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(transports=("polling",), rate=0)
+    peer = await connect(url, transports=["polling"])
+    assert (await peer.say("over polling only"))["ok"]
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await connect(url, transports=["websocket"])
+    async with aiohttp.ClientSession() as http, http.get(url + "/") as resp:
+        assert '<meta name="chat-transports" content="polling">' in await resp.text()
 
 
 async def test_transports_websocket_accepts_only_websocket_and_tells_the_page(
@@ -440,6 +479,11 @@ BAD_USAGE = {  # arguments, environment -> the one line chat.py prints before ex
                             "not an origin: 'http://host:5742/'; without the trailing slash: http://host:5742"),
     "origin without scheme": (["--allow-origin", "notanorigin"], {}, "not an origin: 'notanorigin' (an origin is"),
     "unknown flag": (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
+    "cert without key": (["--tls-cert", "c.pem"], {}, "--tls-cert and --tls-key must be given together"),
+    "db with redis": (["--db", "x.db", "--redis", "redis://127.0.0.1:1/0"], {}, "--db and --redis cannot be combined"),
+    "redis not a URL": (["--redis", "localhost:6379"], {}, "--redis must be a redis://, rediss:// or unix:// URL"),
+    "rules without keyword": (["--bot", "rasa", "--bot-rules", "r.json"], {}, "--bot-rules applies to --bot keyword"),
+    "bot url not http": (["--bot-url", "ftp://x"], {}, "--bot-url must be an http:// or https:// URL"),
 }
 
 
@@ -528,20 +572,18 @@ def test_the_port_environment_variable_is_honoured() -> None:
         proc.stop()
 
 
-async def test_sigterm_with_clients_connected_exits_0_within_2_seconds(connect: Connect) -> None:
+async def test_sigterm_with_clients_connected_exits_0_within_the_second_the_readme_promises(
+        connect: Connect) -> None:
     proc = ChatProcess("--port", "0")
     try:
         url = proc.wait_ready()
         await connect(url)
         await connect(url, transports=["polling"])
-        started = time.monotonic()
         proc.proc.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(proc.proc.wait, 10)
-        elapsed = time.monotonic() - started
+        await asyncio.to_thread(proc.proc.wait, 1.0)  # the deadline is the README's; it takes about 20 ms here
     finally:
         code, _, err = proc.stop()
     assert code == 0
-    assert elapsed < 2.0
     assert "Traceback" not in err
 
 
@@ -1232,6 +1274,7 @@ class FakeBackend:
             "status 500": lambda: web.json_response({"version": "3.6.20", "status": "failure", "message": "boom",
                                                      "reason": "ServerError", "code": 500}, status=500),
             "error body": lambda: web.json_response({"error": "agent not ready"}),
+            "long": lambda: web.json_response([{"recipient_id": body["sender"], "text": "word " * 1000}]),
             "malformed JSON": lambda: web.Response(text="[{not json", content_type="application/json"),
         }
         return answers[self.mode]()
@@ -1311,15 +1354,11 @@ async def test_an_empty_rasa_answer_is_no_reply_not_a_failure(start_chat: StartC
     url = await start_chat(bot="rasa", bot_url=backend.url)
     peer = await connect(url)
     await peer.say("mumble", user="Rae")
-    await wait_until(lambda: _true(len(backend.requests) == 1))
+    await wait_until(lambda: len(backend.requests) == 1)
     backend.mode = "ok"
     await peer.say("hello", user="Rae")
     assert (await peer.next("botmessage"))["body"] == "You said: hello"
     assert not [s for s in peer.pending("system") if "unavailable" in s["text"]]
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_openai_mode_streams_and_sends_one_bot_message_while_showing_the_bot_typing(
@@ -1404,7 +1443,7 @@ async def test_a_failing_bot_never_hurts_the_chat(start_chat: StartChat, connect
     warnings = [r for r in caplog.records if r.levelname == "WARNING" and "unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "Traceback" not in caplog.text
     await peer.say("still there?", user="Una")  # the next message tries again, without a second line
-    await wait_until(lambda: _true(len([r for r in caplog.records if "is unavailable" in r.getMessage()]) == 2))
+    await wait_until(lambda: len([r for r in caplog.records if "is unavailable" in r.getMessage()]) == 2)
     await peer.say("marker", user="Una")
     await peer.take("newmessage", 2)
     assert peer.pending("system") == [], "at most one unavailable line a minute"
@@ -1420,7 +1459,7 @@ async def test_at_most_four_bot_calls_run_at_once(start_chat: StartChat, connect
     peer = await connect(url)
     for i in range(7):
         assert (await peer.say(f"q{i}", user="Q"))["ok"], "chat traffic never waits for the bot"
-    await wait_until(lambda: _true(backend.in_flight == 4))
+    await wait_until(lambda: backend.in_flight == 4)
     backend.release.set()
     await peer.take("botmessage", 14)
     assert backend.most_in_flight == 4
@@ -1439,10 +1478,36 @@ async def test_the_start_up_check_of_an_openai_backend_sends_the_api_key(backend
     proc = ChatProcess("--port", "0", "--bot", "openai", "--bot-url", backend.url + "/v1",
                        env={"OPENAI_API_KEY": "sk-test"})
     await asyncio.to_thread(proc.wait_ready)
-    await wait_until(lambda: _true(bool(backend.model_checks)))
+    await wait_until(lambda: bool(backend.model_checks))
     code, _, err = await asyncio.to_thread(proc.stop)
     assert backend.model_checks == ["Bearer sk-test"]
     assert code == 0 and "not reachable" not in err
+
+
+async def test_a_bot_reply_longer_than_a_message_is_capped(start_chat: StartChat, connect: Connect,
+                                                              backend: FakeBackend) -> None:
+    backend.mode = "long"
+    url = await start_chat(bot="rasa", bot_url=backend.url, rate=0)
+    peer = await connect(url)
+    await peer.say("tell me everything")
+    reply = (await peer.next("botmessage"))["body"]
+    assert len(reply) == 2000 and reply.endswith("…")
+
+
+async def test_a_bot_call_that_waits_too_long_for_a_slot_is_dropped(
+        start_chat: StartChat, connect: Connect, backend: FakeBackend, caplog: pytest.LogCaptureFixture) -> None:
+    backend.release.clear()  # the calls that get a slot hang until the timeout
+    url = await start_chat(bot="rasa", bot_url=backend.url, rate=0, bot_timeout=0.5)
+    peer = await connect(url)
+    for i in range(12):  # four slots: the last four would wait two timeouts for one
+        assert (await peer.say(f"q{i}", user="Q"))["ok"]
+
+    def dropped() -> int:
+        return sum("bot busy: dropped" in r.getMessage() for r in caplog.records)
+
+    await wait_until(lambda: dropped() >= 4 and dropped() + len(backend.requests) == 12)
+    backend.release.set()
+    assert len(backend.requests) <= 8, "calls dropped while waiting for a slot never reached the backend"
 
 
 def test_start_up_warns_when_the_bot_backend_is_down_but_starts() -> None:
@@ -1709,6 +1774,20 @@ async def test_during_a_redis_outage_a_node_numbers_on_from_the_ids_it_relayed(
     assert during[0]["id"] > max(ids), "ids never go backwards on a node that only relayed them"
 
 
+@pytest.mark.redis
+async def test_after_a_redis_outage_the_shared_id_counter_is_raised_past_the_ids_handed_out(
+        redis_server: RedisServer, nodes: Any, connect: Connect) -> None:
+    node, url = nodes("--bot", "off")
+    ann = await connect(url)
+    await ann.say("before", user="Ann")
+    redis_server.stop()
+    during = [(await ann.say(f"during {i}", user="Ann"))["id"] for i in range(5)]
+    redis_server.start()  # without persistence: its counter starts again from 0
+    await asyncio.to_thread(node.stderr.wait_for, "Redis is back", 20)
+    after = (await ann.say("after", user="Ann"))["id"]
+    assert after > max(during)
+
+
 def test_an_unreachable_redis_at_start_exits_with_one_clear_line() -> None:
     port = free_port()
     result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--port", "0", "--redis",
@@ -1924,15 +2003,17 @@ async def test_a_handler_bug_gives_a_generic_error_and_the_server_survives(
     await assert_chat_still_works(url, connect)
 
 
-def _is_acceptable(payload: Any) -> bool:
-    try:
-        chat.expect_object((payload,), "newmessage")
-        chat.clean_user(payload.get("user"), "ChatFriend")
-        chat.clean_body(payload.get("body"), 2000)
-        chat.clean_cid(payload.get("cid"))
-    except chat.InvalidInput:
-        return False
-    return True
+def _clearly_invalid(payload: Any) -> bool:
+    """The README's rules for `newmessage`, written here independently of chat.py's validators:
+    True only for payloads the rules plainly refuse (the property test checks those)."""
+    if not isinstance(payload, dict):
+        return True
+    user, body, cid = payload.get("user"), payload.get("body"), payload.get("cid")
+    if not isinstance(user, str) or not isinstance(body, str):
+        return True
+    if not user.strip() or not body.strip() or len(user) > 4 * 32 or len(body) > 4 * 2000:
+        return True
+    return cid is not None and not (isinstance(cid, str) and re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", cid))
 
 
 json_values = st.recursive(
@@ -1947,7 +2028,7 @@ message_like = st.fixed_dictionaries(
 @given(payload=json_values | message_like, with_ack=st.booleans())
 async def test_any_json_payload_is_either_valid_or_refused_and_never_broadcast(
         url: str, connect: Connect, payload: Any, with_ack: bool) -> None:
-    assume(not _is_acceptable(payload))
+    assume(_clearly_invalid(payload))
     sender = await connect(url)
     watcher = await connect(url)
     if with_ack:
@@ -2020,10 +2101,13 @@ async def clients_connected(url: str) -> int:
         return (await resp.json())["clients"]
 
 
-async def wait_until(condition: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    """Re-check a server-side condition that no event announces, until it holds."""
+async def wait_until(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Re-check a condition that no event announces (a plain or an async callable), until it holds."""
     deadline = time.monotonic() + timeout
-    while not await condition():
+    while True:
+        result = condition()
+        if await result if inspect.isawaitable(result) else result:
+            return
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.05)
 
@@ -2064,17 +2148,17 @@ async def test_malformed_packets_are_dropped_with_a_chat_error(url: str, connect
     await assert_chat_still_works(url, connect)
 
 
-async def test_an_oversized_polling_post_is_rejected_without_hurting_anyone(url: str, connect: Connect) -> None:
+async def test_an_oversized_polling_post_gets_413_before_its_body_is_read(url: str, connect: Connect) -> None:
     bystander = await connect(url)
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{url}/socket.io/?EIO=4&transport=polling") as resp:
-            sid = json.loads((await resp.text())[1:])["sid"]
-        big = "42" + json.dumps(["newmessage", {"user": "A", "body": "x" * (2 * 1024 * 1024)}])
-        try:
-            async with http.post(f"{url}/socket.io/?EIO=4&transport=polling&sid={sid}", data=big) as resp:
-                assert resp.status in (400, 413)
-        except aiohttp.ClientOSError:
-            pass  # the server answered 413 and closed the connection before reading the body
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/socket.io/?EIO=4&transport=polling") as resp:
+        sid = json.loads((await resp.text())[1:])["sid"]
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                 f"Content-Type: text/plain\r\nContent-Length: {2 * 1024 * 1024}\r\n\r\n".encode())
+    status = await asyncio.wait_for(reader.readline(), 5)  # answered without sending a byte of the body
+    writer.close()
+    assert status.split()[1] == b"413", status
     await bystander.say("bystander fine")
     assert (await bystander.next("newmessage"))["body"] == "bystander fine"
     await assert_chat_still_works(url, connect)
@@ -2992,6 +3076,20 @@ async def test_on_a_desktop_the_form_sits_under_the_message_column(page_url: str
 
 
 @pytest.mark.browser
+async def test_shift_enter_adds_a_line_and_enter_sends(page_url: str, open_page: OpenPage) -> None:
+    alice, bob = await open_page(page_url), await open_page(page_url)
+    await alice.page.get_by_label("Your name").fill("Alice")
+    box = alice.page.get_by_label("Your message")
+    await box.click()
+    await box.type("first line")
+    await box.press("Shift+Enter")
+    await box.type("second line")
+    assert await bob.page.locator("#messages li.message").count() == 0, "Shift+Enter did not send"
+    await box.press("Enter")
+    await bob.wait_for_messages(["first line\nsecond line"])
+
+
+@pytest.mark.browser
 async def test_back_and_forward_switch_rooms_and_room_names_are_lowercased(
         page_url: str, open_page: OpenPage) -> None:
     tab = await open_page(page_url, path="/?room=Team")
@@ -3329,8 +3427,6 @@ async def test_an_unacknowledged_message_is_retried_then_marked_failed_with_a_re
 def test_every_library_internal_chat_py_relies_on_is_still_there() -> None:
     """One check per hook listed in chat.py's "library internals" section: an upgrade that moves
     one fails here, by name, instead of misbehaving at run time."""
-    import inspect
-
     import engineio
     from engineio import async_socket
     from engineio.async_drivers import aiohttp as eio_aiohttp
