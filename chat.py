@@ -2817,20 +2817,31 @@ PAGE_JS = r"""
   };
 
   const roomInUrl = () => (new URLSearchParams(location.search).get('room') || 'lobby').trim().toLowerCase();
-  let room = roomInUrl();
-  if (ROOM_RE.test(room) && new URLSearchParams(location.search).get('room') !== room && location.search) {
-    history.replaceState(null, '', `?room=${encodeURIComponent(room)}`);  // /?room=Team is #team
+  // ---- the page's state: everything that changes, in one place
+
+  const state = {
+    room: roomInUrl(),            // the room this page shows
+    joined: false,                // the server has acked our join of state.room
+    joinedAs: null,               // the name the server accepted for this page in that room
+    epoch: null,                  // the server's id sequence (changes when it restarts without --db)
+    lastSeen: new Map(),          // room -> highest message id rendered
+    rendered: new Map(),          // message id -> <li>
+    pending: new Map(),           // cid -> outbox entry, until the server has it
+    outbox: [],                   // entries in typing order: {cid, user, body, room, tries, li, failed, attempt}
+    inFlight: null,               // the entry whose ack this room's next message waits for
+    waitTimer: 0,                 // set while the server asked us to wait (rate limit)
+    memberNames: [],              // who the page lists as online
+    typingUsers: [],              // who the page shows as typing
+    typingSentAt: 0,              // when we last told the server we are typing
+    transportFailures: 0,         // connection attempts failed in a row (2: ask the server why)
+  };
+  if (ROOM_RE.test(state.room) && new URLSearchParams(location.search).get('room') !== state.room && location.search) {
+    history.replaceState(null, '', `?room=${encodeURIComponent(state.room)}`);  // /?room=Team is #team
   }
-  const lastSeen = new Map();       // room -> highest message id rendered
-  const rendered = new Map();       // message id -> <li>
-  const pending = new Map();        // cid -> {user, body, room, tries, li, token}
-  let joined = false;
-  let typingSentAt = 0;
-  let typingUsers = [];
 
   els.user.value = store.get('chat.name') || '';
-  els.roomInput.value = room;
-  document.title = `#${room} · chat.py`;
+  els.roomInput.value = state.room;
+  document.title = `#${state.room} · chat.py`;
 
   // WebSocket first (one round trip, no upgrade dance), falling back to long-polling.
   const transports = (document.querySelector('meta[name="chat-transports"]')?.content || 'websocket,polling')
@@ -2875,10 +2886,10 @@ PAGE_JS = r"""
   const firstPending = () => els.messages.querySelector('li.pending');
 
   const renderMessage = (msg) => {
-    if (!msg || typeof msg.id !== 'number' || (msg.room && msg.room !== room)) return;
-    lastSeen.set(room, Math.max(lastSeen.get(room) || 0, msg.id));
-    if (rendered.has(msg.id)) return;
-    const local = msg.cid && pending.get(msg.cid);
+    if (!msg || typeof msg.id !== 'number' || (msg.room && msg.room !== state.room)) return;
+    state.lastSeen.set(state.room, Math.max(state.lastSeen.get(state.room) || 0, msg.id));
+    if (state.rendered.has(msg.id)) return;
+    const local = msg.cid && state.pending.get(msg.cid);
     const isBot = msg.kind === 'bot';
     const mine = !isBot && Boolean(local || (msg.cid && myCids.has(msg.cid)));
     const classes = [isBot ? 'bot' : 'user'];
@@ -2888,7 +2899,7 @@ PAGE_JS = r"""
       local.li.remove();
       settle(local);
     }
-    rendered.set(msg.id, li);
+    state.rendered.set(msg.id, li);
     insertInOrder(li, msg.id);
   };
 
@@ -2901,9 +2912,8 @@ PAGE_JS = r"""
     if (stick) scrollToEnd();
   };
 
-  let memberNames = [];
   const renderMembers = (members) => {
-    memberNames = members;
+    state.memberNames = members;
     els.members.replaceChildren(...members.map((name) => {
       const li = document.createElement('li');
       li.textContent = name;
@@ -2915,14 +2925,14 @@ PAGE_JS = r"""
 
   // "X joined" is news only about someone the page did not already list (not our own reconnects).
   const renderNotice = (msg) => {
-    if (!msg || msg.room !== room) return;
-    if (msg.kind === 'joined' && (memberNames.includes(msg.user) || msg.user === joinedAs)) return;
+    if (!msg || msg.room !== state.room) return;
+    if (msg.kind === 'joined' && (state.memberNames.includes(msg.user) || msg.user === state.joinedAs)) return;
     renderSystem(String(msg.text));
   };
 
   const renderTyping = () => {
     const me = els.user.value.trim();
-    const others = typingUsers.filter((u) => u !== me);
+    const others = state.typingUsers.filter((u) => u !== me);
     let text = '';
     if (others.length === 1) text = `${others[0]} is typing…`;
     else if (others.length === 2) text = `${others[0]} and ${others[1]} are typing…`;
@@ -2930,8 +2940,8 @@ PAGE_JS = r"""
     els.typing.textContent = text;
   };
 
-  const setStatus = (state, text) => {
-    els.status.dataset.state = state;
+  const setStatus = (kind, text) => {
+    els.status.dataset.state = kind;
     els.status.textContent = text;
   };
 
@@ -2956,18 +2966,15 @@ PAGE_JS = r"""
   // Messages leave in the order they were typed, one at a time, each in the room it was typed in.
   // Every entry ends as sent or as failed with the reason and a retry button; nothing is dropped.
 
-  const outbox = [];            // entries in typing order: {cid, user, body, room, tries, li, failed, attempt}
-  let inFlight = null;          // the entry whose ack this room's next message waits for
-  let waitTimer = 0;            // set while the server asked us to wait (rate limit)
 
   const settle = (entry) => {
-    const index = outbox.indexOf(entry);
-    if (index >= 0) outbox.splice(index, 1);
-    pending.delete(entry.cid);
+    const index = state.outbox.indexOf(entry);
+    if (index >= 0) state.outbox.splice(index, 1);
+    state.pending.delete(entry.cid);
   };
 
-  const markPending = (entry, state) => {
-    entry.li.querySelector('.state').textContent = state;
+  const markPending = (entry, text) => {
+    entry.li.querySelector('.state').textContent = text;
     entry.li.classList.toggle('failed', entry.failed);
     entry.li.querySelector('.retry')?.remove();
     if (entry.failed) {
@@ -2992,7 +2999,7 @@ PAGE_JS = r"""
   const retryEntry = (entry) => {
     const user = checkName(els.user.value.trim());
     if (!user) return;
-    Object.assign(entry, { user, room, tries: 0, failed: false });
+    Object.assign(entry, { user, room: state.room, tries: 0, failed: false });
     entry.li.querySelector('.author').textContent = user;
     markPending(entry, 'sending…');
     pump();
@@ -3000,18 +3007,18 @@ PAGE_JS = r"""
 
   const delivered = (entry, ack) => {
     settle(entry);
-    lastSeen.set(entry.room, Math.max(lastSeen.get(entry.room) || 0, ack.id));
-    if (entry.room !== room || rendered.has(ack.id)) { entry.li.remove(); return; }
+    state.lastSeen.set(entry.room, Math.max(state.lastSeen.get(entry.room) || 0, ack.id));
+    if (entry.room !== state.room || state.rendered.has(ack.id)) { entry.li.remove(); return; }
     markPending(entry, '');
     entry.li.classList.remove('pending');
     entry.li.classList.add('sent');
-    rendered.set(ack.id, entry.li);
+    state.rendered.set(ack.id, entry.li);
     insertInOrder(entry.li, ack.id);
   };
 
   const pump = () => {
-    if (inFlight || waitTimer || !socket.connected || !joined) return;
-    const entry = outbox.find((e) => !e.failed && e.room === room);
+    if (state.inFlight || state.waitTimer || !socket.connected || !state.joined) return;
+    const entry = state.outbox.find((e) => !e.failed && e.room === state.room);
     if (!entry) return;
     if (entry.tries >= MAX_TRIES) {
       fail(entry, 'no answer from the server');
@@ -3021,14 +3028,14 @@ PAGE_JS = r"""
     entry.tries += 1;
     const attempt = {};
     entry.attempt = attempt;
-    inFlight = entry;
+    state.inFlight = entry;
     markPending(entry, 'sending…');
     socket.timeout(SEND_TIMEOUT_MS).emit('newmessage',
       { user: entry.user, body: entry.body, cid: entry.cid, room: entry.room }, (err, ack) => {
         if (entry.attempt !== attempt) return;  // superseded by a reconnect
-        if (inFlight === entry) inFlight = null;
+        if (state.inFlight === entry) state.inFlight = null;
         if (err) {  // no answer in time: send again (same cid, shown once), but only into its own room
-          if (entry.room !== room) fail(entry, `no answer before you left #${entry.room}`);
+          if (entry.room !== state.room) fail(entry, `no answer before you left #${entry.room}`);
           pump();
           return;
         }
@@ -3038,10 +3045,10 @@ PAGE_JS = r"""
           entry.tries -= 1;  // waiting is not failing
           markPending(entry, 'waiting…');
           const wait = Math.min(Math.max(Number(ack.retry_after_ms) || 1000, 50), 10000);
-          waitTimer = setTimeout(() => { waitTimer = 0; pump(); }, wait);
+          state.waitTimer = setTimeout(() => { state.waitTimer = 0; pump(); }, wait);
           return;
         } else if (ack && ack.code === 'not_in_room') {
-          if (entry.room !== room) fail(entry, `not sent: you left #${entry.room}`);
+          if (entry.room !== state.room) fail(entry, `not sent: you left #${entry.room}`);
           else markPending(entry, 'queued');  // the server lost our membership: sent after the next join
         } else {
           fail(entry, (ack && ack.error) || 'the server refused it');
@@ -3080,11 +3087,11 @@ PAGE_JS = r"""
     if (!user) return;
     showError('');
     store.set('chat.name', user);
-    const entry = { cid: newCid(), user, body, room, tries: 0, failed: false, attempt: null,
+    const entry = { cid: newCid(), user, body, room: state.room, tries: 0, failed: false, attempt: null,
       li: makeItem(user, body, Date.now(), ['user', 'mine', 'pending']) };
-    pending.set(entry.cid, entry);
+    state.pending.set(entry.cid, entry);
     rememberCid(entry.cid);
-    outbox.push(entry);
+    state.outbox.push(entry);
     els.messages.append(entry.li);
     els.empty.hidden = true;
     markPending(entry, 'queued');  // pump() says "sending…" when it is this entry's turn
@@ -3092,26 +3099,24 @@ PAGE_JS = r"""
     els.body.value = '';
     autosize();
     els.body.focus();
-    typingSentAt = 0;
+    state.typingSentAt = 0;
     pump();
   };
 
   // ---- joining rooms
 
-  let epoch = null;  // the server's id sequence (changes when it restarts without --db)
-  let joinedAs = null;  // the name the server accepted for this page in the current room
 
   const join = (withName = true) => {
     const user = withName ? els.user.value.trim() : '';
-    const since = lastSeen.get(room);
-    const joining = room;
-    joined = false;
-    socket.emit('join', { room, user: user || undefined, since, epoch: epoch || undefined }, (ack) => {
-      if (joining !== room) return;  // the person has moved on to another room meanwhile
+    const since = state.lastSeen.get(state.room);
+    const joining = state.room;
+    state.joined = false;
+    socket.emit('join', { room: state.room, user: user || undefined, since, epoch: state.epoch || undefined }, (ack) => {
+      if (joining !== state.room) return;  // the person has moved on to another room meanwhile
       if (!ack || !ack.ok) {
         if (ack && ack.code === 'rate_limited') {  // joined too often (say, flapping between rooms): try again
           const wait = Math.min(Math.max(Number(ack.retry_after_ms) || 1000, 50), 10000);
-          setTimeout(() => { if (joining === room && socket.connected && !joined) join(withName); }, wait);
+          setTimeout(() => { if (joining === state.room && socket.connected && !state.joined) join(withName); }, wait);
           return;
         }
         if (user && ack && (ack.code === 'reserved_name' || ack.code === 'bad_user')) {
@@ -3120,30 +3125,30 @@ PAGE_JS = r"""
           return;
         }
         showBanner((ack && ack.error) || 'Could not join the room.');
-        for (const entry of outbox) {
+        for (const entry of state.outbox) {
           if (entry.room === joining && !entry.failed) fail(entry, (ack && ack.error) || 'could not join the room');
         }
         return;
       }
       showBanner('');
-      joined = true;
-      if (epoch && ack.epoch !== epoch) {
+      state.joined = true;
+      if (state.epoch && ack.epoch !== state.epoch) {
         // The server restarted without keeping history: its ids start over, so forget ours.
-        rendered.clear();
-        lastSeen.clear();
+        state.rendered.clear();
+        state.lastSeen.clear();
         for (const li of els.messages.querySelectorAll('li[data-id]')) delete li.dataset.id;
         renderSystem('The server restarted; messages above this line are not kept on it.');
       } else if (since !== undefined && !ack.complete) {
         renderSystem('Some earlier messages may be missing: you were away longer than the history keeps.');
       }
-      epoch = ack.epoch;
-      joinedAs = ack.user || null;
+      state.epoch = ack.epoch;
+      state.joinedAs = ack.user || null;
       els.log.setAttribute('aria-busy', 'true');  // the history is not news: screen readers skip it
       for (const msg of ack.history) renderMessage(msg);
       els.log.setAttribute('aria-busy', 'false');
       if (since === undefined) scrollToEnd();
       renderMembers(ack.members || []);
-      typingUsers = ack.typing || [];
+      state.typingUsers = ack.typing || [];
       renderTyping();
       pump();
     });
@@ -3154,26 +3159,27 @@ PAGE_JS = r"""
       showError('Room names are 1-32 lowercase letters, digits, - or _.');
       return;
     }
-    if (next === room) return;
-    const left = room;
-    room = next;
-    if (push) history.pushState(null, '', `?room=${encodeURIComponent(room)}`);
-    document.title = `#${room} · chat.py`;
-    els.roomInput.value = room;
+    if (next === state.room) return;
+    const left = state.room;
+    state.room = next;
+    if (push) history.pushState(null, '', `?room=${encodeURIComponent(state.room)}`);
+    document.title = `#${state.room} · chat.py`;
+    els.roomInput.value = state.room;
     els.messages.replaceChildren();
-    rendered.clear();
-    lastSeen.delete(room);  // the list starts empty: ask for the room's recent history, not a replay
+    state.rendered.clear();
+    state.lastSeen.delete(state.room);  // the list starts empty: ask for the room's recent history, not a replay
     els.empty.hidden = false;
     // Unsent messages never follow the person into another room: they fail here, with a retry.
     // The one in flight is still awaited, but no longer holds up this room's messages.
-    inFlight = null;
-    for (const entry of outbox) {
-      if (entry.room === left && entry !== inFlight && !entry.failed) fail(entry, `not sent: you left #${left}`);
-      else if (entry.room === room || entry.failed) els.messages.append(entry.li);
+    const awaited = state.inFlight;
+    state.inFlight = null;
+    for (const entry of state.outbox) {
+      if (entry.room === left && entry !== awaited && !entry.failed) fail(entry, `not sent: you left #${left}`);
+      else if (entry.room === state.room || entry.failed) els.messages.append(entry.li);
     }
     if (els.messages.childElementCount) els.empty.hidden = true;
     renderMembers([]);
-    typingUsers = [];
+    state.typingUsers = [];
     renderTyping();
     showError('');
     if (socket.connected) join();
@@ -3186,10 +3192,10 @@ PAGE_JS = r"""
     join();
   });
   socket.on('disconnect', (reason) => {
-    joined = false;
-    if (inFlight) inFlight.attempt = null;  // its ack will not come: the entry is sent again after the next join
-    inFlight = null;
-    for (const entry of outbox) if (!entry.failed) markPending(entry, 'queued');
+    state.joined = false;
+    if (state.inFlight) state.inFlight.attempt = null;  // its ack will not come: the entry is sent again after the next join
+    state.inFlight = null;
+    for (const entry of state.outbox) if (!entry.failed) markPending(entry, 'queued');
     if (reason === 'io client disconnect') setStatus('offline', 'offline');
     else setStatus('reconnecting', 'reconnecting…');
   });
@@ -3203,8 +3209,7 @@ PAGE_JS = r"""
     wrong_password: 'That password is not right. Please try again.',
     too_many_attempts: 'Too many wrong passwords from here. Wait a minute, then try again.',
   };
-  let transportFailures = 0;
-  socket.on('connect', () => { transportFailures = 0; });
+  socket.on('connect', () => { state.transportFailures = 0; });
   socket.on('connect_error', (err) => {
     const code = err && err.data && err.data.code;
     if (code in PASSWORD_PROBLEMS) {
@@ -3217,8 +3222,8 @@ PAGE_JS = r"""
       showBanner('Too many connections from your address. Close some chat tabs, then reload.');
     } else if (socket.active) {
       setStatus('reconnecting', 'reconnecting…');
-      transportFailures += 1;
-      if (transportFailures === 2) diagnose();
+      state.transportFailures += 1;
+      if (state.transportFailures === 2) diagnose();
     } else {
       setStatus('error', 'refused');
       showBanner('The server refused the connection.');
@@ -3243,9 +3248,9 @@ PAGE_JS = r"""
   socket.on('newmessage', renderMessage);
   socket.on('botmessage', renderMessage);
   socket.on('system', renderNotice);
-  socket.on('presence', (msg) => { if (msg && msg.room === room) renderMembers(msg.members || []); });
+  socket.on('presence', (msg) => { if (msg && msg.room === state.room) renderMembers(msg.members || []); });
   socket.on('typing', (msg) => {
-    if (msg && msg.room === room) { typingUsers = msg.users || []; renderTyping(); }
+    if (msg && msg.room === state.room) { state.typingUsers = msg.users || []; renderTyping(); }
   });
   socket.on('chat_error', (msg) => showError(msg && msg.error));
   window.addEventListener('offline', () => setStatus('offline', 'offline'));
@@ -3268,11 +3273,11 @@ PAGE_JS = r"""
     autosize();
     if (!socket.connected || !els.user.value.trim()) return;
     const now = Date.now();
-    if (els.body.value && now - typingSentAt > 2000) {
-      typingSentAt = now;
+    if (els.body.value && now - state.typingSentAt > 2000) {
+      state.typingSentAt = now;
       socket.emit('typing', { typing: true });
-    } else if (!els.body.value && typingSentAt) {
-      typingSentAt = 0;
+    } else if (!els.body.value && state.typingSentAt) {
+      state.typingSentAt = 0;
       socket.emit('typing', { typing: false });
     }
   });
