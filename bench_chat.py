@@ -99,6 +99,47 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log
 '''
 
 
+NODE_SERVER = r"""
+// The tutorial's server: Express serves the page, Socket.IO 4.8 broadcasts every 'newmessage'
+// to everyone, and a keyword bot answers each one with one 'botmessage' through io.emit.
+const express = require('express');
+const http = require('http');
+const { Server } = require('socket.io');
+const app = express();
+const server = http.createServer(app);
+const io = new Server(server);
+app.get('/', (req, res) => res.send('<!doctype html><title>tutorial</title>'));
+io.on('connection', (socket) => {
+  socket.on('newmessage', (data) => {
+    io.emit('newmessage', data);
+    const text = String((data && data.body) || '');
+    let reply = 'Did you have a question for us today?';
+    if (/\b(hello|hi|hey)\b/i.test(text)) reply = `Hello, ${data.user}!`;
+    else if (text.includes('?')) reply = 'We will be right with you to answer your question.';
+    io.emit('botmessage', { user: 'ChatFriend', body: reply });
+  });
+});
+server.listen(Number(process.argv[2]), '127.0.0.1');
+"""
+NODE_PACKAGES = ("express@4.21.2", "socket.io@4.8.3")
+NODE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chat.py-bench" / "node"
+
+
+def node_modules() -> Path | None:
+    """express and socket.io for the Node baseline, npm-installed into a cache directory on first use."""
+    if not (shutil.which("node") and shutil.which("npm")):
+        return None
+    modules = NODE_CACHE / "node_modules"
+    if not (modules / "socket.io").is_dir() or not (modules / "express").is_dir():
+        NODE_CACHE.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(["npm", "install", "--no-save", "--no-package-lock", "--no-audit", "--no-fund",
+                                 "--prefix", str(NODE_CACHE), *NODE_PACKAGES], capture_output=True, text=True)
+        if result.returncode != 0:
+            print(f"bench_chat.py: skipping the Node baseline: npm install failed: {result.stderr.strip()[-300:]}")
+            return None
+    return modules
+
+
 # ---------------------------------------------------------------- servers
 
 
@@ -129,9 +170,15 @@ class Server:
         self.kind = kind
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        env = None
         if kind == "chat":
             cmd = [sys.executable, str(HERE / "chat.py"), "--port", str(self.port), "--rate", "0",
                    "--log-level", "error", *CHAT_ARGS, *extra]
+        elif kind == "node":
+            script = workdir / "node_server.js"
+            script.write_text(NODE_SERVER)
+            cmd = ["node", str(script), str(self.port)]
+            env = {**os.environ, "NODE_PATH": str(NODE_CACHE / "node_modules")}
         else:
             script = workdir / f"{kind}_server.py"
             script.write_text(FLOOR_SERVER if kind == "floor" else LIMIT_SERVER)
@@ -140,7 +187,7 @@ class Server:
             cmd = ["taskset", "-c", "0", *cmd]
         self.started = time.perf_counter()
         self.log = log  # chat.py's log goes to this file (a pipe nobody reads would block a chatty server)
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env,
                                      stderr=log.open("wb") if log else subprocess.PIPE)
 
     async def ready(self, timeout: float = 20.0) -> float:
@@ -779,7 +826,7 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a shorter run (under a minute)")
     parser.add_argument("--smoke", action="store_true", help="with --quick: seconds, just to check it works")
-    parser.add_argument("--servers", default="chat,floor,limit", help="which servers to run (default all)")
+    parser.add_argument("--servers", default="chat,node,floor,limit", help="which servers to run (default all)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--workloads", default="startup,fanout,idle,slow,redis", help="which workloads to run")
     parser.add_argument("--sizes", help="fan-out client counts, comma-separated (default by mode)")
@@ -796,6 +843,9 @@ async def main() -> int:
     else:
         sizes, seconds, steps, idle_n, flood = [100, 500, 1000], 2.0, 12, 5000, 50000
     kinds = args.servers.split(",")
+    if "node" in kinds and node_modules() is None:
+        print("bench_chat.py: skipping the Node baseline (the tutorial's server): node and npm are needed")
+        kinds.remove("node")
     if args.sizes:
         sizes = [int(n) for n in args.sizes.split(",")]
     CHAT_ARGS.extend(args.chat_args.split())
@@ -861,26 +911,30 @@ def report(results: dict[str, Any], kinds: list[str]) -> None:
 def report_fanout(results: dict[str, Any], kinds: list[str]) -> None:
     print("\n## Fan-out: highest offered rate with >= 95 % delivered and p99 <= 250 ms")
     print("| server | clients | msgs/s | newmessage frames/s | botmessage frames/s | all frames/s "
-          "| server CPU | generator CPU | server µs/frame | frames/s per server core | vs limit "
+          "| server CPU | generator CPU | server µs/frame | frames/s per server core | vs limit | vs Node "
           "| p50 / p99 ms at half rate |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 
     def capacity(best: dict[str, Any]) -> float:
         return (best["new_per_s"] + best["bot_per_s"]) / max(best["server_cpu"], 1e-9)
 
     limit_by_size = {r["clients"]: capacity(r["best"]) for r in results["fanout"].get("limit", [])}
+    node_by_size = {r["clients"]: r["best"]["new_per_s"] for r in results["fanout"].get("node", [])}
     for kind in kinds:
         for r in results["fanout"][kind]:
             best, half = r["best"], r["half"]
             total = best["new_per_s"] + best["bot_per_s"]
             ratio = capacity(best) / limit_by_size[r["clients"]] if r["clients"] in limit_by_size else float("nan")
             flag = "" if best["delivered"] >= 0.95 and best["p99_ms"] <= 250 else " (never met)"
+            vs_node = best["new_per_s"] / node_by_size[r["clients"]] if node_by_size.get(r["clients"]) else float("nan")
             print(f"| {kind} | {r['clients']:,} | {fmt(best['rate'])}{flag} | {fmt(best['new_per_s'])} "
                   f"| {fmt(best['bot_per_s'])} | {fmt(total)} | {best['server_cpu'] * 100:.0f} % "
                   f"| {best['gen_cpu'] * 100:.0f} % | {1e6 * best['server_cpu'] / max(total, 1):.1f} "
-                  f"| {fmt(capacity(best))} | {ratio:.2f}x | {half['p50_ms']:.1f} / {half['p99_ms']:.1f} |")
+                  f"| {fmt(capacity(best))} | {ratio:.2f}x | {vs_node:.2f}x | {half['p50_ms']:.1f} / {half['p99_ms']:.1f} |")
     print("(frames/s per server core = delivered frames/s ÷ the server's CPU share: what one core sustains "
-          "when the generator, not the server, is the limit; 'vs limit' compares that.)")
+          "when the generator, not the server, is the limit; 'vs limit' compares that. 'vs Node' compares "
+          "newmessage deliveries/s at the highest rate each server sustains, both sending one bot reply per "
+          "message, on the same pinned core.)")
 
 
 def report_rest(results: dict[str, Any], kinds: list[str]) -> None:

@@ -3706,15 +3706,28 @@ class FanoutManager(socketio.AsyncManager):
 
     python-socketio's stock manager starts one asyncio Task per recipient, and each
     recipient's writer task then wakes up to send it. Here, a WebSocket client whose
-    outgoing queue is idle gets the WebSocket frame (built once per broadcast)
-    written straight to its transport; any other client gets it queued. Either way
-    there is a bound: a client that falls `max_queue` packets (or KB) behind is
-    disconnected instead of growing server memory.
+    outgoing queue is idle gets the WebSocket frame (built once per broadcast) handed to
+    its transport directly: the frames for one connection produced in one event-loop
+    iteration are joined and written once, by one callback scheduled for the start of the
+    next iteration (before any writer task woken later, so nothing is reordered against
+    the queued path). Any other client gets it queued. Either way there is a bound: a
+    client that falls `max_queue` packets (or KB) behind is disconnected instead of
+    growing server memory.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.on_message_id: Callable[[int], None] | None = None
+        self._unwritten: dict[ChatWebSocket, list[bytes]] = {}  # frames for the next flush, per connection
+        self._flush_scheduled = False
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        unwritten, self._unwritten = self._unwritten, {}
+        for ws, frames in unwritten.items():
+            transport = ws.transport_for_direct_write()
+            if transport is not None:  # else the connection is closing: nothing more may be written
+                transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     async def emit(self, event: str, data: Any, namespace: str, room: Any = None, skip_sid: Any = None,
                    callback: Any = None, to: Any = None, **kwargs: Any) -> None:
@@ -3744,12 +3757,20 @@ class FanoutManager(socketio.AsyncManager):
             if type(queue) is DirectQueue and queue.idle():
                 transport = queue.ws.transport_for_direct_write()
                 if transport is not None:
-                    if transport.get_write_buffer_size() > max_buffered:
+                    frames = self._unwritten.get(queue.ws)
+                    if transport.get_write_buffer_size() + (len(frames) * len(frames[0]) if frames else 0) \
+                            > max_buffered:
                         self.server.eio.drop_slow_reader(eio_sid)
                         continue
                     if ws_frame is None:
                         ws_frame = websocket_text_frame(b"4" + encoded.encode())
-                    transport.write(ws_frame)
+                    if frames is None:
+                        self._unwritten[queue.ws] = [ws_frame]
+                    else:
+                        frames.append(ws_frame)
+                    if not self._flush_scheduled:
+                        self._flush_scheduled = True
+                        asyncio.get_running_loop().call_soon(self._flush)
                     continue
             queue.put_nowait(frame)  # an OutgoingQueue: past its bound it drops the client instead
 

@@ -3477,7 +3477,12 @@ async def test_a_broadcast_never_overtakes_a_packet_the_writer_task_has_taken() 
 
     written: list[bytes] = []
     transport = SimpleNamespace(write=written.append, get_write_buffer_size=lambda: 0, is_closing=lambda: False)
-    ws = SimpleNamespace(transport_for_direct_write=lambda: transport)
+
+    class FakeWebSocket:
+        def transport_for_direct_write(self) -> Any:
+            return transport
+
+    ws = FakeWebSocket()
     bounds = chat.OutgoingQueue(10, 10 * 1024, overflow=lambda queue: None)
     sock = SimpleNamespace(closing=False, closed=False, queue=chat.DirectQueue(ws, bounds))  # type: ignore[arg-type]
     manager = chat.FanoutManager()
@@ -3486,12 +3491,17 @@ async def test_a_broadcast_never_overtakes_a_packet_the_writer_task_has_taken() 
     await manager.connect("eio-1", "/")
 
     await manager.emit("newmessage", {"body": "first"}, "/")
-    assert len(written) == 1 and sock.queue.empty(), "an idle connection gets the frame written directly"
-    assert written[0].endswith(b'42["newmessage",{"body":"first"}]')
+    await manager.emit("newmessage", {"body": "first, again"}, "/")
+    assert written == [] and sock.queue.empty(), "frames of one iteration wait for one write"
+    await asyncio.sleep(0)  # the next event-loop iteration
+    assert len(written) == 1 and sock.queue.empty(), "an idle connection gets its frames in one direct write"
+    assert written[0] == (chat.websocket_text_frame(b'42["newmessage",{"body":"first"}]')
+                          + chat.websocket_text_frame(b'42["newmessage",{"body":"first, again"}]'))
 
     sock.queue.put_nowait("ping")
     sock.queue.get_nowait()  # the writer task has taken a packet but not written it yet
     await manager.emit("newmessage", {"body": "second"}, "/")
+    await asyncio.sleep(0)
     assert len(written) == 1 and sock.queue.qsize() == 1, "so this one must wait in the queue behind it"
 
     sock.queue.held = 0  # the writer wrote its packet; "second" is still queued
