@@ -4,6 +4,8 @@
 Servers under test (each started here on a loopback port):
   chat   - chat.py as shipped (keyword bot on, validation and history on), except
            --rate 0 so that ten senders can saturate it;
+  node   - the tutorial's own server: Express + Socket.IO 4.8 with its keyword bot
+           (npm-installed into a cache directory on first use; skipped without node/npm);
   floor  - a plain python-socketio + aiohttp broadcast server: the library floor;
   limit  - a raw aiohttp WebSocket broadcast server (plain text frames, no
            Engine.IO framing, no compression): the practical limit of the stack.
@@ -16,8 +18,9 @@ With two or more cores, servers are pinned to core 0 and the generator to core 1
 
 Workloads: fan-out (C clients, 10 senders, offered rate ramped to the highest that
 keeps >= 95 % delivery and p99 <= 250 ms), idle capacity, start-up time, a slow
-consumer in a flooded room, and (with --redis-server available) one node vs two
-nodes sharing Redis.
+consumer in a flooded room, (with redis-server available) one node vs two nodes
+sharing Redis, and (--workloads attacks) the hostile-input attacks, each against a
+fresh chat.py.
 
     python bench_chat.py            # the full run (several minutes)
     python bench_chat.py --quick    # under a minute
