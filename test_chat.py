@@ -3380,6 +3380,8 @@ def test_the_benchmark_smoke_run_works() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "## Fan-out" in result.stdout and "| chat | 20 |" in result.stdout
     assert "| floor |" in result.stdout and "| limit |" in result.stdout
+    if shutil.which("node") and shutil.which("npm"):  # the tutorial's server, the baseline users compare with
+        assert "| node | 20 |" in result.stdout and "vs Node" in result.stdout
     assert "stalled reader" in result.stdout
 
 
