@@ -52,6 +52,17 @@ CORES = os.cpu_count() or 1
 PIN = CORES >= 2 and shutil.which("taskset") is not None
 CHAT_ARGS: list[str] = []
 
+LOOP_HELPER = '''
+def new_loop():
+    """The same event loop chat.py uses: uvloop when it is installed."""
+    try:
+        import uvloop
+        return uvloop.new_event_loop()
+    except ImportError:
+        import asyncio
+        return asyncio.new_event_loop()
+'''
+
 FLOOR_SERVER = '''
 import sys
 import socketio
@@ -69,27 +80,45 @@ async def index(request):
     return web.Response(text="floor")
 
 app.router.add_get("/", index)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None, loop=new_loop())
 '''
 
 LIMIT_SERVER = '''
+import asyncio
 import sys
 from aiohttp import web, WSMsgType
 
-clients = set()
+clients = {}  # ws -> its transport
+unwritten = {}  # transport -> frames for the next flush: one write per peer per loop iteration, as chat.py
+
+def frame(payload):
+    n = len(payload)
+    head = bytes((0x81, n)) if n < 126 else bytes((0x81, 126)) + n.to_bytes(2, "big") if n < 65536 \\
+        else bytes((0x81, 127)) + n.to_bytes(8, "big")
+    return head + payload
+
+def flush():
+    global unwritten
+    pending, unwritten = unwritten, {}
+    for transport, frames in pending.items():
+        if not transport.is_closing():
+            transport.write(b"".join(frames))
 
 async def ws_handler(request):
     ws = web.WebSocketResponse(compress=False)
     await ws.prepare(request)
-    clients.add(ws)
+    clients[ws] = request.transport
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
-                for peer in list(clients):
-                    if not peer.closed:
-                        await peer.send_str(msg.data)
+                data = frame(msg.data.encode())
+                if not unwritten:
+                    asyncio.get_running_loop().call_soon(flush)
+                for peer, transport in list(clients.items()):
+                    if not peer.closed and transport is not None:
+                        unwritten.setdefault(transport, []).append(data)
     finally:
-        clients.discard(ws)
+        clients.pop(ws, None)
     return ws
 
 async def index(request):
@@ -98,7 +127,7 @@ async def index(request):
 app = web.Application()
 app.router.add_get("/", index)
 app.router.add_get("/ws", ws_handler)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None, loop=new_loop())
 '''
 
 
@@ -143,6 +172,24 @@ def node_modules() -> Path | None:
     return modules
 
 
+def versions(kinds: list[str]) -> dict[str, str]:
+    """The versions behind the numbers: the Python packages, and Node's when it runs."""
+    from importlib import metadata
+
+    found = {"python": sys.version.split()[0]}
+    for package in ("python-socketio", "python-engineio", "aiohttp", "uvloop"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    if "node" in kinds:
+        found["node"] = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+        for package in ("express", "socket.io"):
+            manifest = NODE_CACHE / "node_modules" / package / "package.json"
+            found[package] = json.loads(manifest.read_text())["version"] if manifest.exists() else "?"
+    return found
+
+
 # ---------------------------------------------------------------- servers
 
 
@@ -184,7 +231,7 @@ class Server:
             env = {**os.environ, "NODE_PATH": str(NODE_CACHE / "node_modules")}
         else:
             script = workdir / f"{kind}_server.py"
-            script.write_text(FLOOR_SERVER if kind == "floor" else LIMIT_SERVER)
+            script.write_text(LOOP_HELPER + (FLOOR_SERVER if kind == "floor" else LIMIT_SERVER))
             cmd = [sys.executable, str(script), str(self.port)]
         if PIN:
             cmd = ["taskset", "-c", "0", *cmd]
@@ -857,7 +904,8 @@ async def main() -> int:
              "NOT pinned (one core, or no taskset): server and load generator share the CPU"))
     print("chat.py runs as shipped (keyword bot on, validation, history) except --rate 0 so ten senders can "
           "saturate it; clients offer permessage-deflate like browsers.")
-    results: dict[str, Any] = {"python": sys.version.split()[0], "cores": CORES, "pinned": PIN}
+    results: dict[str, Any] = {"python": sys.version.split()[0], "cores": CORES, "pinned": PIN,
+                               "versions": versions(kinds)}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         # start-up
