@@ -379,17 +379,21 @@ class ProblemLog:
     so that junk cannot flood the log."""
 
     def __init__(self) -> None:
-        self.last: dict[tuple[str, str], float] = {}
+        self.last: dict[Any, float] = {}
 
-    def warn(self, template: str, address: str) -> None:
+    def due(self, key: Any) -> bool:
+        """True at most once a minute for each key (the map is bounded: a flood of keys resets it)."""
         now = time.monotonic()
-        key = (template, address)
         if now - self.last.get(key, -60.0) < 60:
-            return
+            return False
         if len(self.last) > 10_000:
             self.last.clear()
         self.last[key] = now
-        log.warning(template + " (logged once a minute)", address)
+        return True
+
+    def warn(self, template: str, address: str) -> None:
+        if self.due((template, address)):
+            log.warning(template + " (logged once a minute)", address)
 
 
 class TokenBucket:
@@ -2506,7 +2510,8 @@ def build_app(settings: Settings, hub: ChatHub) -> web.Application:
 
     @web.middleware
     async def guard_requests(request: web.Request, handler: Any) -> web.StreamResponse:
-        request.app[STARTED_REQUESTS].add(request.transport)
+        if request.transport is not None:  # None once the client has gone
+            request.app[STARTED_REQUESTS].add(request.transport)
         if local_names is not None and host_name(request.host) not in local_names:
             # DNS rebinding: a web page whose name now points at 127.0.0.1 must not reach the chat.
             problems.warn(f"refused a request for host {host_name(request.host)[:80]!r} from %s: "
@@ -3758,8 +3763,7 @@ class FanoutManager(socketio.AsyncManager):
                 transport = queue.ws.transport_for_direct_write()
                 if transport is not None:
                     frames = self._unwritten.get(queue.ws)
-                    if transport.get_write_buffer_size() + (len(frames) * len(frames[0]) if frames else 0) \
-                            > max_buffered:
+                    if transport.get_write_buffer_size() + (sum(map(len, frames)) if frames else 0) > max_buffered:
                         self.server.eio.drop_slow_reader(eio_sid)
                         continue
                     if ws_frame is None:
@@ -4086,17 +4090,15 @@ class OneLineErrors(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self.last: dict[str, float] = {}
+        self.once_a_minute = ProblemLog()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.exc_info or record.exc_info[1] is None:
             return True
         exc = record.exc_info[1]
         kind = type(exc).__name__
-        now = time.monotonic()
-        if now - self.last.get(kind, -60.0) < 60:
+        if not self.once_a_minute.due(kind):
             return False
-        self.last[kind] = now
         record.msg = f"{record.getMessage()}: {kind}: {str(exc).splitlines()[0][:160]} (logged once a minute)"
         record.levelno, record.levelname = logging.WARNING, "WARNING"  # the client's fault, not the server's
         record.args = None

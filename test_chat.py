@@ -1630,19 +1630,13 @@ def redis_server() -> Any:
 
 
 @pytest.fixture
-def nodes(redis_server: RedisServer) -> Any:
+def nodes(redis_server: RedisServer, chat_process: Any) -> Any:
     """Start chat.py processes that share the test's Redis; returns a function that starts one more."""
-    started: list[ChatProcess] = []
 
     def start(*extra: str) -> tuple[ChatProcess, str]:
-        proc = ChatProcess("--port", "0", "--redis", redis_server.url, "--presence-ttl", "1.5",
-                           "--rate", "0", *extra)
-        started.append(proc)
-        return proc, proc.wait_ready()
+        return chat_process("--redis", redis_server.url, "--presence-ttl", "1.5", "--rate", "0", *extra)
 
-    yield start
-    for proc in started:
-        proc.stop()
+    return start
 
 
 @pytest.mark.redis
