@@ -22,8 +22,10 @@ consumer in a flooded room, (with redis-server available) one node vs two nodes
 sharing Redis, and (--workloads attacks) the hostile-input attacks, each against a
 fresh chat.py.
 
-    python bench_chat.py            # the full run (several minutes)
-    python bench_chat.py --quick    # under a minute
+    python bench_chat.py                  # the full run (several minutes)
+    python bench_chat.py --quick          # under a minute
+    python bench_chat.py --runs 3         # every fan-out and idle point three times: median and range
+    python bench_chat.py --memory-profile # where chat.py's memory per idle connection goes (tracemalloc)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +156,29 @@ io.on('connection', (socket) => {
 });
 server.listen(Number(process.argv[2]), '127.0.0.1');
 """
+TRACING_WRAPPER = '''
+# Runs chat.py under tracemalloc; a snapshot is dumped to CONTROL.snap whenever CONTROL.want appears.
+import os, runpy, sys, threading, time, tracemalloc
+
+tracemalloc.start(25)
+control, script = sys.argv[1], sys.argv[2]
+del sys.argv[1:3]
+sys.argv[0] = script
+
+
+def serve_snapshots():
+    while True:
+        time.sleep(0.05)
+        if os.path.exists(control + ".want"):
+            os.remove(control + ".want")
+            tracemalloc.take_snapshot().dump(control + ".tmp")
+            os.replace(control + ".tmp", control + ".snap")
+
+
+threading.Thread(target=serve_snapshots, daemon=True).start()
+runpy.run_path(script, run_name="__main__")
+'''
+
 NODE_PACKAGES = ("express@4.21.2", "socket.io@4.8.3")
 NODE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chat.py-bench" / "node"
 
@@ -216,14 +242,20 @@ def cpu_seconds(pid: int) -> float:
 class Server:
     """One server under test, as a process pinned to core 0."""
 
-    def __init__(self, kind: str, workdir: Path, extra: tuple[str, ...] = (), log: Path | None = None) -> None:
+    def __init__(self, kind: str, workdir: Path, extra: tuple[str, ...] = (), log: Path | None = None,
+                 traced: Path | None = None) -> None:
         self.kind = kind
+        self.traced = traced  # chat.py under tracemalloc: snapshots through this control path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = None
         if kind == "chat":
             cmd = [sys.executable, str(HERE / "chat.py"), "--port", str(self.port), "--rate", "0",
                    "--log-level", "error", *CHAT_ARGS, *extra]
+            if traced is not None:
+                wrapper = workdir / "traced_chat.py"
+                wrapper.write_text(TRACING_WRAPPER)
+                cmd[1:2] = [str(wrapper), str(traced), str(HERE / "chat.py")]
         elif kind == "node":
             script = workdir / "node_server.js"
             script.write_text(NODE_SERVER)
@@ -258,6 +290,21 @@ class Server:
                 raise RuntimeError(f"{self.kind} server exited: {err[-2000:]}")
             await asyncio.sleep(0.005)
         raise RuntimeError(f"{self.kind} server did not start")
+
+    async def snapshot(self, timeout: float = 60.0) -> Any:
+        """A tracemalloc snapshot of the traced server, as it is now."""
+        import tracemalloc
+
+        assert self.traced is not None
+        done = Path(f"{self.traced}.snap")
+        done.unlink(missing_ok=True)
+        Path(f"{self.traced}.want").touch()
+        deadline = time.perf_counter() + timeout
+        while not done.exists():
+            if time.perf_counter() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("the traced server did not write its snapshot")
+            await asyncio.sleep(0.05)
+        return tracemalloc.Snapshot.load(str(done))
 
     @property
     def pid(self) -> int:
@@ -627,6 +674,71 @@ async def slow_consumer(server: Server, messages: int, readers: int = 20) -> dic
             "others_rate": stats.new / wall, "rss_samples_mb": [(round(t, 1), round(r / 1024, 1)) for t, r in samples]}
 
 
+PACKAGES = ("socketio", "engineio", "aiohttp", "multidict", "yarl", "uvloop")
+
+
+def allocation_owner(traceback: Any) -> tuple[str, str]:
+    """(package, file:line) of the innermost frame outside the standard library that caused an allocation:
+    a Task made by asyncio.ensure_future counts for the line that called it."""
+    frames = list(reversed(traceback))  # innermost first
+    for frame in frames:
+        path = Path(frame.filename)
+        if path.name == "chat.py":
+            return "chat.py", f"chat.py:{frame.lineno}"
+        for package in PACKAGES:
+            if f"/{package}/" in frame.filename:
+                return package, f"{package}/{frame.filename.rsplit(f'/{package}/', 1)[1]}:{frame.lineno}"
+    first = frames[0] if frames else None
+    return "stdlib", f"{Path(first.filename).name}:{first.lineno}" if first else "?"
+
+
+def source_file(name: str) -> Path:
+    """chat.py or a package's file, from "package/file.py" as allocation_owner names it."""
+    import importlib.util
+
+    if name == "chat.py":
+        return HERE / "chat.py"
+    package, _, rest = name.partition("/")
+    spec = importlib.util.find_spec(package) if package in PACKAGES else None
+    if spec is None or not spec.submodule_search_locations:
+        return Path(name)
+    return Path(next(iter(spec.submodule_search_locations))) / rest
+
+
+async def memory_profile(workdir: Path, count: int) -> dict[str, Any]:
+    """Where chat.py's memory per idle connection goes: tracemalloc before and after `count` idle clients."""
+    import linecache
+
+    server = Server("chat", workdir, traced=workdir / "trace")
+    await server.ready()
+    await asyncio.sleep(0.5)
+    before, rss_before = await server.snapshot(), rss_kb(server.pid)
+    clients = await open_clients(server, Stats(), count)
+    await asyncio.sleep(1.0)
+    after, rss_after = await server.snapshot(), rss_kb(server.pid)
+    for client in clients:
+        client.close()
+    server.stop()
+    by_line: dict[str, list[float]] = {}
+    by_package: dict[str, float] = {}
+    for diff in after.compare_to(before, "traceback"):
+        package, where = allocation_owner(diff.traceback)
+        entry = by_line.setdefault(where, [0.0, 0.0])
+        entry[0] += diff.size_diff
+        entry[1] += diff.count_diff
+        by_package[package] = by_package.get(package, 0.0) + diff.size_diff
+    lines = []
+    for where, (size, objects) in sorted(by_line.items(), key=lambda item: -item[1][0])[:20]:
+        name, _, lineno = where.rpartition(":")
+        source = linecache.getline(str(source_file(name)), int(lineno)).strip()
+        lines.append({"where": where, "bytes_per_conn": size / count, "objects_per_conn": objects / count,
+                      "source": source[:90]})
+    return {"connections": count, "traced_bytes_per_conn": sum(by_package.values()) / count,
+            "rss_kb_per_conn_traced": (rss_after - rss_before) / count,
+            "by_package": {k: v / count for k, v in sorted(by_package.items(), key=lambda kv: -kv[1])},
+            "top_lines": lines}
+
+
 # ---------------------------------------------------------------- hostile clients
 
 
@@ -881,7 +993,14 @@ async def main() -> int:
     parser.add_argument("--workloads", default="startup,fanout,idle,slow,redis", help="which workloads to run")
     parser.add_argument("--sizes", help="fan-out client counts, comma-separated (default by mode)")
     parser.add_argument("--chat-args", default="", help="extra chat.py flags, e.g. '--gc default' to measure a lever")
+    parser.add_argument("--runs", type=int, default=1, metavar="N",
+                        help="measure every fan-out and idle point N times: the median, with the range")
+    parser.add_argument("--memory-profile", type=int, nargs="?", const=2000, metavar="CONNECTIONS",
+                        help="only profile where chat.py's memory per idle connection goes (tracemalloc; "
+                             "default 2,000 connections)")
     args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--runs must be 1 or more")
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if PIN:
@@ -905,38 +1024,56 @@ async def main() -> int:
     print("chat.py runs as shipped (keyword bot on, validation, history) except --rate 0 so ten senders can "
           "saturate it; clients offer permessage-deflate like browsers.")
     results: dict[str, Any] = {"python": sys.version.split()[0], "cores": CORES, "pinned": PIN,
-                               "versions": versions(kinds)}
+                               "versions": versions(kinds), "runs": args.runs}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
+        if args.memory_profile:
+            progress(f"memory profile: chat, {args.memory_profile} idle connections under tracemalloc")
+            results["memory_profile"] = await memory_profile(workdir, args.memory_profile)
+            report_memory_profile(results["memory_profile"])
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2))
+            return 0
         # start-up
         work = args.workloads.split(",")
         results["startup"] = {}
         progress("start-up")
         for kind in kinds if "startup" in work else []:
             times = []
-            for _ in range(1 if args.smoke else 3):
+            for _ in range((1 if args.smoke else 3) * args.runs):
                 server = Server(kind, workdir)
                 times.append(await server.ready())
                 server.stop()
             results["startup"][kind] = statistics.median(times)
-        # fan-out
-        results["fanout"] = {kind: [] for kind in kinds}
-        for size in sizes if "fanout" in work else []:
-            for kind in kinds:
-                progress(f"fan-out: {kind}, {size} clients")
-                server = Server(kind, workdir)
-                await server.ready()
-                results["fanout"][kind].append(await fanout(server, size, seconds, steps))
-                server.stop()
+        # fan-out, each point measured --runs times, the runs of one point interleaved across servers
+        fanout_runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for run in range(args.runs):
+            for size in sizes if "fanout" in work else []:
+                for kind in kinds:
+                    progress(f"fan-out: {kind}, {size} clients" + (f", run {run + 1} of {args.runs}" if args.runs > 1 else ""))
+                    server = Server(kind, workdir)
+                    await server.ready()
+                    fanout_runs.setdefault((kind, size), []).append(await fanout(server, size, seconds, steps))
+                    server.stop()
+        results["fanout"] = {kind: [median_run(fanout_runs[kind, size], lambda r: r["best"]["new_per_s"],
+                                               {"new_per_s": lambda r: r["best"]["new_per_s"],
+                                                "p99_half_ms": lambda r: r["half"]["p99_ms"]})
+                                    for size in sizes if (kind, size) in fanout_runs] for kind in kinds}
         # idle capacity and slow consumer
         results["idle"], results["slow"] = {}, {}
         for kind in kinds:
             if "idle" in work:
-                progress(f"idle capacity: {kind}, {idle_n} connections")
-                server = Server(kind, workdir)
-                await server.ready()
-                results["idle"][kind] = await idle(server, idle_n)
-                server.stop()
+                idle_runs = []
+                for run in range(args.runs):
+                    progress(f"idle capacity: {kind}, {idle_n} connections"
+                             + (f", run {run + 1} of {args.runs}" if args.runs > 1 else ""))
+                    server = Server(kind, workdir)
+                    await server.ready()
+                    idle_runs.append(await idle(server, idle_n))
+                    server.stop()
+                results["idle"][kind] = median_run(idle_runs, lambda r: r["rss_kb_per_conn"],
+                                                   {"rss_kb_per_conn": lambda r: r["rss_kb_per_conn"],
+                                                    "broadcast_ms": lambda r: r["broadcast_ms"]})
             if kind != "limit" and "slow" in work:
                 progress(f"slow consumer: {kind}, {flood} messages")
                 server = Server(kind, workdir, ("--bot", "off") if kind == "chat" else ())
@@ -951,6 +1088,29 @@ async def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def median_run(runs: list[dict[str, Any]], rank: Callable[[dict[str, Any]], float],
+               measures: dict[str, Callable[[dict[str, Any]], float]]) -> dict[str, Any]:
+    """One measured point over several runs: the run ranked median by `rank` (a real run, so that its
+    columns belong together), plus, for each of `measures`, the median and range over all runs."""
+    ordered = sorted(runs, key=rank)
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["over_runs"] = {name: {"median": statistics.median(map(measure, runs)),
+                                  "min": min(map(measure, runs)), "max": max(map(measure, runs)),
+                                  "values": [measure(r) for r in runs]}
+                           for name, measure in measures.items()}
+    chosen["runs"] = len(runs)
+    return chosen
+
+
+def spread(point: dict[str, Any], name: str, digits: int = 0, unit: str = "") -> str:
+    """A measure as "median (min to max)" when it was measured more than once, else the value."""
+    over = point["over_runs"][name]
+    text = f"{fmt(over['median'], digits)}{unit}"
+    if point["runs"] > 1:
+        text += f" ({fmt(over['min'], digits)}–{fmt(over['max'], digits)}{unit})"
+    return text
 
 
 def report(results: dict[str, Any], kinds: list[str]) -> None:
@@ -970,22 +1130,29 @@ def report_fanout(results: dict[str, Any], kinds: list[str]) -> None:
         return (best["new_per_s"] + best["bot_per_s"]) / max(best["server_cpu"], 1e-9)
 
     limit_by_size = {r["clients"]: capacity(r["best"]) for r in results["fanout"].get("limit", [])}
-    node_by_size = {r["clients"]: r["best"]["new_per_s"] for r in results["fanout"].get("node", [])}
+    node_by_size = {r["clients"]: r["over_runs"]["new_per_s"]["median"] for r in results["fanout"].get("node", [])}
     for kind in kinds:
         for r in results["fanout"][kind]:
             best, half = r["best"], r["half"]
             total = best["new_per_s"] + best["bot_per_s"]
             ratio = capacity(best) / limit_by_size[r["clients"]] if r["clients"] in limit_by_size else float("nan")
             flag = "" if best["delivered"] >= 0.95 and best["p99_ms"] <= 250 else " (never met)"
-            vs_node = best["new_per_s"] / node_by_size[r["clients"]] if node_by_size.get(r["clients"]) else float("nan")
-            print(f"| {kind} | {r['clients']:,} | {fmt(best['rate'])}{flag} | {fmt(best['new_per_s'])} "
+            new_median = r["over_runs"]["new_per_s"]["median"]
+            vs_node = new_median / node_by_size[r["clients"]] if node_by_size.get(r["clients"]) else float("nan")
+            print(f"| {kind} | {r['clients']:,} | {fmt(best['rate'])}{flag} | {spread(r, 'new_per_s')} "
                   f"| {fmt(best['bot_per_s'])} | {fmt(total)} | {best['server_cpu'] * 100:.0f} % "
                   f"| {best['gen_cpu'] * 100:.0f} % | {1e6 * best['server_cpu'] / max(total, 1):.1f} "
-                  f"| {fmt(capacity(best))} | {ratio:.2f}x | {vs_node:.2f}x | {half['p50_ms']:.1f} / {half['p99_ms']:.1f} |")
+                  f"| {fmt(capacity(best))} | {ratio:.2f}x | {vs_node:.2f}x "
+                  f"| {half['p50_ms']:.1f} / {spread(r, 'p99_half_ms', 1)} |")
     print("(frames/s per server core = delivered frames/s ÷ the server's CPU share: what one core sustains "
           "when the generator, not the server, is the limit; 'vs limit' compares that. 'vs Node' compares "
           "newmessage deliveries/s at the highest rate each server sustains, both sending one bot reply per "
           "message, on the same pinned core.)")
+    runs = results.get("runs", 1)
+    if runs > 1:
+        print(f"(Each point measured {runs} times: newmessage frames/s and p99 are the median (min–max) of the "
+              "runs, 'vs Node' divides the medians, and the other columns come from the run with the median "
+              "newmessage rate.)")
 
 
 def report_rest(results: dict[str, Any], kinds: list[str]) -> None:
@@ -1025,8 +1192,31 @@ def report_idle(results: dict[str, Any], kinds: list[str]) -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for kind in kinds:
         i = results["idle"][kind]
-        print(f"| {kind} | {i['connections']:,} | {i['rss_kb_per_conn']:.1f} KB | {fmt(i['connects_per_s'])} "
-              f"| {i['broadcast_ms']:.0f} ms ({i['received']:,} got it) | {results['startup'].get(kind, float('nan')) * 1000:.0f} ms |")
+        print(f"| {kind} | {i['connections']:,} | {spread(i, 'rss_kb_per_conn', 1, ' KB')} "
+              f"| {fmt(i['connects_per_s'])} | {spread(i, 'broadcast_ms', 0, ' ms')} ({i['received']:,} got it) "
+              f"| {results['startup'].get(kind, float('nan')) * 1000:.0f} ms |")
+    if results.get("runs", 1) > 1:
+        print(f"(RSS and the broadcast: median (min–max) of {results['runs']} runs; start-up: median of "
+              f"{3 * results['runs']} starts.)")
+
+
+def report_memory_profile(profile: dict[str, Any]) -> None:
+    count = profile["connections"]
+    print(f"\n## Where chat.py's memory per idle connection goes ({count:,} idle WebSocket clients, tracemalloc)")
+    print(f"Traced Python allocations: {profile['traced_bytes_per_conn'] / 1024:.2f} KB per connection; "
+          f"RSS growth in the same (traced) run: {profile['rss_kb_per_conn_traced']:.1f} KB per connection "
+          "(tracemalloc adds its own bookkeeping to RSS; kernel socket buffers are not in RSS).")
+    print("\n| package that made the allocation | KB per connection |")
+    print("| --- | ---: |")
+    for package, size in profile["by_package"].items():
+        print(f"| {package} | {size / 1024:.2f} |")
+    print("\n| where (innermost frame outside the standard library) | KB per connection | objects per connection "
+          "| source line |")
+    print("| --- | ---: | ---: | --- |")
+    for line in profile["top_lines"]:
+        source = line["source"].replace("|", "\\|")
+        print(f"| {line['where']} | {line['bytes_per_conn'] / 1024:.2f} | {line['objects_per_conn']:.1f} "
+              f"| `{source}` |")
 
 
 if __name__ == "__main__":

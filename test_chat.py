@@ -3379,6 +3379,37 @@ def test_the_benchmark_smoke_run_works() -> None:
     assert "stalled reader" in result.stdout
 
 
+def test_the_benchmark_reports_a_point_measured_several_times_as_its_median_run_and_range() -> None:
+    sys.path.insert(0, str(HERE))
+    try:
+        import bench_chat
+    finally:
+        sys.path.remove(str(HERE))
+    runs = [{"best": {"new_per_s": rate}, "half": {"p99_ms": p99}} for rate, p99 in ((300.0, 9.0), (100.0, 30.0),
+                                                                                      (200.0, 12.0))]
+    point = bench_chat.median_run(runs, lambda r: r["best"]["new_per_s"],
+                                  {"new_per_s": lambda r: r["best"]["new_per_s"], "p99": lambda r: r["half"]["p99_ms"]})
+    assert point["best"]["new_per_s"] == 200.0 and point["half"]["p99_ms"] == 12.0, "one real run, whole"
+    assert point["over_runs"]["p99"] == {"median": 12.0, "min": 9.0, "max": 30.0, "values": [9.0, 30.0, 12.0]}
+    assert bench_chat.spread(point, "new_per_s") == "200 (100–300)"
+    assert bench_chat.spread(bench_chat.median_run(runs[:1], lambda r: 0, {"x": lambda r: 5.0}), "x", 1, " KB") \
+        == "5.0 KB", "a single run shows no range"
+
+
+@pytest.mark.slow
+def test_the_benchmark_memory_profile_says_which_code_holds_each_idle_connections_memory() -> None:
+    result = subprocess.run([sys.executable, str(HERE / "bench_chat.py"), "--memory-profile", "200"],
+                            capture_output=True, text=True, timeout=120, cwd=HERE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "Where chat.py's memory per idle connection goes (200 idle WebSocket clients" in out
+    per_package = dict(re.findall(r"^\| (aiohttp|engineio|chat\.py) \| ([0-9.]+) \|$", out, re.M))
+    assert set(per_package) == {"aiohttp", "engineio", "chat.py"}, out
+    assert 1 < float(per_package["aiohttp"]) < 100, "every connection has an aiohttp WebSocket: some KB each"
+    assert re.search(r"^\| aiohttp/web_ws\.py:\d+ \| [0-9.]+ \| [0-9.]+ \| `.+` \|$", out, re.M), \
+        "lines are named by package file and line, with their source"
+
+
 @pytest.mark.browser
 async def test_an_unacknowledged_message_is_retried_then_marked_failed_with_a_retry_button(
         page_url: str, browser: Any) -> None:
