@@ -49,6 +49,7 @@ import html
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -73,6 +74,7 @@ try:  # the two packages chat.py is built on; without them, see "first run" belo
     import engineio
     import socketio
     from aiohttp import web
+    from engineio import exceptions as eio_exceptions
     from engineio import packet as eio_packet
     from engineio import payload as eio_payload
     from engineio.async_drivers import aiohttp as eio_aiohttp
@@ -3320,11 +3322,18 @@ PAGE_JS = r"""
 # - engineio.AsyncServer._handle_connect(environ, transport, jsonp_index), called before
 #   generate_id(): Engine.IO sessions counted per address, long-polling ones included.
 # - engineio.AsyncServer._trigger_event("disconnect", sid) and the ping task's target name
-#   AsyncSocket._send_ping: the task is cancelled on close instead of holding the session for 25 s.
-# - engineio.AsyncSocket.queue / .upgraded / .close(wait, abort, reason), and poll(), which builds a
-#   long-polling response from one queue.get() and then get_nowait() until empty (PollBatchQueue).
+#   AsyncSocket._send_ping (started through start_background_task by schedule_ping): a WebSocket
+#   session is pinged by the SharedPinger instead of a task, and a long-polling session's ping
+#   task is cancelled on close instead of holding the session for 25 s.
+# - engineio.AsyncSocket.__init__ taking its queue from server.create_queue() right after
+#   _handle_connect's generate_id(): a session that starts as a WebSocket gets a LeanQueue.
+# - engineio.AsyncSocket.queue / .connected / .upgraded / .closing / .closed / .last_ping /
+#   receive(pkt) / close(wait, abort, reason), its send() ending in `await self.queue.put(pkt)`,
+#   and _websocket_handler's loop (ChatWebSocket.serve_lean replaces it for fresh WebSockets,
+#   without the writer and wait tasks); poll(), which builds a long-polling response from one
+#   queue.get() and then get_nowait() until empty (PollBatchQueue).
 # - engineio.async_drivers.aiohttp.WebSocket.__call__ (copied in ChatWebSocket to choose
-#   compression and swap in a DirectQueue) and wait() (junk frames end the connection).
+#   compression and serve the lean session) and wait() (junk frames end the connection).
 # - aiohttp WebSocketResponse._writer and its _closing flag: whether a frame may be written to the
 #   transport directly (ChatWebSocket.transport_for_direct_write).
 # - asyncio.Queue.get()/put() ending in get_nowait()/put_nowait(): the queues' bounds and bookkeeping.
@@ -3409,31 +3418,214 @@ class PollBatchQueue(OutgoingQueue):
         return super().get_nowait()
 
 
-class DirectQueue(OutgoingQueue):
-    """An Engine.IO socket's outgoing queue that also knows when it may be bypassed.
+class LeanQueue:
+    """The outgoing side of a connection that starts as a WebSocket: no queue, no writer task.
 
-    `held` counts packets the socket's writer task has taken but not yet written;
-    when the queue is empty and nothing is held, a broadcast may write its frame
-    straight to the transport without reordering anything (see FanoutManager).
+    python-engineio gives every connection an asyncio queue and a writer task that empties
+    it. Here each packet put in becomes a WebSocket frame handed to the FrameFlusher at
+    once, so every packet for the connection (broadcasts, acks, pings, the CLOSE packet)
+    goes out in the order it was put, joined with the others of the same event-loop
+    iteration. Frames put before the WebSocket is open (the Engine.IO OPEN packet) wait in
+    `early`. None, python-engineio's "stop the writer", ends the WebSocket once what is
+    already put has been written. The connection's bound is the FrameFlusher's.
     """
 
-    def __init__(self, ws: ChatWebSocket, bounds: OutgoingQueue) -> None:
-        super().__init__(bounds.max_packets, bounds.max_bytes, bounds.overflow)
-        self.ws = ws
-        self.held = 0
+    __slots__ = ("early", "ending", "finished", "flusher", "sid", "unwritten_bytes", "ws")
 
+    def __init__(self, flusher: FrameFlusher) -> None:
+        self.flusher = flusher
+        self.ws: ChatWebSocket | None = None
+        self.sid = ""
+        self.early: list[bytes] | None = None
+        self.unwritten_bytes = 0
+        self.ending = False
+        self.finished = False
+
+    def attach(self, ws: ChatWebSocket, sid: str) -> None:
+        """The WebSocket is open: write what waited for it."""
+        self.ws, self.sid = ws, sid
+        early, self.early = self.early or [], None
+        for frame in early:
+            self.flusher.push(self, frame)
+
+    def push_frame(self, frame: bytes) -> None:
+        """Send one WebSocket frame (already built) after everything put before it."""
+        if self.finished:
+            return
+        if self.ws is None:
+            self.early = [*(self.early or []), frame]
+        else:
+            self.flusher.push(self, frame)
+
+    def put_nowait(self, item: Any) -> None:
+        if item is None:
+            self.end()
+            return
+        encoded = item.encode()
+        self.push_frame(websocket_frame(encoded.encode() if isinstance(encoded, str) else encoded,
+                                        binary=isinstance(encoded, bytes)))
+
+    async def put(self, item: Any) -> None:
+        self.put_nowait(item)
+
+    def end(self) -> None:
+        """Close the WebSocket after the frames already put (a no-op once it has ended)."""
+        if not self.ending and not self.finished:
+            self.ending = True
+            if self.ws is not None:
+                self.flusher.schedule(self)
+
+    def abort(self) -> None:
+        """Drop the connection now, unwritten frames and all (a client that stopped reading)."""
+        self.finished = True
+        if self.ws is not None:
+            self.ws.abort()
+
+    # the rest of asyncio.Queue's interface, as python-engineio uses it: always empty
     def get_nowait(self) -> Any:
-        item = super().get_nowait()
-        self.held += 1
-        return item
+        raise asyncio.QueueEmpty
 
-    def idle(self) -> bool:
-        return self.held == 0 and self.empty()
+    def empty(self) -> bool:
+        return True
+
+    def qsize(self) -> int:
+        return 0
+
+    def task_done(self) -> None:
+        pass
+
+    async def join(self) -> None:
+        return None
+
+
+class FrameFlusher:
+    """Writes each WebSocket connection's frames of one event-loop iteration with one write.
+
+    Frames pushed during an iteration are joined per connection and written by one
+    callback scheduled for the start of the next iteration. A connection whose unwritten
+    bytes (in the transport's buffer and here) would pass `max_bytes` is a client that
+    stopped reading: it is handed to `overflow` instead of growing server memory (a single
+    frame larger than the bound still goes out when nothing is waiting).
+    """
+
+    def __init__(self, max_bytes: int, overflow: Callable[[str], None]) -> None:
+        self.max_bytes = max_bytes
+        self.write_early = min(max_bytes // 2, 65536)
+        self.overflow = overflow
+        self.unwritten: dict[LeanQueue, list[bytes]] = {}
+        self.scheduled = False
+        self.closing: set[asyncio.Task[Any]] = set()
+
+    def push(self, queue: LeanQueue, frame: bytes) -> None:
+        assert queue.ws is not None
+        transport = queue.ws.transport_for_direct_write()
+        if transport is None:  # closing: nothing more may be written
+            return
+        frames = self.unwritten.get(queue)
+        if frames and queue.unwritten_bytes + len(frame) > self.write_early:
+            # a burst handled within one iteration (a sender's many queued messages): write what
+            # waits now, so that only a client that stopped reading reaches the bound
+            transport.write(b"".join(frames))
+            frames.clear()
+            queue.unwritten_bytes = 0
+        buffered = transport.get_write_buffer_size() + queue.unwritten_bytes
+        if buffered and buffered + len(frame) > self.max_bytes:
+            self.overflow(queue.sid)
+            return
+        queue.unwritten_bytes += len(frame)
+        if frames is None:
+            self.unwritten[queue] = [frame]
+        else:
+            frames.append(frame)
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def schedule(self, queue: LeanQueue) -> None:
+        """Make sure the next flush visits `queue` (to end it) even with nothing to write."""
+        self.unwritten.setdefault(queue, [])
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        unwritten, self.unwritten = self.unwritten, {}
+        for queue, frames in unwritten.items():
+            queue.unwritten_bytes = 0
+            ws = queue.ws
+            assert ws is not None
+            transport = ws.transport_for_direct_write()
+            if frames and transport is not None and not queue.finished:
+                transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+            if queue.ending and not queue.finished:
+                queue.finished = True
+                task = asyncio.get_running_loop().create_task(ws.close())
+                self.closing.add(task)
+                task.add_done_callback(self.closing.discard)
+
+
+class SharedPinger:
+    """Engine.IO's pings for every WebSocket connection from one timer, not a sleeping task each.
+
+    python-engineio starts a task per connection that sleeps for the ping interval and
+    then sends a PING. Here the connections due in the same whole second share one timer;
+    the answer (PONG) is handled as before, and a client that does not answer is closed
+    by python-engineio's own monitor task.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.due: dict[int, dict[str, Any]] = {}  # whole second of loop time -> sessions to ping then
+        self.second_of: dict[str, int] = {}
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, sock: Any) -> None:
+        """Ping `sock` (an engineio AsyncSocket) one interval from now."""
+        self.discard(sock.sid)
+        loop = asyncio.get_running_loop()
+        second = math.ceil(loop.time() + self.interval)
+        self.due.setdefault(second, {})[sock.sid] = sock
+        self.second_of[sock.sid] = second
+        if self.timer is None or self.timer.when() > second:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = loop.call_at(second, self.tick)
+
+    def discard(self, sid: str) -> None:
+        second = self.second_of.pop(sid, None)
+        if second is not None:
+            bucket = self.due.get(second)
+            if bucket is not None:
+                bucket.pop(sid, None)
+                if not bucket:
+                    del self.due[second]
+
+    def tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.timer = None
+        now = loop.time()
+        for second in sorted(s for s in self.due if s <= now):
+            for sid, sock in self.due.pop(second).items():
+                self.second_of.pop(sid, None)
+                if not sock.closing and not sock.closed:
+                    sock.last_ping = time.time()
+                    sock.queue.put_nowait(eio_packet.Packet(eio_packet.PING))
+        if self.due:
+            self.timer = loop.call_at(min(self.due), self.tick)
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.due.clear()
+        self.second_of.clear()
 
 
 class ChatWebSocket(eio_aiohttp.WebSocket):
     """python-engineio's aiohttp WebSocket, with permessage-deflate only when --compress asks,
-    and a DirectQueue on connections that start as WebSockets.
+    and, for connections that start as WebSockets, a lean session: the read loop runs in
+    aiohttp's own handler task and writes go through the LeanQueue, with no other task.
 
     Browsers offer compression, and aiohttp accepts by default: each frame is
     then compressed once per recipient, and every connection carries a zlib
@@ -3450,19 +3642,41 @@ class ChatWebSocket(eio_aiohttp.WebSocket):
         if open_websockets is not None:
             open_websockets.add(self)
         sock = getattr(self.handler, "__self__", None)
-        if not self.compress and sock is not None and not sock.connected:
-            # A fresh WebSocket connection: nothing is polling the old queue, so swap it.
-            queue = DirectQueue(self, sock.queue)
-            while not sock.queue.empty():
-                queue.put_nowait(sock.queue.get_nowait())
-            queue.held = 0
-            sock.queue = queue
         try:
-            await self.handler(self)
+            if sock is not None and isinstance(sock.queue, LeanQueue):
+                await self.serve_lean(sock)
+            else:
+                await self.handler(self)
         finally:
             if open_websockets is not None:
                 open_websockets.discard(self)
         return self._sock
+
+    async def serve_lean(self, sock: Any) -> None:
+        """python-engineio's WebSocket loop for a fresh connection, without its writer and wait tasks.
+
+        A client that goes silent is closed by python-engineio's monitor task when it misses a
+        PONG (which ends this loop), instead of by a timeout around every read.
+        """
+        sock.connected = sock.upgraded = True
+        sock.queue.attach(self, sock.sid)
+        try:
+            while not sock.closed:
+                try:
+                    data = await self.wait()
+                except OSError:
+                    break
+                if data is None:
+                    break
+                try:
+                    await sock.receive(eio_packet.Packet(encoded_packet=data))
+                except eio_exceptions.UnknownPacketError:
+                    pass
+                except eio_exceptions.SocketIsClosedError:
+                    break
+        finally:
+            await sock.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
+            sock.queue.end()
 
     async def wait(self) -> Any:
         frame = await super().wait()
@@ -3479,12 +3693,12 @@ class ChatWebSocket(eio_aiohttp.WebSocket):
         """Close with 1012 (service restart): clients treat it as a lost connection and reconnect."""
         await self._sock.close(code=aiohttp.WSCloseCode.SERVICE_RESTART, message=b"server restart")
 
-    async def send(self, message: Any) -> None:
-        await super().send(message)
-        sock = getattr(self.handler, "__self__", None)
-        queue = getattr(sock, "queue", None)
-        if isinstance(queue, DirectQueue) and queue.held > 0:
-            queue.held -= 1
+    def abort(self) -> None:
+        """Drop the TCP connection at once, without a closing handshake."""
+        request = self.environ.get("aiohttp.request")
+        transport = request.transport if request is not None else None
+        if transport is not None:
+            transport.abort()
 
     def transport_for_direct_write(self) -> asyncio.Transport | None:
         """The transport, if a frame may be written to it now (open, not closing)."""
@@ -3525,16 +3739,34 @@ class EngineServer(engineio.AsyncServer):
         self._tasks: set[asyncio.Task[None]] = set()
         self.problems = ProblemLog()
         self._ping_tasks: dict[str, asyncio.Task[Any]] = {}
+        # connections that start as WebSockets get a LeanQueue, the FrameFlusher and the SharedPinger
+        self.lean = not compress
+        self.flusher = FrameFlusher(max_queue * 1024, self.drop_slow_reader)
+        self.pinger = SharedPinger(self.ping_interval)
+        self._connecting_over: str | None = None
+        self.restarting = False
 
-    @staticmethod
-    def _translate_request(request: web.Request) -> dict[str, Any]:
+    # What python-engineio, python-socketio and chat.py read from a WebSocket request's environ;
+    # it is kept for the connection's lifetime, so nothing else is.
+    WEBSOCKET_ENVIRON = frozenset({
+        "REQUEST_METHOD", "QUERY_STRING", "PATH_INFO", "REMOTE_ADDR", "wsgi.url_scheme", "aiohttp.request",
+        "HTTP_HOST", "HTTP_ORIGIN", "HTTP_UPGRADE", "HTTP_CONNECTION",
+        "HTTP_X_FORWARDED_FOR", "HTTP_X_FORWARDED_PROTO", "HTTP_X_FORWARDED_HOST"})
+
+    @classmethod
+    def _translate_request(cls, request: web.Request) -> dict[str, Any]:
         environ: dict[str, Any] = eio_aiohttp.translate_request(request)
         body = request.get(CHECKED_BODY)
         if body is not None:  # read and checked by guard_requests: python-engineio reads it from here
             environ["wsgi.input"] = CheckedBody(body)
+        if request.method == "GET" and environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+            environ = {key: value for key, value in environ.items() if key in cls.WEBSOCKET_ENVIRON}
         return environ
 
-    def create_queue(self, *args: Any, **kwargs: Any) -> asyncio.Queue[Any]:
+    def create_queue(self, *args: Any, **kwargs: Any) -> Any:
+        transport, self._connecting_over = self._connecting_over, None  # set by _handle_connect just before
+        if transport == "websocket" and self.lean:
+            return LeanQueue(self.flusher)
         return PollBatchQueue(self.max_queue, self.max_queue * 1024, self._queue_overflowed)
 
     # -- sessions per address: Engine.IO sessions (long-polling ones included) count, not only Socket.IO connects
@@ -3550,6 +3782,7 @@ class EngineServer(engineio.AsyncServer):
                 return {"status": "429 Too Many Requests", "headers": [("Content-Type", "text/plain")],
                         "response": b"too many connections from your address"}
             self._connecting_from = address
+        self._connecting_over = transport
         return await super()._handle_connect(environ, transport, jsonp_index)
 
     def generate_id(self) -> str:
@@ -3585,7 +3818,10 @@ class EngineServer(engineio.AsyncServer):
         # packet. Close, free what is queued for it and wake the writer so it exits.
         sock = self.sockets.get(eio_sid)
         try:
-            if sock is not None:
+            if sock is not None and isinstance(sock.queue, LeanQueue):
+                await sock.close(wait=False, abort=True, reason=self.reason.SERVER_DISCONNECT)
+                sock.queue.abort()
+            elif sock is not None:
                 await sock.close(wait=False, abort=True, reason=self.reason.SERVER_DISCONNECT)
                 while not sock.queue.empty():
                     sock.queue.get_nowait()
@@ -3601,10 +3837,13 @@ class EngineServer(engineio.AsyncServer):
         purpose, and python-socketio then never reconnects; a transport that
         just goes away is a lost connection, which every official client retries.
         """
+        self.restarting = True
         for sock in list(self.sockets.values()):
             await sock.close(wait=False, abort=True, reason=self.reason.TRANSPORT_CLOSE)
-            sock.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))  # ends a waiting long-poll
+            if not isinstance(sock.queue, LeanQueue):
+                sock.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))  # ends a waiting long-poll
         self.sockets.clear()
+        self.pinger.close()
         closing = [asyncio.ensure_future(ws.close_for_restart()) for ws in list(self.open_websockets)]
         if closing:  # a client that stopped reading never answers the close frame: do not wait for it
             await asyncio.wait(closing, timeout=0.5)
@@ -3612,9 +3851,13 @@ class EngineServer(engineio.AsyncServer):
     # -- a closed session frees its memory at once
 
     def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
-        task = super().start_background_task(target, *args, **kwargs)
         owner = getattr(target, "__self__", None)
-        if getattr(target, "__name__", "") == "_send_ping" and owner is not None:
+        is_ping = getattr(target, "__name__", "") == "_send_ping" and owner is not None
+        if is_ping and isinstance(owner.queue, LeanQueue):
+            self.pinger.add(owner)  # one shared timer instead of a task per connection
+            return None
+        task = super().start_background_task(target, *args, **kwargs)
+        if is_ping:
             # Each session's ping task sleeps 25 s holding the session, its request and, after an
             # abrupt close, the exception's frames (about 20 KB): connections opened and dropped
             # in a loop would pile them up. It is cancelled when the session closes (below).
@@ -3629,6 +3872,10 @@ class EngineServer(engineio.AsyncServer):
     async def _trigger_event(self, event: str, *args: Any, **kwargs: Any) -> Any:
         result = await super()._trigger_event(event, *args, **kwargs)
         if event == "disconnect" and args:
+            self.pinger.discard(args[0])
+            sock = self.sockets.get(args[0])
+            if sock is not None and isinstance(sock.queue, LeanQueue) and not self.restarting:
+                sock.queue.end()  # after the CLOSE packet close() may still put
             ping = self._ping_tasks.pop(args[0], None)
             if ping is not None and ping is not asyncio.current_task():
                 ping.cancel()
@@ -3694,15 +3941,16 @@ class ChatServer(socketio.AsyncServer):
             _ack_wanted.reset(token)
 
 
-def websocket_text_frame(payload: bytes) -> bytes:
-    """One unmasked, unfragmented WebSocket text frame, as a server sends it."""
+def websocket_frame(payload: bytes, binary: bool = False) -> bytes:
+    """One unmasked, unfragmented WebSocket text (or binary) frame, as a server sends it."""
     size = len(payload)
+    first = 0x82 if binary else 0x81
     if size < 126:
-        header = bytes((0x81, size))
+        header = bytes((first, size))
     elif size < 65536:
-        header = bytes((0x81, 126)) + size.to_bytes(2, "big")
+        header = bytes((first, 126)) + size.to_bytes(2, "big")
     else:
-        header = bytes((0x81, 127)) + size.to_bytes(8, "big")
+        header = bytes((first, 127)) + size.to_bytes(8, "big")
     return header + payload
 
 
@@ -3710,29 +3958,17 @@ class FanoutManager(socketio.AsyncManager):
     """Room broadcasts that encode a packet once and hand it to each recipient without a Task each.
 
     python-socketio's stock manager starts one asyncio Task per recipient, and each
-    recipient's writer task then wakes up to send it. Here, a WebSocket client whose
-    outgoing queue is idle gets the WebSocket frame (built once per broadcast) handed to
-    its transport directly: the frames for one connection produced in one event-loop
-    iteration are joined and written once, by one callback scheduled for the start of the
-    next iteration (before any writer task woken later, so nothing is reordered against
-    the queued path). Any other client gets it queued. Either way there is a bound: a
-    client that falls `max_queue` packets (or KB) behind is disconnected instead of
-    growing server memory.
+    recipient's writer task then wakes up to send it. Here a connection that started as a
+    WebSocket gets the WebSocket frame (built once per broadcast) through its LeanQueue,
+    which joins it with the connection's other frames of this event-loop iteration into
+    one write. Any other client (long-polling, upgraded, --compress) gets it queued. Either
+    way there is a bound: a client that falls `max_queue` packets (or KB) behind is
+    disconnected instead of growing server memory.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.on_message_id: Callable[[int], None] | None = None
-        self._unwritten: dict[ChatWebSocket, list[bytes]] = {}  # frames for the next flush, per connection
-        self._flush_scheduled = False
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        unwritten, self._unwritten = self._unwritten, {}
-        for ws, frames in unwritten.items():
-            transport = ws.transport_for_direct_write()
-            if transport is not None:  # else the connection is closing: nothing more may be written
-                transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     async def emit(self, event: str, data: Any, namespace: str, room: Any = None, skip_sid: Any = None,
                    callback: Any = None, to: Any = None, **kwargs: Any) -> None:
@@ -3747,11 +3983,10 @@ class FanoutManager(socketio.AsyncManager):
         encoded = self.server.packet_class(sio_packet.EVENT, namespace=namespace, data=[event, *args]).encode()
         if isinstance(encoded, list):  # binary attachments: leave them to the stock path
             return await super().emit(event, data, namespace, room=room, skip_sid=skip_sid, **kwargs)
-        frame = eio_packet.Packet(eio_packet.MESSAGE, encoded)
+        packet = eio_packet.Packet(eio_packet.MESSAGE, encoded)
         ws_frame: bytes | None = None
         skip = skip_sid if isinstance(skip_sid, list) else [skip_sid]
         sockets = self.server.eio.sockets
-        max_buffered = self.server.eio.max_queue * 1024
         for sid, eio_sid in self.get_participants(namespace, room):
             if sid in skip:
                 continue
@@ -3759,24 +3994,12 @@ class FanoutManager(socketio.AsyncManager):
             if sock is None or sock.closing or sock.closed:
                 continue
             queue = sock.queue
-            if type(queue) is DirectQueue and queue.idle():
-                transport = queue.ws.transport_for_direct_write()
-                if transport is not None:
-                    frames = self._unwritten.get(queue.ws)
-                    if transport.get_write_buffer_size() + (sum(map(len, frames)) if frames else 0) > max_buffered:
-                        self.server.eio.drop_slow_reader(eio_sid)
-                        continue
-                    if ws_frame is None:
-                        ws_frame = websocket_text_frame(b"4" + encoded.encode())
-                    if frames is None:
-                        self._unwritten[queue.ws] = [ws_frame]
-                    else:
-                        frames.append(ws_frame)
-                    if not self._flush_scheduled:
-                        self._flush_scheduled = True
-                        asyncio.get_running_loop().call_soon(self._flush)
-                    continue
-            queue.put_nowait(frame)  # an OutgoingQueue: past its bound it drops the client instead
+            if type(queue) is LeanQueue:
+                if ws_frame is None:
+                    ws_frame = websocket_frame(b"4" + encoded.encode())
+                queue.push_frame(ws_frame)
+            else:
+                queue.put_nowait(packet)  # an OutgoingQueue: past its bound it drops the client instead
 
 
 class RedisFanoutManager(socketio.AsyncRedisManager, FanoutManager):

@@ -2263,10 +2263,12 @@ async def test_a_client_that_stops_reading_is_disconnected_and_others_keep_recei
     sender, watcher = await connect(url), await connect(url)
     stalled = await RawClient.open(url, receive_buffer=4096)  # connected, then never reads again
     body = "".join(chr(65 + (i * 7919) % 26) for i in range(1800))
-    count = 5000  # about 9 MB: more than the kernel's socket buffers can hide
-    for i in range(count):
-        await sender.sio.emit("newmessage", {"user": "Sender", "body": f"{i} {body}"})
-    received = await watcher.take("newmessage", count, timeout=30)
+    count, burst = 5000, 100  # about 9 MB: more than the kernel's socket buffers can hide
+    received = []
+    for first in range(0, count, burst):  # bursts no faster than a reading client takes them
+        for i in range(first, first + burst):
+            await sender.sio.emit("newmessage", {"user": "Sender", "body": f"{i} {body}"})
+        received += await watcher.take("newmessage", burst, timeout=30)
     assert [int(m["body"].split()[0]) for m in received] == list(range(count))
     await wait_until(lambda: _equals(clients_connected(url), 2))
     stalled.abort()
@@ -3496,41 +3498,61 @@ def test_every_library_internal_chat_py_relies_on_is_still_there() -> None:
     assert "self.max_decode_packets" in source(payload.Payload.decode)
 
 
-# ---------------------------------------------------------------- the broadcast fast path keeps order
+# ---------------------------------------------------------------- the WebSocket output path keeps order
 
 
-async def test_a_broadcast_never_overtakes_a_packet_the_writer_task_has_taken() -> None:
+async def test_a_websocket_connection_gets_its_packets_in_order_with_one_write_per_loop_iteration() -> None:
     from types import SimpleNamespace
 
+    from engineio import packet as eio_packet
+
     written: list[bytes] = []
-    transport = SimpleNamespace(write=written.append, get_write_buffer_size=lambda: 0, is_closing=lambda: False)
+    buffered = {"bytes": 0}
+    transport = SimpleNamespace(write=written.append, get_write_buffer_size=lambda: buffered["bytes"],
+                                is_closing=lambda: False)
+    closed: list[bool] = []
 
     class FakeWebSocket:
         def transport_for_direct_write(self) -> Any:
             return transport
 
-    ws = FakeWebSocket()
-    bounds = chat.OutgoingQueue(10, 10 * 1024, overflow=lambda queue: None)
-    sock = SimpleNamespace(closing=False, closed=False, queue=chat.DirectQueue(ws, bounds))  # type: ignore[arg-type]
+        async def close(self) -> None:
+            closed.append(True)
+
+    dropped: list[str] = []
+    flusher = chat.FrameFlusher(max_bytes=1024, overflow=dropped.append)
+    queue = chat.LeanQueue(flusher)
+    await queue.put(eio_packet.Packet(eio_packet.OPEN, {"sid": "eio-1"}))  # before the WebSocket is open
+    queue.attach(FakeWebSocket(), "eio-1")  # type: ignore[arg-type]
+    sock = SimpleNamespace(closing=False, closed=False, queue=queue)
     manager = chat.FanoutManager()
-    eio = SimpleNamespace(sockets={"eio-1": sock}, generate_id=lambda: "sid-1", max_queue=10)
+    eio = SimpleNamespace(sockets={"eio-1": sock}, generate_id=lambda: "sid-1", max_queue=1)
     manager.set_server(SimpleNamespace(eio=eio, packet_class=socketio.packet.Packet))
     await manager.connect("eio-1", "/")
 
     await manager.emit("newmessage", {"body": "first"}, "/")
-    await manager.emit("newmessage", {"body": "first, again"}, "/")
-    assert written == [] and sock.queue.empty(), "frames of one iteration wait for one write"
-    await asyncio.sleep(0)  # the next event-loop iteration
-    assert len(written) == 1 and sock.queue.empty(), "an idle connection gets its frames in one direct write"
-    assert written[0] == (chat.websocket_text_frame(b'42["newmessage",{"body":"first"}]')
-                          + chat.websocket_text_frame(b'42["newmessage",{"body":"first, again"}]'))
-
-    sock.queue.put_nowait("ping")
-    sock.queue.get_nowait()  # the writer task has taken a packet but not written it yet
+    await queue.put(eio_packet.Packet(eio_packet.MESSAGE, '31[{"ok":true}]'))  # an ack, between broadcasts
     await manager.emit("newmessage", {"body": "second"}, "/")
-    await asyncio.sleep(0)
-    assert len(written) == 1 and sock.queue.qsize() == 1, "so this one must wait in the queue behind it"
+    queue.put_nowait(eio_packet.Packet(eio_packet.PING))
+    assert written == [], "frames of one iteration wait for one write"
+    await asyncio.sleep(0)  # the next event-loop iteration
+    assert written == [b"".join(chat.websocket_frame(text) for text in (
+        b'0{"sid":"eio-1"}', b'42["newmessage",{"body":"first"}]', b'431[{"ok":true}]',
+        b'42["newmessage",{"body":"second"}]', b"2"))], "in the order put, in one write"
 
-    sock.queue.held = 0  # the writer wrote its packet; "second" is still queued
-    await manager.emit("newmessage", {"body": "third"}, "/")
-    assert len(written) == 1 and sock.queue.qsize() == 2, "and so must everything after it"
+    buffered["bytes"] = 1000  # the client stopped reading: the transport holds nearly the bound
+    await manager.emit("newmessage", {"body": "x" * 40}, "/")
+    await asyncio.sleep(0)
+    assert dropped == ["eio-1"] and len(written) == 1, "past the bound the client is dropped, nothing buffered"
+
+    buffered["bytes"] = 0
+    queue.put_nowait(eio_packet.Packet(eio_packet.CLOSE))
+    queue.put_nowait(None)  # python-engineio's "stop the writer": end after what was put
+    assert closed == []
+    await asyncio.sleep(0)
+    assert written[-1] == chat.websocket_frame(b"1"), "the CLOSE packet is written"
+    await asyncio.sleep(0)
+    assert closed == [True], "then the WebSocket is closed"
+    queue.put_nowait(eio_packet.Packet(eio_packet.PING))
+    await asyncio.sleep(0)
+    assert written[-1] == chat.websocket_frame(b"1"), "nothing after the end"
