@@ -3660,14 +3660,12 @@ class ChatWebSocket(eio_aiohttp.WebSocket):
         """
         sock.connected = sock.upgraded = True
         sock.queue.attach(self, sock.sid)
+        receive = self._sock.receive  # directly: every frame of the await chain is kept per connection
         try:
             while not sock.closed:
-                try:
-                    data = await self.wait()
-                except OSError:
-                    break
-                if data is None:
-                    break
+                data = (await receive()).data
+                if not isinstance(data, (str, bytes)) or not self.is_engine_packet(data):
+                    break  # closed, or an error, or junk
                 try:
                     await sock.receive(eio_packet.Packet(encoded_packet=data))
                 except eio_exceptions.UnknownPacketError:
@@ -3680,14 +3678,20 @@ class ChatWebSocket(eio_aiohttp.WebSocket):
 
     async def wait(self) -> Any:
         frame = await super().wait()
-        if not valid_engine_packet(frame):
-            # python-engineio would raise on it outside its error handling: a traceback per frame,
-            # and a session left behind. Treat it as the client leaving, with one line.
-            request = self.environ.get("aiohttp.request")
-            self.server.problems.warn("closing a WebSocket from %s: it sent a frame that is not Engine.IO",
-                                      request.remote if request is not None else "?")
-            return None
-        return frame
+        return frame if self.is_engine_packet(frame) else None
+
+    def is_engine_packet(self, frame: str | bytes) -> bool:
+        """Whether a frame is an Engine.IO packet; if not, one warning a minute.
+
+        python-engineio would raise on junk outside its error handling: a traceback per frame,
+        and a session left behind. It is treated as the client leaving instead.
+        """
+        if valid_engine_packet(frame):
+            return True
+        request = self.environ.get("aiohttp.request")
+        self.server.problems.warn("closing a WebSocket from %s: it sent a frame that is not Engine.IO",
+                                  request.remote if request is not None else "?")
+        return False
 
     async def close_for_restart(self) -> None:
         """Close with 1012 (service restart): clients treat it as a lost connection and reconnect."""
