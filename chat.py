@@ -401,6 +401,8 @@ class ProblemLog:
 class TokenBucket:
     """Allows `rate` events per second with bursts of up to `burst`; rate 0 allows everything."""
 
+    __slots__ = ("burst", "rate", "stamp", "tokens")  # three per connection
+
     def __init__(self, rate: float, burst: int) -> None:
         self.rate = rate
         self.burst = burst
@@ -814,7 +816,7 @@ _ack_wanted: contextvars.ContextVar[bool] = contextvars.ContextVar("ack_wanted",
 RESERVED_EVENTS = frozenset({"connect", "disconnect", "connect_error", "message", "*"})
 
 
-@dataclass
+@dataclass(slots=True)
 class Session:
     """What the hub knows about one connected socket."""
 
