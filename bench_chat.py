@@ -346,6 +346,7 @@ class Stats:
 
 
 TAIL = b"\x00\x00\xff\xff"
+NEW_EVENT, BOT_EVENT = b'42["newmessage"', b'42["botmessage"'
 
 
 class WSClient(asyncio.Protocol):
@@ -424,13 +425,21 @@ class WSClient(asyncio.Protocol):
                 start = pos + 10
             if size - start < length:
                 break
-            payload = bytes(buf[start:start + length])
             pos = start + length
             opcode = b0 & 0x0F
             if opcode == 1:
                 if b0 & 0x40 and self.inflater is not None:
-                    payload = self.inflater.decompress(payload + TAIL)
-                self.on_text(payload)
+                    self.on_text(self.inflater.decompress(bytes(buf[start:pos]) + TAIL))
+                elif not self.raw and buf.startswith(BOT_EVENT, start):  # counted without copying the frame
+                    self.stats.frames += 1
+                    self.stats.bot += 1
+                elif not self.raw and buf.startswith(NEW_EVENT, start) and \
+                        (self.stats.seen + 1) % self.stats.sample_every:  # not a latency sample: count it
+                    self.stats.frames += 1
+                    self.stats.new += 1
+                    self.stats.seen += 1
+                else:
+                    self.on_text(bytes(buf[start:pos]))
             elif opcode == 9 and self.transport is not None:
                 self.transport.write(bytes((0x8A, 0x80)) + b"\x00\x00\x00\x00")
             elif opcode == 8:
@@ -444,7 +453,7 @@ class WSClient(asyncio.Protocol):
             stats.acks_ok += 1
         elif text.startswith(b'42["typing"'):
             stats.typing += 1
-        if self.raw or text.startswith(b'42["newmessage"'):
+        if self.raw or text.startswith(NEW_EVENT):
             stats.new += 1
             stats.seen += 1
             if stats.seen % stats.sample_every == 0:
@@ -452,7 +461,7 @@ class WSClient(asyncio.Protocol):
                 if mark >= 0:
                     end = text.find(b" ", mark)
                     stats.latencies.append(time.perf_counter() - int(text[mark + 2:end]) / 1e9)
-        elif text.startswith(b'42["botmessage"'):
+        elif text.startswith(BOT_EVENT):
             stats.bot += 1
         elif text == b"2":
             self.send("3")

@@ -3336,8 +3336,6 @@ PAGE_JS = r"""
 #   queue.get() and then get_nowait() until empty (PollBatchQueue).
 # - engineio.async_drivers.aiohttp.WebSocket.__call__ (copied in ChatWebSocket to choose
 #   compression and serve the lean session) and wait() (junk frames end the connection).
-# - aiohttp WebSocketResponse._writer and its _closing flag: whether a frame may be written to the
-#   transport directly (ChatWebSocket.transport_for_direct_write).
 # - asyncio.Queue.get()/put() ending in get_nowait()/put_nowait(): the queues' bounds and bookkeeping.
 # - socketio.AsyncServer._engineio_server_class(), _handle_eio_message(eio_sid, data) and
 #   _handle_event_internal(server, sid, eio_sid, data, namespace, id): ChatServer.
@@ -3432,20 +3430,25 @@ class LeanQueue:
     already put has been written. The connection's bound is the FrameFlusher's.
     """
 
-    __slots__ = ("early", "ending", "finished", "flusher", "sid", "unwritten_bytes", "ws")
+    __slots__ = ("buffered", "early", "ending", "finished", "flusher", "response", "sid", "transport",
+                 "unwritten_bytes", "ws")
 
     def __init__(self, flusher: FrameFlusher) -> None:
         self.flusher = flusher
         self.ws: ChatWebSocket | None = None
+        self.response: web.WebSocketResponse | None = None
+        self.transport: asyncio.Transport | None = None
         self.sid = ""
         self.early: list[bytes] | None = None
-        self.unwritten_bytes = 0
+        self.unwritten_bytes = 0  # in the frames waiting for this iteration's flush
+        self.buffered = 0  # in the transport's buffer, when this iteration's first frame came
         self.ending = False
         self.finished = False
 
     def attach(self, ws: ChatWebSocket, sid: str) -> None:
         """The WebSocket is open: write what waited for it."""
         self.ws, self.sid = ws, sid
+        self.response, self.transport = ws.response, ws.transport
         early, self.early = self.early or [], None
         for frame in early:
             self.flusher.push(self, frame)
@@ -3519,33 +3522,45 @@ class FrameFlusher:
         self.closing: set[asyncio.Task[Any]] = set()
 
     def push(self, queue: LeanQueue, frame: bytes) -> None:
-        assert queue.ws is not None
-        transport = queue.ws.transport_for_direct_write()
-        if transport is None:  # closing: nothing more may be written
-            return
+        """Queue `frame` for the connection's write at the next flush (called once per recipient
+        of every broadcast: kept short)."""
         frames = self.unwritten.get(queue)
-        if frames and queue.unwritten_bytes + len(frame) > self.write_early:
+        transport = queue.transport
+        if frames is None:
+            if transport is None or queue.response.closed or transport.is_closing():  # type: ignore[union-attr]
+                return  # closing: nothing more may be written
+            queue.buffered = buffered = transport.get_write_buffer_size()
+            if buffered and buffered + len(frame) > self.max_bytes:
+                self.overflow(queue.sid)
+                return
+            self.unwritten[queue] = [frame]
+            queue.unwritten_bytes = len(frame)
+            if not self.scheduled:
+                self.scheduled = True
+                asyncio.get_running_loop().call_soon(self.flush)
+            return
+        size = queue.unwritten_bytes + len(frame)
+        if size > self.write_early and frames:
             # a burst handled within one iteration (a sender's many queued messages): write what
             # waits now, so that only a client that stopped reading reaches the bound
+            if transport is None or queue.response.closed or transport.is_closing():  # type: ignore[union-attr]
+                return
             transport.write(b"".join(frames))
             frames.clear()
-            queue.unwritten_bytes = 0
-        buffered = transport.get_write_buffer_size() + queue.unwritten_bytes
-        if buffered and buffered + len(frame) > self.max_bytes:
+            queue.buffered = transport.get_write_buffer_size()
+            size = len(frame)
+        if queue.buffered + size > self.max_bytes and (queue.buffered or frames):
             self.overflow(queue.sid)
             return
-        queue.unwritten_bytes += len(frame)
-        if frames is None:
-            self.unwritten[queue] = [frame]
-        else:
-            frames.append(frame)
-        if not self.scheduled:
-            self.scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+        frames.append(frame)
+        queue.unwritten_bytes = size
 
     def schedule(self, queue: LeanQueue) -> None:
         """Make sure the next flush visits `queue` (to end it) even with nothing to write."""
-        self.unwritten.setdefault(queue, [])
+        if queue not in self.unwritten:
+            self.unwritten[queue] = []
+            queue.unwritten_bytes = 0
+            queue.buffered = queue.transport.get_write_buffer_size() if queue.transport is not None else 0
         if not self.scheduled:
             self.scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
@@ -3554,15 +3569,14 @@ class FrameFlusher:
         self.scheduled = False
         unwritten, self.unwritten = self.unwritten, {}
         for queue, frames in unwritten.items():
-            queue.unwritten_bytes = 0
-            ws = queue.ws
-            assert ws is not None
-            transport = ws.transport_for_direct_write()
-            if frames and transport is not None and not queue.finished:
+            if queue.finished:
+                continue
+            transport = queue.transport
+            if frames and transport is not None and not queue.response.closed and not transport.is_closing():  # type: ignore[union-attr]
                 transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
-            if queue.ending and not queue.finished:
+            if queue.ending:
                 queue.finished = True
-                task = asyncio.get_running_loop().create_task(ws.close())
+                task = asyncio.get_running_loop().create_task(queue.ws.close())  # type: ignore[union-attr]
                 self.closing.add(task)
                 task.add_done_callback(self.closing.discard)
 
@@ -3699,20 +3713,22 @@ class ChatWebSocket(eio_aiohttp.WebSocket):
         """Close with 1012 (service restart): clients treat it as a lost connection and reconnect."""
         await self._sock.close(code=aiohttp.WSCloseCode.SERVICE_RESTART, message=b"server restart")
 
+    @property
+    def response(self) -> web.WebSocketResponse:
+        """aiohttp's WebSocket: its `closed` turns true before it writes a close frame."""
+        return self._sock
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        """The connection's transport, to which frames are written directly."""
+        request = self.environ.get("aiohttp.request")
+        return request.transport if request is not None else None
+
     def abort(self) -> None:
         """Drop the TCP connection at once, without a closing handshake."""
-        request = self.environ.get("aiohttp.request")
-        transport = request.transport if request is not None else None
+        transport = self.transport
         if transport is not None:
             transport.abort()
-
-    def transport_for_direct_write(self) -> asyncio.Transport | None:
-        """The transport, if a frame may be written to it now (open, not closing)."""
-        writer = getattr(self._sock, "_writer", None)
-        if writer is None or writer._closing or self._sock.closed:
-            return None
-        transport = writer.transport
-        return None if transport is None or transport.is_closing() else transport
 
 
 class CompressingWebSocket(ChatWebSocket):
