@@ -28,7 +28,8 @@ Sections, in order, each under a ``# ----`` banner:
 9. bots: keyword rules, Rasa, any OpenAI-compatible server;
 10. web: aiohttp routes, headers and connection guards;
 11. embedded assets: the page's HTML, CSS and JavaScript;
-12. library internals -- every use of a library's private names, with why;
+12. library internals -- every use of a library's private names, with why
+    (the broadcast fast path and the lean WebSocket sessions live here);
 13. main() -- start-up, shutdown and the event loop.
 """
 
@@ -507,6 +508,8 @@ class Settings:
     typing_timeout: float = 5.0
     redis: str | None = None
     presence_ttl: float = 15.0
+    ping_interval: float = 25.0
+    ping_timeout: float = 20.0
     compress: bool = False
     loop: str = "auto"
     gc: str = "tuned"
@@ -638,6 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presence-ttl", type=_positive_float, default=d.presence_ttl, metavar="SECONDS",
                    help="with --redis: a node that stops heartbeating loses its users after this long "
                         "(default %(default)s)")
+    p.add_argument("--ping-interval", type=_positive_float, default=d.ping_interval, metavar="SECONDS",
+                   help="ping each client this often; keep it below your proxy's idle timeout (default %(default)s)")
+    p.add_argument("--ping-timeout", type=_positive_float, default=d.ping_timeout, metavar="SECONDS",
+                   help="a client that does not answer a ping within this long is gone (default %(default)s)")
     return p
 
 
@@ -862,6 +869,8 @@ class ChatHub:
                             # (a readable "too many connections") is what a page normally sees
                             "max_per_address": settings.max_per_ip + EXTRA_HANDSHAKES},
             transports=list(settings.transports),
+            ping_interval=settings.ping_interval,
+            ping_timeout=settings.ping_timeout,
             logger=False,
             engineio_logger=False,
         )
@@ -3585,57 +3594,60 @@ class SharedPinger:
     """Engine.IO's pings for every WebSocket connection from one timer, not a sleeping task each.
 
     python-engineio starts a task per connection that sleeps for the ping interval and
-    then sends a PING. Here the connections due in the same whole second share one timer;
-    the answer (PONG) is handled as before, and a client that does not answer is closed
-    by python-engineio's own monitor task.
+    then sends a PING. Here connections due within the same step (a second, or a fifth of
+    a shorter interval) share one timer; the answer (PONG) is handled as before, and a
+    client that does not answer is closed by python-engineio's own monitor task.
     """
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
-        self.due: dict[int, dict[str, Any]] = {}  # whole second of loop time -> sessions to ping then
-        self.second_of: dict[str, int] = {}
+        self.step = min(1.0, interval / 5)
+        self.due: dict[int, dict[str, Any]] = {}  # step number (loop time / step) -> sessions to ping then
+        self.step_of: dict[str, int] = {}
         self.timer: asyncio.TimerHandle | None = None
 
     def add(self, sock: Any) -> None:
         """Ping `sock` (an engineio AsyncSocket) one interval from now."""
         self.discard(sock.sid)
         loop = asyncio.get_running_loop()
-        second = math.ceil(loop.time() + self.interval)
-        self.due.setdefault(second, {})[sock.sid] = sock
-        self.second_of[sock.sid] = second
-        if self.timer is None or self.timer.when() > second:
+        number = math.ceil((loop.time() + self.interval) / self.step)
+        self.due.setdefault(number, {})[sock.sid] = sock
+        self.step_of[sock.sid] = number
+        if self.timer is None or self.timer.when() > number * self.step:
             if self.timer is not None:
                 self.timer.cancel()
-            self.timer = loop.call_at(second, self.tick)
+            self.timer = loop.call_at(number * self.step, self.tick)
 
     def discard(self, sid: str) -> None:
-        second = self.second_of.pop(sid, None)
-        if second is not None:
-            bucket = self.due.get(second)
+        """Forget a session (it closed)."""
+        number = self.step_of.pop(sid, None)
+        if number is not None:
+            bucket = self.due.get(number)
             if bucket is not None:
                 bucket.pop(sid, None)
                 if not bucket:
-                    del self.due[second]
+                    del self.due[number]
 
     def tick(self) -> None:
         loop = asyncio.get_running_loop()
         self.timer = None
         now = loop.time()
-        for second in sorted(s for s in self.due if s <= now):
-            for sid, sock in self.due.pop(second).items():
-                self.second_of.pop(sid, None)
+        for number in sorted(n for n in self.due if n * self.step <= now):
+            for sid, sock in self.due.pop(number).items():
+                self.step_of.pop(sid, None)
                 if not sock.closing and not sock.closed:
                     sock.last_ping = time.time()
                     sock.queue.put_nowait(eio_packet.Packet(eio_packet.PING))
         if self.due:
-            self.timer = loop.call_at(min(self.due), self.tick)
+            self.timer = loop.call_at(min(self.due) * self.step, self.tick)
 
     def close(self) -> None:
+        """Stop pinging anyone (shutdown)."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         self.due.clear()
-        self.second_of.clear()
+        self.step_of.clear()
 
 
 class ChatWebSocket(eio_aiohttp.WebSocket):

@@ -484,6 +484,7 @@ BAD_USAGE = {  # arguments, environment -> the one line chat.py prints before ex
     "redis not a URL": (["--redis", "localhost:6379"], {}, "--redis must be a redis://, rediss:// or unix:// URL"),
     "rules without keyword": (["--bot", "rasa", "--bot-rules", "r.json"], {}, "--bot-rules applies to --bot keyword"),
     "bot url not http": (["--bot-url", "ftp://x"], {}, "--bot-url must be an http:// or https:// URL"),
+    "zero ping interval": (["--ping-interval", "0"], {}, "argument --ping-interval: must be a number above 0, got 0"),
 }
 
 
@@ -2088,6 +2089,40 @@ class RawClient:
 
     def abort(self) -> None:
         self.writer.transport.abort()
+
+
+async def test_websocket_clients_are_pinged_and_kept_while_they_answer(start_chat: StartChat) -> None:
+    url = await start_chat(ping_interval=0.2, ping_timeout=0.4)
+    client = await RawClient.open(url)
+    pings = 0
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(1.5):
+            while True:
+                if await client.receive() == "2":
+                    pings += 1
+                    client.send("3")
+    assert pings >= 5, "one ping per interval (0.2 s, give or take a fifth of it)"
+    assert await clients_connected(url) == 1, "a client that answers stays"
+    client.abort()
+
+
+async def test_a_websocket_client_that_stops_answering_pings_is_disconnected(
+        start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(ping_interval=0.2, ping_timeout=0.4, presence_grace=0.1)
+    watcher = await connect(url)
+    await watcher.join("lobby", "Watcher")
+    silent = await RawClient.open(url)
+    silent.send('42["join",{"room":"lobby","user":"Silent"}]')
+    frames = []
+    with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+        async with asyncio.timeout(5):
+            while True:  # read, never answer
+                frames.append(await silent.receive())
+    assert "2" in frames, "it was pinged"
+    async with asyncio.timeout(5):
+        while not ((event := await watcher.next("system"))["user"] == "Silent" and event["kind"] == "left"):
+            pass  # the others see it leave
+    await wait_until(lambda: _equals(clients_connected(url), 1))
 
 
 async def clients_connected(url: str) -> int:
