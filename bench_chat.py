@@ -378,7 +378,7 @@ class WSClient(asyncio.Protocol):
         replies the benchmark exchanges are ASCII, so no byte of a payload can look like a
         frame header. A match split between two reads is found through the carried tail.
         """
-        self.counting_only = True
+        self.counting_only = self.inflater is None  # compressed frames (the floor server's) must be parsed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
