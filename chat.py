@@ -3489,6 +3489,13 @@ class LeanQueue:
             if self.ws is not None:
                 self.flusher.schedule(self)
 
+    def open_transport(self) -> asyncio.Transport | None:
+        """The transport, if frames may still be written to it (aiohttp has not begun closing)."""
+        transport = self.transport
+        if transport is None or self.response is None or self.response.closed or transport.is_closing():
+            return None
+        return transport
+
     def abort(self) -> None:
         """Drop the connection now, unwritten frames and all (a client that stopped reading)."""
         self.finished = True
@@ -3534,9 +3541,9 @@ class FrameFlusher:
         """Queue `frame` for the connection's write at the next flush (called once per recipient
         of every broadcast: kept short)."""
         frames = self.unwritten.get(queue)
-        transport = queue.transport
         if frames is None:
-            if transport is None or queue.response.closed or transport.is_closing():  # type: ignore[union-attr]
+            transport = queue.open_transport()
+            if transport is None:
                 return  # closing: nothing more may be written
             queue.buffered = buffered = transport.get_write_buffer_size()
             if buffered and buffered + len(frame) > self.max_bytes:
@@ -3544,15 +3551,14 @@ class FrameFlusher:
                 return
             self.unwritten[queue] = [frame]
             queue.unwritten_bytes = len(frame)
-            if not self.scheduled:
-                self.scheduled = True
-                asyncio.get_running_loop().call_soon(self.flush)
+            self._wake()
             return
         size = queue.unwritten_bytes + len(frame)
         if size > self.write_early and frames:
             # a burst handled within one iteration (a sender's many queued messages): write what
             # waits now, so that only a client that stopped reading reaches the bound
-            if transport is None or queue.response.closed or transport.is_closing():  # type: ignore[union-attr]
+            transport = queue.open_transport()
+            if transport is None:
                 return
             transport.write(b"".join(frames))
             frames.clear()
@@ -3570,6 +3576,10 @@ class FrameFlusher:
             self.unwritten[queue] = []
             queue.unwritten_bytes = 0
             queue.buffered = queue.transport.get_write_buffer_size() if queue.transport is not None else 0
+        self._wake()
+
+    def _wake(self) -> None:
+        """One flush per iteration, at the start of the next one."""
         if not self.scheduled:
             self.scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
@@ -3580,8 +3590,8 @@ class FrameFlusher:
         for queue, frames in unwritten.items():
             if queue.finished:
                 continue
-            transport = queue.transport
-            if frames and transport is not None and not queue.response.closed and not transport.is_closing():  # type: ignore[union-attr]
+            transport = queue.open_transport() if frames else None
+            if transport is not None:
                 transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
             if queue.ending:
                 queue.finished = True
@@ -3852,15 +3862,15 @@ class EngineServer(engineio.AsyncServer):
         # packet. Close, free what is queued for it and wake the writer so it exits.
         sock = self.sockets.get(eio_sid)
         try:
-            if sock is not None and isinstance(sock.queue, LeanQueue):
+            if sock is not None:
                 await sock.close(wait=False, abort=True, reason=self.reason.SERVER_DISCONNECT)
-                sock.queue.abort()
-            elif sock is not None:
-                await sock.close(wait=False, abort=True, reason=self.reason.SERVER_DISCONNECT)
-                while not sock.queue.empty():
-                    sock.queue.get_nowait()
-                    sock.queue.task_done()
-                sock.queue.put_nowait(None)
+                if isinstance(sock.queue, LeanQueue):
+                    sock.queue.abort()  # no writer task: drop the connection with what it has not read
+                else:
+                    while not sock.queue.empty():
+                        sock.queue.get_nowait()
+                        sock.queue.task_done()
+                    sock.queue.put_nowait(None)
         finally:
             self._dropping.discard(eio_sid)
 
