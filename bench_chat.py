@@ -460,18 +460,10 @@ class WSClient(asyncio.Protocol):
             pos = start + length
             opcode = b0 & 0x0F
             if opcode == 1:
+                payload = bytes(buf[start:pos])
                 if b0 & 0x40 and self.inflater is not None:
-                    self.on_text(self.inflater.decompress(bytes(buf[start:pos]) + TAIL))
-                elif not self.raw and buf.startswith(BOT_EVENT, start):  # counted without copying the frame
-                    self.stats.frames += 1
-                    self.stats.bot += 1
-                elif not self.raw and buf.startswith(NEW_EVENT, start) and \
-                        (self.stats.seen + 1) % self.stats.sample_every:  # not a latency sample: count it
-                    self.stats.frames += 1
-                    self.stats.new += 1
-                    self.stats.seen += 1
-                else:
-                    self.on_text(bytes(buf[start:pos]))
+                    payload = self.inflater.decompress(payload + TAIL)
+                self.on_text(payload)
             elif opcode == 9 and self.transport is not None:
                 self.transport.write(bytes((0x8A, 0x80)) + b"\x00\x00\x00\x00")
             elif opcode == 8:
@@ -1141,10 +1133,11 @@ def median_run(runs: list[dict[str, Any]], rank: Callable[[dict[str, Any]], floa
     columns belong together), plus, for each of `measures`, the median and range over all runs."""
     ordered = sorted(runs, key=rank)
     chosen = dict(ordered[(len(ordered) - 1) // 2])
-    chosen["over_runs"] = {name: {"median": statistics.median(map(measure, runs)),
-                                  "min": min(map(measure, runs)), "max": max(map(measure, runs)),
-                                  "values": [measure(r) for r in runs]}
-                           for name, measure in measures.items()}
+    chosen["over_runs"] = {}
+    for name, measure in measures.items():
+        values = [measure(r) for r in runs]
+        chosen["over_runs"][name] = {"median": statistics.median(values), "min": min(values), "max": max(values),
+                                     "values": values}
     chosen["runs"] = len(runs)
     return chosen
 
