@@ -364,25 +364,16 @@ def test_the_event_loop_is_the_one_asked_for(loop: str) -> None:
         proc.stop()
 
 
-async def test_transports_polling_refuses_websocket_and_tells_the_page(start_chat: StartChat, connect: Connect) -> None:
-    url = await start_chat(transports=("polling",), rate=0)
-    peer = await connect(url, transports=["polling"])
-    assert (await peer.say("over polling only"))["ok"]
+@pytest.mark.parametrize(("only", "other"), [("polling", "websocket"), ("websocket", "polling")])
+async def test_one_transport_alone_refuses_the_other_and_tells_the_page(
+        start_chat: StartChat, connect: Connect, only: str, other: str) -> None:
+    url = await start_chat(transports=(only,), rate=0)
+    peer = await connect(url, transports=[only])
+    assert (await peer.say(f"over {only} only"))["ok"]
     with pytest.raises(socketio.exceptions.ConnectionError):
-        await connect(url, transports=["websocket"])
+        await connect(url, transports=[other])
     async with aiohttp.ClientSession() as http, http.get(url + "/") as resp:
-        assert '<meta name="chat-transports" content="polling">' in await resp.text()
-
-
-async def test_transports_websocket_accepts_only_websocket_and_tells_the_page(
-        start_chat: StartChat, connect: Connect) -> None:
-    url = await start_chat(transports=("websocket",))
-    peer = await connect(url, transports=["websocket"])
-    assert (await peer.say("over websocket only"))["ok"]
-    with pytest.raises(socketio.exceptions.ConnectionError):
-        await connect(url, transports=["polling"])
-    async with aiohttp.ClientSession() as http, http.get(url + "/") as resp:
-        assert '<meta name="chat-transports" content="websocket">' in await resp.text()
+        assert f'<meta name="chat-transports" content="{only}">' in await resp.text()
 
 
 async def test_a_200_message_burst_over_polling_arrives_complete_and_in_order(url: str, connect: Connect) -> None:
