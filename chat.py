@@ -2841,6 +2841,7 @@ PAGE_JS = r"""
     room: roomInUrl(),            // the room this page shows
     joined: false,                // the server has acked our join of state.room
     joinedAs: null,               // the name the server accepted for this page in that room
+    joiningAs: null,              // the name asked for in the join awaiting its ack
     epoch: null,                  // the server's id sequence (changes when it restarts without --db)
     lastSeen: new Map(),          // room -> highest message id rendered
     rendered: new Map(),          // message id -> <li>
@@ -2941,10 +2942,13 @@ PAGE_JS = r"""
     els.noMembers.hidden = members.length > 0;
   };
 
-  // "X joined" is news only about someone the page did not already list (not our own reconnects).
+  // "X joined" is news only about someone else the page did not already list: never about this
+  // page's own arrival, whose notice comes just before the join's ack (a line appearing then would
+  // move the list under a pointer that is clicking "retry").
+  const isMe = (user) => [state.joinedAs, state.joiningAs].some((mine) => mine && nameKey(mine) === nameKey(user));
   const renderNotice = (msg) => {
     if (!msg || msg.room !== state.room) return;
-    if (msg.kind === 'joined' && (state.memberNames.includes(msg.user) || msg.user === state.joinedAs)) return;
+    if (msg.kind === 'joined' && (state.memberNames.includes(msg.user) || isMe(String(msg.user)))) return;
     renderSystem(String(msg.text));
   };
 
@@ -3129,6 +3133,7 @@ PAGE_JS = r"""
     const since = state.lastSeen.get(state.room);
     const joining = state.room;
     state.joined = false;
+    state.joiningAs = user || null;
     socket.emit('join', { room: state.room, user: user || undefined, since, epoch: state.epoch || undefined }, (ack) => {
       if (joining !== state.room) return;  // the person has moved on to another room meanwhile
       if (!ack || !ack.ok) {
