@@ -2727,7 +2727,11 @@ h1 { font-size: 1.1rem; margin: 0; letter-spacing: .01em; }
 .layout { flex: 1 1 auto; display: grid; grid-template-columns: 1fr 14rem; grid-template-areas: "chat people";
   min-height: 0; }
 .chat-column { grid-area: chat; display: flex; flex-direction: column; min-height: 0; min-width: 0; }
-.conversation { position: relative; overflow-y: auto; padding: 1rem; min-height: 0; flex: 1 1 auto; }
+.conversation { position: relative; overflow-y: auto; padding: 1rem; min-height: 0; flex: 1 1 auto;
+  display: flex; flex-direction: column; }
+/* Anchored at the bottom, next to the composer: a line arriving moves older lines up, never the
+   person's own pending ones (or the retry button under their pointer) down. */
+#log { margin-top: auto; }
 .conversation:focus-visible { outline: 2px solid var(--accent); outline-offset: -2px; }
 .messages { list-style: none; margin: 0 auto; padding: 0; max-width: 52rem; display: flex; flex-direction: column; gap: .5rem; }
 .message { background: var(--panel); border: 1px solid var(--border); border-radius: var(--radius);

@@ -3237,6 +3237,20 @@ async def test_a_refused_name_fails_the_message_with_the_reason_and_retry_sends_
 
 
 @pytest.mark.browser
+async def test_lines_arriving_never_move_the_persons_unsent_message_or_its_retry_button(
+        page_url: str, open_page: OpenPage) -> None:
+    alice, bob = await open_page(page_url), await open_page(page_url)
+    await alice.send("\ufb00" * 20, "stuck here")  # refused by the server: too long once normalised
+    retry = alice.page.locator("#messages li.failed").get_by_role("button", name="retry")
+    await retry.wait_for()
+    before = await retry.bounding_box()
+    await bob.send("Bob", "a line that lands above it")
+    await alice.message("a line that lands above it").wait_for()
+    await alice.page.locator("#messages li.bot").last.wait_for()
+    assert await retry.bounding_box() == before
+
+
+@pytest.mark.browser
 async def test_the_bots_name_is_refused_in_the_page_before_sending(page_url: str, open_page: OpenPage) -> None:
     alice = await open_page(page_url)
     await alice.send("chat friend", "pretending")
