@@ -3554,14 +3554,7 @@ class FrameFlusher:
             transport = queue.open_transport()
             if transport is None:
                 return  # closing: nothing more may be written
-            queue.buffered = buffered = transport.get_write_buffer_size()
-            if buffered and buffered + len(frame) > self.max_bytes:
-                self.overflow(queue.sid)
-                return
-            self.unwritten[queue] = [frame]
-            queue.unwritten_bytes = len(frame)
-            self._wake()
-            return
+            frames = self._visit(queue, transport)
         size = queue.unwritten_bytes + len(frame)
         if size > self.write_early and frames:
             # a burst handled within one iteration (a sender's many queued messages): write what
@@ -3582,16 +3575,19 @@ class FrameFlusher:
     def schedule(self, queue: LeanQueue) -> None:
         """Make sure the next flush visits `queue` (to end it) even with nothing to write."""
         if queue not in self.unwritten:
-            self.unwritten[queue] = []
-            queue.unwritten_bytes = 0
-            queue.buffered = queue.transport.get_write_buffer_size() if queue.transport is not None else 0
-        self._wake()
+            self._visit(queue, queue.transport)
 
-    def _wake(self) -> None:
-        """One flush per iteration, at the start of the next one."""
+    def _visit(self, queue: LeanQueue, transport: asyncio.Transport | None) -> list[bytes]:
+        """The connection's (empty) list of frames for the next flush, which is scheduled once per
+        iteration; notes what the transport already buffers, for the bound."""
+        queue.buffered = transport.get_write_buffer_size() if transport is not None else 0
+        queue.unwritten_bytes = 0
+        frames: list[bytes] = []
+        self.unwritten[queue] = frames
         if not self.scheduled:
             self.scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
+        return frames
 
     def flush(self) -> None:
         self.scheduled = False
