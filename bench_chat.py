@@ -1212,7 +1212,7 @@ def report_rest(results: dict[str, Any], kinds: list[str]) -> None:
         print("| attack | what happened | server RSS growth | log | traceback | a fresh pair chats after |")
         print("| --- | --- | ---: | ---: | --- | --- |")
         for a in results["attacks"]:
-            print(f"| {a['attack']} | {a['outcome']} | {a['rss_growth_mb']:+.1f} MB | {a['log_lines']} lines "
+            print(f"| {a['attack']} | {a['outcome']} | {a['rss_growth_mb']:+.1f} MB | {a['log_lines']} line{'' if a['log_lines'] == 1 else 's'} "
                   f"({a['log_kb']:.1f} KB) | {'yes' if a['traceback'] else 'none'} | {'yes' if a['fresh_pair'] else 'NO'} |")
     if results["slow"]:
         print("\n## A slow consumer: one client that stops reading, in a flooded room")
