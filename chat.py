@@ -3326,6 +3326,8 @@ PAGE_JS = r"""
     socket.connect();
   });
   if (window.matchMedia('(pointer: coarse)').matches) els.body.placeholder = 'Type a message…';  // no Shift key
+  autosize();  // tall enough for the placeholder in a narrow window, and again whenever the width changes
+  window.addEventListener('resize', autosize);
   (els.user.value ? els.body : els.user).focus();
 })();
 """

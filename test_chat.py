@@ -3251,6 +3251,18 @@ async def test_lines_arriving_never_move_the_persons_unsent_message_or_its_retry
 
 
 @pytest.mark.browser
+async def test_the_message_box_fits_its_placeholder_in_a_narrow_window_and_after_a_resize(
+        page_url: str, open_page: OpenPage) -> None:
+    clipped = "(box) => box.scrollHeight > box.clientHeight"
+    narrow = await open_page(page_url, viewport={"width": 390, "height": 844})  # a narrow window, not a phone
+    assert not await narrow.page.get_by_label("Your message").evaluate(clipped), "cut off as the page opens"
+    wide = await open_page(page_url, viewport={"width": 1280, "height": 800})
+    await wide.page.set_viewport_size({"width": 390, "height": 844})
+    await wide.page.evaluate("() => new Promise(requestAnimationFrame)")  # after the resize event
+    assert not await wide.page.get_by_label("Your message").evaluate(clipped), "cut off after narrowing the window"
+
+
+@pytest.mark.browser
 async def test_the_bots_name_is_refused_in_the_page_before_sending(page_url: str, open_page: OpenPage) -> None:
     alice = await open_page(page_url)
     await alice.send("chat friend", "pretending")
