@@ -184,6 +184,8 @@ runpy.run_path(script, run_name="__main__")
 
 NODE_PACKAGES = ("express@4.21.2", "socket.io@4.8.3")
 NODE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chat.py-bench" / "node"
+# Seconds for the baseline's npm install; a registry that does not answer skips the baseline.
+NPM_TIMEOUT = float(os.environ.get("CHAT_BENCH_NPM_TIMEOUT", "300"))
 
 
 def node_modules() -> Path | None:
@@ -193,8 +195,14 @@ def node_modules() -> Path | None:
     modules = NODE_CACHE / "node_modules"
     if not (modules / "socket.io").is_dir() or not (modules / "express").is_dir():
         NODE_CACHE.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run(["npm", "install", "--no-save", "--no-package-lock", "--no-audit", "--no-fund",
-                                 "--prefix", str(NODE_CACHE), *NODE_PACKAGES], capture_output=True, text=True)
+        try:
+            result = subprocess.run(["npm", "install", "--no-save", "--no-package-lock", "--no-audit", "--no-fund",
+                                     "--prefix", str(NODE_CACHE), *NODE_PACKAGES], capture_output=True, text=True,
+                                     timeout=NPM_TIMEOUT, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            print(f"bench_chat.py: skipping the Node baseline: npm install did not finish in {NPM_TIMEOUT:g} s "
+                  "(is the npm registry reachable?)")
+            return None
         if result.returncode != 0:
             print(f"bench_chat.py: skipping the Node baseline: npm install failed: {result.stderr.strip()[-300:]}")
             return None
@@ -253,6 +261,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = None
         if kind == "chat":
+            # Loopback only: chat.py never fetches its browser client here (the page is not loaded).
+            env = {**os.environ, "CHAT_ENV_DIR": str(workdir / "chat-cache"),
+                   "npm_config_registry": f"http://127.0.0.1:{free_port()}/"}
             cmd = [sys.executable, str(HERE / "chat.py"), "--port", str(self.port), "--rate", "0",
                    "--log-level", "error", *CHAT_ARGS, *extra]
             if traced is not None:
@@ -747,15 +758,17 @@ async def memory_profile(workdir: Path, count: int) -> dict[str, Any]:
     import linecache
 
     server = Server("chat", workdir, traced=workdir / "trace")
-    await server.ready()
-    await asyncio.sleep(0.5)
-    before, rss_before = await server.snapshot(), rss_kb(server.pid)
-    clients = await open_clients(server, Stats(), count)
-    await asyncio.sleep(1.0)
-    after, rss_after = await server.snapshot(), rss_kb(server.pid)
-    for client in clients:
-        client.close()
-    server.stop()
+    try:
+        await server.ready(timeout=120)  # every allocation of the imports is traced: slow to start
+        await asyncio.sleep(0.5)
+        before, rss_before = await server.snapshot(), rss_kb(server.pid)
+        clients = await open_clients(server, Stats(), count)
+        await asyncio.sleep(1.0)
+        after, rss_after = await server.snapshot(), rss_kb(server.pid)
+        for client in clients:
+            client.close()
+    finally:
+        server.stop()
     by_line: dict[str, list[float]] = {}
     by_package: dict[str, float] = {}
     for diff in after.compare_to(before, "traceback"):
@@ -1049,6 +1062,8 @@ async def main() -> int:
     else:
         sizes, seconds, steps, idle_n, flood = [100, 500, 1000], 2.0, 12, 5000, 50000
     kinds = args.servers.split(",")
+    if args.memory_profile:  # chat.py alone: the baselines are never started, so never installed
+        kinds = ["chat"]
     if "node" in kinds and node_modules() is None:
         print("bench_chat.py: skipping the Node baseline (the tutorial's server): node and npm are needed")
         kinds.remove("node")

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import contextlib
 import contextvars
@@ -66,6 +67,7 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -97,6 +99,11 @@ PIP_NETWORK_HINTS = ("NewConnectionError", "Failed to establish a new connection
                      "ConnectTimeoutError", "ReadTimeoutError", "Temporary failure in name resolution",
                      "Network is unreachable", "Connection refused", "ProxyError", "SSLError",
                      "(from versions: none)")
+DEFAULT_PACKAGE_INDEX = "https://pypi.org/simple/"  # unless PIP_INDEX_URL or pip's configuration names another
+# pip for a python3 without ensurepip, fetched from the package index: version and the wheel's sha256.
+PIP_WHEEL = ("26.3", "f3b60b20ffaadd4415ed7957212a38ac63fa4c5fa375bd0f4a797777940fad13")
+REDIS_REQUIREMENT = "redis>=8.1,<8.2"  # installed for --redis only; the minor release the tests run
+ENV_COMPLETE = ".chat-py-complete"  # written last: an environment without it is an interrupted install
 
 
 def read_own_header() -> str:
@@ -167,22 +174,25 @@ def dependency_problem(requirements: list[str], import_error: ImportError | None
     return None
 
 
-def private_env_dir(requirements: list[str]) -> Path:
-    """Where the private environment for these pins and this Python lives (never next to chat.py)."""
+def cache_root() -> Path:
+    """The per-user directory for chat.py's private environment and cached browser client."""
     chosen = os.environ.get("CHAT_ENV_DIR")
     if chosen:
-        root = Path(chosen).expanduser()
-    else:
-        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = Path(cache) / "chat.py"
-    key = "\n".join([*requirements, sys.version, os.path.realpath(sys.executable)])
+        return Path(chosen).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "chat.py"
+
+
+def private_env_dir(requirements: list[str]) -> Path:
+    """Where the private environment for these pins and this Python lives (never next to chat.py)."""
+    key = "\n".join([*requirements, PIP_WHEEL[0], sys.version, os.path.realpath(sys.executable)])
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    return root / f"env-py{sys.version_info[0]}.{sys.version_info[1]}-{digest}"
+    return cache_root() / f"env-py{sys.version_info[0]}.{sys.version_info[1]}-{digest}"
 
 
 def env_python(env: Path) -> Path:
     """The interpreter inside a virtual environment."""
-    return env / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    return env / "bin" / "python"
 
 
 def manual_install_hint(requirements: list[str]) -> str:
@@ -196,35 +206,64 @@ class FirstRunError(Exception):
     """A first-run set-up step failed; the message is the one line the user sees."""
 
 
-def _process_alive(pid: int) -> bool:
+def untrusted(path: Path) -> str | None:
+    """Why chat.py must not run code from `path` (another user could change it), or None.
+
+    The path must belong to this user and be writable by nobody else; a directory that others
+    may write into (and that has no sticky bit) above it would let them swap it.
+    """
+    import stat
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # it exists, owned by someone else
-        return True
-    return True
+        info = path.stat()
+        parent = path.resolve().parent.stat()
+    except OSError as exc:
+        return f"cannot check {path}: {exc.strerror or exc}"
+    if info.st_uid != os.getuid():
+        return f"{path} belongs to another user (uid {info.st_uid})"
+    if info.st_mode & 0o022:
+        return f"{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o}; chmod go-w it)"
+    if parent.st_mode & 0o002 and not parent.st_mode & stat.S_ISVTX:
+        return f"the directory above {path} is writable by everyone, so others could replace it"
+    return None
 
 
-def _remove_stale_partials(env: Path) -> None:
-    """Delete half-built environments left by installs that were killed (their process is gone)."""
+def own_directory(path: Path) -> Path:
+    """`path`, created mode 700 if missing, after checking that only this user can change it."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FirstRunError(f"cannot create {path}: {exc.strerror or exc}; set CHAT_ENV_DIR to a directory "
+                            "of your own") from None
+    problem = untrusted(path)
+    if problem:
+        raise FirstRunError(f"will not use {problem}; set CHAT_ENV_DIR to a directory of your own") from None
+    return path
+
+
+ENV_SIZE = 64 << 20  # bytes, about, that the private environment takes
+
+
+def no_space(text: str, where: Path) -> bool:
+    """Whether a failed step failed for lack of disk space (said in its output, or plain to see)."""
     import shutil
 
-    for partial in env.parent.glob(f"{env.name}.partial-*"):
-        pid = partial.name.rsplit("-", 1)[-1]
-        if not (pid.isdigit() and _process_alive(int(pid))):
-            shutil.rmtree(partial, ignore_errors=True)
+    if "No space left on device" in text or "[Errno 28]" in text:
+        return True
+    with contextlib.suppress(OSError):
+        return shutil.disk_usage(where).free < ENV_SIZE
+    return False
 
 
-def pip_install(python: str, requirements: list[str]) -> tuple[int, str, str]:
-    """Run `python -m pip install`, copying its output to stderr as it comes.
+def pip_install(python: str, requirements: list[str], pip: str | None = None) -> tuple[int, str, str]:
+    """Run pip (`python -m pip`, or the pip at `pip`, e.g. inside its wheel), copying its output to stderr.
 
     Returns pip's exit status, its last non-empty line and its whole output.
     """
     import subprocess
 
-    command = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--progress-bar", "off",
-               *requirements]
+    command = [python, *([pip] if pip else ["-m", "pip"]), "install", "--disable-pip-version-check", "--no-input",
+               "--progress-bar", "off", *requirements]
     lines: list[str] = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           errors="replace", stdin=subprocess.DEVNULL) as process:
@@ -242,55 +281,157 @@ def pip_install(python: str, requirements: list[str]) -> tuple[int, str, str]:
     return status, last, "\n".join(lines)
 
 
+def pip_settings() -> tuple[str, str | None]:
+    """The package index and CA bundle pip would use here: PIP_INDEX_URL / PIP_CERT, else pip's
+    configuration files, else the public index."""
+    import configparser
+
+    found: dict[str, str] = {}
+    files = [Path("/etc/pip.conf"), Path("/etc/xdg/pip/pip.conf"), Path.home() / ".pip/pip.conf",
+             Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "pip/pip.conf"]
+    if os.environ.get("PIP_CONFIG_FILE"):
+        files.append(Path(os.environ["PIP_CONFIG_FILE"]))
+    for path in files:
+        config = configparser.ConfigParser(interpolation=None)
+        with contextlib.suppress(OSError, configparser.Error):
+            config.read(path, encoding="utf-8")
+        for section in ("global", "install"):
+            for key in ("index-url", "cert"):
+                if config.has_option(section, key):
+                    found[key] = config.get(section, key).strip()
+    index = os.environ.get("PIP_INDEX_URL") or found.get("index-url") or DEFAULT_PACKAGE_INDEX
+    return index.rstrip("/") + "/", os.environ.get("PIP_CERT") or found.get("cert")
+
+
+def fetch_pip_wheel(into: Path) -> Path:
+    """Download the pinned pip wheel from the package index into `into`, checked against its sha256.
+
+    For a python3 without ensurepip (Debian's and Ubuntu's, without python3-venv): pip runs from
+    its own wheel to install itself into the new environment, so no root is needed.
+    """
+    import urllib.parse
+    import urllib.request
+
+    version, digest = PIP_WHEEL
+    filename = f"pip-{version}-py3-none-any.whl"
+    index, cert = pip_settings()
+    context = ssl.create_default_context(cafile=cert) if cert and os.path.isfile(cert) else None
+    page_url = urllib.parse.urljoin(index, "pip/")
+
+    def get(url: str, limit: int, accept: str = "*/*") -> bytes:
+        request = urllib.request.Request(url, headers={"Accept": accept, "User-Agent": f"chat.py/{__version__}"})
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:
+            body = response.read(limit + 1)
+        if len(body) > limit:
+            raise FirstRunError(f"{url} is larger than expected; not using it")
+        return body
+
+    try:
+        page = get(page_url, 16 << 20, "application/vnd.pypi.simple.v1+json, text/html;q=0.1").decode("utf-8")
+        try:
+            links = {f["filename"]: (f["url"], f.get("hashes", {}).get("sha256")) for f in json.loads(page)["files"]}
+        except (ValueError, KeyError, TypeError):  # the HTML form of the simple index
+            links = {urllib.parse.unquote(href.split("#")[0].rsplit("/", 1)[-1]): (href, re.search(
+                r"#sha256=([0-9a-f]{64})", href).group(1) if "#sha256=" in href else None)  # type: ignore[union-attr]
+                for href in re.findall(r'href="([^"]+)"', html.unescape(page))}
+        if filename not in links:
+            raise FirstRunError(f"the package index {index} has no {filename}")
+        href, published = links[filename]
+        if published and published != digest:
+            raise FirstRunError(f"the package index {index} publishes sha256 {published} for {filename}, "
+                                f"but chat.py pins {digest}; not installing it")
+        wheel = get(urllib.parse.urljoin(page_url, href.split("#")[0]), 64 << 20)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise FirstRunError(f"cannot download pip {version} from the package index {index} ({reason}); check the "
+                            "network or proxy, or, as root, `apt install python3-venv` and run chat.py again") from None
+    if hashlib.sha256(wheel).hexdigest() != digest:
+        raise FirstRunError(f"{filename} from {index} does not match the sha256 chat.py pins; not installing it")
+    path = into / filename
+    path.write_bytes(wheel)
+    return path
+
+
+def _has_ensurepip() -> bool:
+    try:
+        import ensurepip  # noqa: F401  (Debian and Ubuntu ship it separately, in python3-venv)
+    except ImportError:
+        return False
+    return True
+
+
 def install_private_env(env: Path, requirements: list[str]) -> None:
-    """Create `env` with the requirements: built under a temporary name, renamed when complete."""
+    """Create `env` with the requirements, in place; the completion mark is written last."""
     import shutil
     import subprocess
 
     try:
-        env.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(env)
-    except OSError as exc:
-        raise FirstRunError(f"cannot create {env.parent}: {exc.strerror or exc}; "
-                            "set CHAT_ENV_DIR to a writable directory") from None
-    apt_hint = ("this python3 cannot create virtual environments (no ensurepip); on Debian or Ubuntu run "
-                "`sudo apt install python3-venv`, then run chat.py again")
-    try:
-        import ensurepip  # noqa: F401  (Debian and Ubuntu ship it separately, in python3-venv)
         import venv  # noqa: F401
     except ImportError:
-        raise FirstRunError(apt_hint) from None
+        raise FirstRunError("this python3 has no venv module; as root, `apt install python3-venv`, then run "
+                            "chat.py again") from None
+    with_pip = _has_ensurepip()
     wanted = ", ".join(f"{name} {re.sub(r'^[<>=!~]=?', '', spec.split(',')[0])}".strip()
                        for name, spec in map(split_requirement, requirements))
-    print(f"chat.py: first run: installing {wanted} into {env} (about 10 s, once)", file=sys.stderr, flush=True)
-    partial = env.with_name(f"{env.name}.partial-{os.getpid()}")
+    how = "" if with_pip else f"; this python3 has no ensurepip, so pip {PIP_WHEEL[0]} comes from the package index"
+    print(f"chat.py: first run: installing {wanted} into {env} (about 10 s, once{how})", file=sys.stderr, flush=True)
     try:
-        made = subprocess.run([sys.executable, "-m", "venv", str(partial)], capture_output=True, text=True,
-                              errors="replace", stdin=subprocess.DEVNULL)
+        if env.exists():  # a leftover of an install that was killed: ours (checked), so replace it
+            shutil.rmtree(env)
+        made = subprocess.run([sys.executable, "-m", "venv", *([] if with_pip else ["--without-pip"]), str(env)],
+                              capture_output=True, text=True, errors="replace", stdin=subprocess.DEVNULL)
+        output = (made.stdout + made.stderr).strip()
         if made.returncode != 0:
-            output = (made.stdout + made.stderr).strip()
-            if "ensurepip" in output or "python3-venv" in output:
-                raise FirstRunError(apt_hint)
+            if no_space(output, env.parent):
+                raise OSError(errno.ENOSPC, "No space left on device")
             raise FirstRunError(f"python3 -m venv failed: {output.splitlines()[-1] if output else made.returncode}")
-        status, last, output = pip_install(str(env_python(partial)), requirements)
+        if not with_pip:
+            wheel = fetch_pip_wheel(env)
+            status, last, output = pip_install(str(env_python(env)), ["--no-index", str(wheel)], f"{wheel}/pip")
+            wheel.unlink()
+            if status != 0:
+                raise FirstRunError(f"pip could not install itself from its wheel: {last}")
+        status, last, output = pip_install(str(env_python(env)), requirements)
         if status != 0:
+            if no_space(output, env.parent):
+                raise OSError(errno.ENOSPC, "No space left on device")
             if any(hint in output for hint in PIP_NETWORK_HINTS):
                 raise FirstRunError(f"cannot reach the package index to install the dependencies ({last}); "
                                     f"check the network or proxy, or install by hand: "
                                     f"{manual_install_hint(requirements)}")
             raise FirstRunError(f"pip could not install the dependencies: {last}")
-        try:
-            partial.rename(env)
-        except OSError:
-            if not env_python(env).exists():  # not another chat.py that finished first
-                raise
-    except KeyboardInterrupt:
-        raise FirstRunError("first-run install interrupted; nothing was kept (run chat.py again to retry)") from None
-    except OSError as exc:
-        raise FirstRunError(f"cannot set up {env}: {exc.strerror or exc}; set CHAT_ENV_DIR to a writable "
-                            "directory") from None
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        (env / ENV_COMPLETE).write_text(f"{sys.executable}\n")
+    except BaseException as exc:
+        shutil.rmtree(env, ignore_errors=True)
+        if isinstance(exc, KeyboardInterrupt):
+            raise FirstRunError("first-run install interrupted; nothing was kept (run chat.py again to "
+                                "retry)") from None
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise FirstRunError(f"no space left on the disk of {env.parent} (the environment needs about "
+                                f"{ENV_SIZE >> 20} MB); free some space, or set CHAT_ENV_DIR to a directory on another "
+                                "disk") from None
+        if isinstance(exc, OSError):
+            raise FirstRunError(f"cannot set up {env}: {exc.strerror or exc}; delete it and run chat.py "
+                                "again") from None
+        raise
+
+
+def ready_private_env(requirements: list[str]) -> Path:
+    """The private environment, installed first if it is missing or incomplete, and checked to be
+    this user's own before anything in it runs."""
+    import fcntl
+
+    env = private_env_dir(requirements)
+    own_directory(env.parent)
+    with open(env.parent / ".install-lock", "a") as lock:  # one first run at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (env / ENV_COMPLETE).is_file() or not env_python(env).exists():
+            install_private_env(env, requirements)
+    for path in (env, env / "bin"):
+        problem = untrusted(path)
+        if problem:
+            raise FirstRunError(f"will not run {env_python(env)}: {problem}; delete {env} and run chat.py again")
+    return env
 
 
 def import_optional(module: str, requirement: str, feature: str) -> Any:
@@ -321,7 +462,6 @@ def first_run(problem: str, argv: list[str]) -> int:
               file=sys.stderr)
         return 1
     requirements = script_requirements(read_own_header())
-    env = private_env_dir(requirements)
     if os.environ.get("CHAT_NO_BOOTSTRAP"):
         print(f"chat.py: {problem}, and CHAT_NO_BOOTSTRAP is set; install by hand:\n"
               f"  {manual_install_hint(requirements)}\nor, in your own environment: "
@@ -331,14 +471,13 @@ def first_run(problem: str, argv: list[str]) -> int:
         print(f"chat.py: {problem} in the private environment {sys.prefix}; delete that directory and run "
               "chat.py again", file=sys.stderr)
         return 1
-    if not env_python(env).exists():
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-        try:
-            install_private_env(env, requirements)
-        except FirstRunError as exc:
-            print(f"chat.py: {exc}", file=sys.stderr)
-            return 1
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        env = ready_private_env(requirements)
+    except FirstRunError as exc:
+        print(f"chat.py: {exc}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     python = str(env_python(env))
     os.environ["CHAT_PRIVATE_ENV"] = str(env)
     sys.stdout.flush()
@@ -465,10 +604,12 @@ DEFAULT_ROOM = "lobby"
 CLIENT_JS_VERSION = "4.8.3"
 CLIENT_JS_ORIGIN = "https://cdn.socket.io"
 CLIENT_JS_CDN = f"{CLIENT_JS_ORIGIN}/{CLIENT_JS_VERSION}/socket.io.min.js"
+DEFAULT_NPM_REGISTRY = "https://registry.npmjs.org/"  # where the client's package is fetched from, once
 
 # sha384 of dist/socket.io.min.js in the socket.io-client 4.8.3 package.
 CLIENT_JS_SRI = "sha384-kzavj5fiMwLKzzD1f8S7TeoVIEi7uKHvbTA3ueZkrzYq75pNQUiUi6Dy98Q3fxb0"
 BOT_MODES = ("keyword", "rasa", "openai", "off")
+FRAME_LIMIT_FLOOR = 64 * 1024  # bytes per frame or POST, at least (see Settings.frame_limit)
 DEFAULT_BOT_URLS = {"rasa": "http://localhost:5005", "openai": "http://localhost:11434/v1"}  # without --bot-url
 
 
@@ -488,6 +629,7 @@ class Settings:
     bot_timeout: float = 20.0
     log_level: str = "info"
     client_js: Path | None = None
+    static: Path | None = None
     history: int = 100
     db: Path | None = None
     max_length: int = 2000
@@ -496,7 +638,6 @@ class Settings:
     flood_timeout: float = 10.0
     max_per_ip: int = 100
     max_queue: int = 1000
-    max_payload: int = 64 * 1024
     allow_origins: tuple[str, ...] = ()
     allow_hosts: tuple[str, ...] = ()
     password: str | None = field(default=None, repr=False)
@@ -513,6 +654,12 @@ class Settings:
     compress: bool = False
     loop: str = "auto"
     gc: str = "tuned"
+
+    @property
+    def frame_limit(self) -> int:
+        """Bytes a WebSocket frame or long-polling POST may have: a message of --max-length characters
+        always fits (a Python client escapes a character outside the BMP as 12 bytes of JSON)."""
+        return max(FRAME_LIMIT_FLOOR, 12 * self.max_length + 4096)
 
 
 def _positive_int(text: str) -> int:
@@ -566,11 +713,12 @@ def _origin(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every flag sets the Settings field of the same name, whose default it shows."""
     d = Settings()
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="chat.py",
         description="A real-time chat server with a chat bot, in one file.",
         epilog="Open the printed URL in a browser. Room: /?room=NAME.",
     )
+    p.add_argument("--version", action="version", version=f"chat.py {__version__}")
     p.add_argument("--host", default=d.host,
                    help="address to listen on (default %(default)s; use 0.0.0.0 to share on a LAN or server)")
     p.add_argument("--port", type=_port, default=None,
@@ -593,7 +741,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=d.log_level,
                    help="server log verbosity (default %(default)s)")
     p.add_argument("--client-js", type=Path, metavar="PATH",
-                   help="serve this local socket.io.min.js instead of loading it from the CDN (offline demos)")
+                   help="serve this socket.io.min.js to the page (by default chat.py fetches the pinned client "
+                        "once into its cache and serves that)")
+    p.add_argument("--static", type=Path, metavar="DIR",
+                   help="serve the files of DIR at / instead of the built-in page, like the tutorial's "
+                        "express.static('public')")
     p.add_argument("--history", type=_positive_int, default=d.history, metavar="N",
                    help="messages kept per room and sent to people who join (default %(default)s)")
     p.add_argument("--db", type=Path, metavar="PATH",
@@ -630,7 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "websocket alone needs no sticky sessions behind a load balancer")
     p.add_argument("--redis", metavar="URL",
                    help="run as one node of several sharing this Redis (redis://HOST:6379/0): messages, "
-                        "history, ids, presence and typing are shared")
+                        "history, ids, presence and typing are shared (prefer CHAT_REDIS_URL when the URL has a "
+                        "password)")
     p.add_argument("--compress", action="store_true",
                    help="compress WebSocket frames (permessage-deflate) when browsers offer it; costs CPU and "
                         "memory per connection (default off)")
@@ -648,8 +801,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, saying what is wrong in one line and where to look, without the usage text."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: {message} (chat.py --help lists the options)\n")
+
+
+MAX_LENGTH_LIMIT = 100_000  # characters: a message of them still fits one frame (see Settings.frame_limit)
+
+
 def parse_settings(argv: list[str] | None = None) -> Settings:
-    """Parse the command line into Settings; argparse exits 2 on bad values."""
+    """Parse the command line (and CHAT_* environment variables) into Settings; exits 2 on bad values."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.port is None:
@@ -660,6 +823,17 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
             parser.error(f"the PORT environment variable: {exc}")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key must be given together")
+    for flag, variable in (("--password", "CHAT_PASSWORD"), ("--redis", "CHAT_REDIS_URL")):
+        dest = flag[2:]
+        if getattr(args, dest) is None and variable in os.environ:
+            setattr(args, dest, os.environ[variable])
+            flag = f"the {variable} environment variable"
+        if getattr(args, dest) is not None and not getattr(args, dest).strip():
+            parser.error(f"{flag} is empty; leave it unset for {'no password' if dest == 'password' else 'no Redis'}")
+    if args.max_length > MAX_LENGTH_LIMIT:
+        parser.error(f"argument --max-length: at most {MAX_LENGTH_LIMIT} characters, got {args.max_length}")
+    if args.static and not args.static.is_dir():
+        parser.error(f"--static {args.static}: {'no such directory' if not args.static.exists() else 'not a directory'}")
     if args.redis and args.db:
         parser.error("--db and --redis cannot be combined: with --redis, history lives in Redis")
     if args.redis and not re.match(r"(rediss?|unix)://", args.redis):
@@ -668,10 +842,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         parser.error("--bot-rules applies to --bot keyword only")
     if args.bot_url and not re.match(r"https?://[^/\s]+", args.bot_url):
         parser.error(f"--bot-url must be an http:// or https:// URL, got {args.bot_url!r}")
-    if args.password is None:
-        args.password = os.environ.get("CHAT_PASSWORD") or None
     try:
-        args.bot_name = clean_user(args.bot_name, bot_name="")
+        args.bot_name = clean_user(args.bot_name, bot_name="", who="the bot's name")
     except InvalidInput as exc:
         parser.error(f"--bot-name: {'must not be empty' if not args.bot_name.strip() else exc.message}")
     args.allow_origins = tuple(args.allow_origins)
@@ -744,20 +916,23 @@ def name_key(name: str) -> str:
     return "".join(ch for ch in folded if not ch.isspace())
 
 
-def clean_user(value: Any, bot_name: str) -> str:
-    """Validate a display name: string, 1-32 characters after NFKC, no control characters."""
+def clean_user(value: Any, bot_name: str, who: str = "Your name") -> str:
+    """Validate a display name: string, 1-32 characters after NFKC, no control characters.
+
+    `who` starts the refusal's text (the command line checks the bot's name with it).
+    """
     if not isinstance(value, str):
-        raise InvalidInput("bad_user", "Your name must be text.")
+        raise InvalidInput("bad_user", f"{who} must be text.")
     if len(value) > MAX_NAME * 4:  # before NFKC, which can cost milliseconds on a long hostile string
-        raise InvalidInput("bad_user", f"Your name is too long (at most {MAX_NAME} characters).")
-    _check_encodable(value, "bad_user", "Your name")
+        raise InvalidInput("bad_user", f"{who} is too long (at most {MAX_NAME} characters).")
+    _check_encodable(value, "bad_user", who)
     name = " ".join(_strip_invisible(unicodedata.normalize("NFKC", value)).split())
     if not name:
         raise InvalidInput("bad_user", "Please enter your name.")
     if any(unicodedata.category(ch) == "Cc" for ch in name):
-        raise InvalidInput("bad_user", "Your name contains control characters.")
+        raise InvalidInput("bad_user", f"{who} contains control characters.")
     if len(name) > MAX_NAME:
-        raise InvalidInput("bad_user", f"Your name is too long (at most {MAX_NAME} characters).")
+        raise InvalidInput("bad_user", f"{who} is too long (at most {MAX_NAME} characters).")
     if bot_name and name_key(name) == name_key(bot_name):
         raise InvalidInput("reserved_name", f"The name {bot_name} is reserved for the bot.")
     return name
@@ -862,7 +1037,7 @@ class ChatHub:
             client_manager=manager or FanoutManager(),
             async_handlers=False,  # one client's events are handled strictly in order
             cors_allowed_origins=self.admission.engine_origin_allowed,
-            max_http_buffer_size=settings.max_payload,
+            max_http_buffer_size=settings.frame_limit,
             engine_options={"compress": settings.compress, "max_queue": settings.max_queue,
                             "address_of": self.admission.capped_address,
                             # room for sessions still handshaking, so that the Socket.IO refusal
@@ -2387,11 +2562,167 @@ class BotRunner:
 # ---------------------------------------------------------------- web: aiohttp routes, headers and connection guards
 
 
+class BrowserClient:
+    """The pinned Socket.IO browser client, kept in chat.py's cache so the page needs no third-party host.
+
+    Fetched once from the npm registry's socket.io-client tarball (npm_config_registry names a
+    mirror) and used only if it matches the pinned SRI hash; without it the page loads the client
+    from the CDN, checked by the browser against the same hash.
+    """
+
+    TIMEOUT = 10.0
+    LIMIT = 8 << 20  # bytes of tarball
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.path = root / f"socket.io-{CLIENT_JS_VERSION}.min.js"
+
+    @staticmethod
+    def genuine(body: bytes) -> bool:
+        """Whether `body` is the pinned client (its sha384 is the SRI hash)."""
+        digest = base64.b64encode(hashlib.sha384(body).digest()).decode()
+        return hmac.compare_digest(f"sha384-{digest}", CLIENT_JS_SRI)
+
+    def cached(self) -> Path | None:
+        """The cached copy, if it is there, ours and genuine."""
+        if self.path.is_file() and untrusted(self.path) is None and self.genuine(self.path.read_bytes()):
+            return self.path
+        return None
+
+    def tarball_url(self) -> str:
+        names = ("npm_config_registry", "NPM_CONFIG_REGISTRY")  # npm reads either spelling
+        registry = next((os.environ[name] for name in names if os.environ.get(name)), DEFAULT_NPM_REGISTRY)
+        return f"{registry.rstrip('/')}/socket.io-client/-/socket.io-client-{CLIENT_JS_VERSION}.tgz"
+
+    def fetch(self) -> Path:
+        """Download, check and cache the client; OSError or ValueError say why not."""
+        import io as bytes_io
+        import tarfile
+        import urllib.request
+
+        own_directory(self.root)
+        request = urllib.request.Request(self.tarball_url(), headers={"User-Agent": f"chat.py/{__version__}"})
+        with urllib.request.urlopen(request, timeout=self.TIMEOUT) as response:
+            tarball = response.read(self.LIMIT + 1)
+        if len(tarball) > self.LIMIT:
+            raise ValueError("the package is larger than expected")
+        with tarfile.open(fileobj=bytes_io.BytesIO(tarball), mode="r:gz") as package:
+            member = package.extractfile("package/dist/socket.io.min.js")  # read in memory, never extracted
+            body = member.read(self.LIMIT) if member else b""
+        if not self.genuine(body):
+            raise ValueError(f"its dist/socket.io.min.js does not match the pinned hash {CLIENT_JS_SRI}")
+        partial = self.path.with_name(f"{self.path.name}.{os.getpid()}")
+        partial.write_bytes(body)
+        partial.replace(self.path)
+        return self.path
+
+    def find(self) -> tuple[Path | None, str]:
+        """The local client to serve (cached, or fetched now), or None and why it cannot be had."""
+        found = self.cached()
+        if found:
+            return found, ""
+        try:
+            return self.fetch(), ""
+        except FirstRunError as exc:
+            problem = str(exc)
+        except (OSError, ValueError, KeyError, EOFError) as exc:  # tarfile: KeyError (no member), EOFError
+            problem = str(getattr(exc, "reason", None) or exc) or type(exc).__name__
+        return None, f"could not fetch it from {self.tarball_url()}: {problem}; a later start tries again"
+
+
+class InlineCode(HTMLParser):
+    """The inline scripts and event-handler attributes of an HTML page, as a CSP hashes them."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.handlers: set[str] = set()
+        self.scripts: list[str] = []
+        self._in_script = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.handlers.update(value for name, value in attrs if name.startswith("on") and value)
+        self._in_script = tag == "script" and not any(name == "src" for name, _ in attrs)
+        if self._in_script:
+            self.scripts.append("")
+
+    def handle_data(self, data: str) -> None:
+        if self._in_script:
+            self.scripts[-1] += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "script":
+            self._in_script = False
+
+    @staticmethod
+    def source(text: str) -> str:
+        return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+    def allowed(self) -> str:
+        """CSP sources that allow exactly this page's own inline code, and no injected code."""
+        hashes = sorted({self.source(s) for s in self.scripts if s} | {self.source(h) for h in self.handlers})
+        return " ".join((["'unsafe-hashes'"] if self.handlers else []) + hashes)
+
+
+class StaticFiles:
+    """--static DIR: the files under DIR at /, as the tutorial's `express.static('public')` serves them.
+
+    Only regular files under DIR (after resolving links), never a listing or a dot-file; a
+    directory serves its index.html. An HTML page gets a CSP that allows its own inline
+    scripts and handlers by hash, so markup injected into it later cannot run.
+    """
+
+    HTML_LIMIT = 4 << 20  # bytes of an HTML page read to hash its inline code
+
+    def __init__(self, root: Path, script_sources: str) -> None:
+        self.root = root.resolve()
+        self.script_sources = script_sources
+
+    def locate(self, tail: str) -> Path | None:
+        parts = [part for part in tail.split("/") if part]
+        if any(part.startswith(".") or "\\" in part or "\0" in part for part in parts):
+            return None
+        path = Path(os.path.realpath(self.root.joinpath(*parts)))
+        if path != self.root and self.root not in path.parents:
+            return None
+        if path.is_dir():
+            path = path / "index.html"
+        return path if path.is_file() else None
+
+    def csp(self, page: bytes) -> str:
+        inline = InlineCode()
+        with contextlib.suppress(Exception):  # a broken page still gets the strict policy
+            inline.feed(page.decode("utf-8", errors="replace"))
+            inline.close()
+        return (f"default-src 'self'; script-src {self.script_sources} {inline.allowed()}".rstrip() +
+                "; style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
+                "frame-ancestors 'none'; base-uri 'self'; form-action 'self'; object-src 'none'")
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        tail = request.match_info.get("tail", "")
+        path = self.locate(tail)
+        if path is None and tail == "favicon.ico":
+            return web.Response(status=204)  # browsers ask for one; a site without it needs no error
+        if path is None:
+            raise web.HTTPNotFound(text="not found\n")
+        if path.name == "index.html" and tail and not tail.endswith("/") and not tail.endswith("index.html"):
+            raise web.HTTPMovedPermanently(f"/{tail}/")  # so that the page's relative links resolve
+        headers = {"Cache-Control": "no-cache"}
+        if path.suffix.lower() in (".html", ".htm") and path.stat().st_size <= self.HTML_LIMIT:
+            page = await asyncio.to_thread(path.read_bytes)
+            headers["Content-Security-Policy"] = self.csp(page)
+            return web.Response(body=page, content_type="text/html", charset="utf-8", headers=headers)
+        return web.FileResponse(path, headers=headers)
+
+
+def script_sources(settings: Settings) -> str:
+    """Where pages may load scripts from: this server, and the pinned CDN when the client is not local."""
+    return "'self'" if settings.client_js else f"'self' {CLIENT_JS_ORIGIN}"
+
+
 def content_security_policy(settings: Settings) -> str:
-    """The page's CSP: nothing inline, scripts from here (and the pinned CDN unless --client-js)."""
-    script_src = "'self'" if settings.client_js else f"'self' {CLIENT_JS_ORIGIN}"
+    """The page's CSP: nothing inline, scripts from here (and the pinned CDN unless the client is local)."""
     return ("default-src 'self'; "
-            f"script-src {script_src}; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+            f"script-src {script_sources(settings)}; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
             "frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'")
 
 
@@ -2403,7 +2734,8 @@ def render_page(settings: Settings) -> str:
         script = f'<script src="{CLIENT_JS_CDN}" integrity="{CLIENT_JS_SRI}" crossorigin="anonymous"></script>'
     return (PAGE_HTML.replace("{{CLIENT_SCRIPT}}", script)
             .replace("{{BOT_NAME}}", html.escape(settings.bot_name)).replace("{{VERSION}}", __version__)
-            .replace("{{TRANSPORTS}}", ",".join(sorted(settings.transports, reverse=True))))
+            .replace("{{TRANSPORTS}}", ",".join(sorted(settings.transports, reverse=True)))
+            .replace("{{MAX_LENGTH}}", str(settings.max_length)))
 
 
 REQUEST_DEADLINE = 10.0  # seconds for a request's headers, and for a POST's body, to arrive
@@ -2553,8 +2885,8 @@ def build_app(settings: Settings, hub: ChatHub) -> web.Application:
             if request.content_length is None:
                 raise web.HTTPLengthRequired(text="a Content-Length is required\n")
             # python-engineio would read the body first, then hang disconnecting the sender.
-            if request.content_length > settings.max_payload:
-                raise web.HTTPRequestEntityTooLarge(max_size=settings.max_payload,
+            if request.content_length > settings.frame_limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=settings.frame_limit,
                                                     actual_size=request.content_length)
             try:
                 body = await asyncio.wait_for(request.read(), REQUEST_DEADLINE)
@@ -2582,12 +2914,13 @@ def build_app(settings: Settings, hub: ChatHub) -> web.Application:
             headers.setdefault("Content-Security-Policy", csp)
             headers.setdefault("X-Frame-Options", "DENY")
 
-    app = web.Application(client_max_size=settings.max_payload, middlewares=[guard_requests])
+    app = web.Application(client_max_size=settings.frame_limit, middlewares=[guard_requests])
     app[STARTED_REQUESTS] = weakref.WeakSet()
-    app.router.add_get("/", static(page, "text/html"))
-    app.router.add_get("/chat.css", static(PAGE_CSS.encode(), "text/css"))
-    app.router.add_get("/chat.js", static(PAGE_JS.encode(), "text/javascript"))
-    app.router.add_get("/favicon.svg", static(FAVICON_SVG.encode(), "image/svg+xml"))
+    if settings.static is None:
+        app.router.add_get("/", static(page, "text/html"))
+        app.router.add_get("/chat.css", static(PAGE_CSS.encode(), "text/css"))
+        app.router.add_get("/chat.js", static(PAGE_JS.encode(), "text/javascript"))
+        app.router.add_get("/favicon.svg", static(FAVICON_SVG.encode(), "image/svg+xml"))
     app.router.add_get("/healthz", healthz)
     if client_js is not None:
         app.router.add_get("/socket.io.min.js", static(client_js, "text/javascript"))
@@ -2599,6 +2932,8 @@ def build_app(settings: Settings, hub: ChatHub) -> web.Application:
         app.router.add_get("/socket.io/socket.io.js", client_on_cdn)
     app.on_response_prepare.append(security_headers)
     hub.sio.attach(app)
+    if settings.static is not None:  # last: chat.py's own paths (the client, /socket.io/) come first
+        app.router.add_get("/{tail:.*}", StaticFiles(settings.static, script_sources(settings)).handle)
     return app
 
 
@@ -2616,6 +2951,7 @@ PAGE_HTML = """<!doctype html>
   <meta name="color-scheme" content="light dark">
   <meta name="chat-transports" content="{{TRANSPORTS}}">
   <meta name="chat-bot-name" content="{{BOT_NAME}}">
+  <meta name="chat-max-length" content="{{MAX_LENGTH}}">
   <title>chat.py</title>
   <link rel="icon" href="/favicon.svg" type="image/svg+xml">
   <link rel="stylesheet" href="/chat.css">
@@ -2655,6 +2991,7 @@ PAGE_HTML = """<!doctype html>
             <label for="messageBody">Your message</label>
             <textarea id="messageBody" name="body" rows="1"
                       placeholder="Type a message… (Enter sends, Shift+Enter for a new line)"></textarea>
+            <span id="counter" class="counter" aria-live="polite" hidden></span>
           </div>
           <button id="send" type="submit">Send</button>
         </form>
@@ -2764,7 +3101,7 @@ h1 { font-size: 1.1rem; margin: 0; letter-spacing: .01em; }
 .field { display: flex; flex-direction: column; gap: .2rem; }
 .field label { font-size: .8rem; color: var(--muted); font-weight: 600; }
 .name-field { flex: 0 0 11rem; }
-.body-field { flex: 1 1 auto; }
+.body-field { flex: 1 1 auto; position: relative; }
 input, textarea, button { font: inherit; color: inherit; }
 input, textarea { background: var(--bg); border: 1px solid var(--border); border-radius: 8px; padding: .5rem .6rem; width: 100%; }
 textarea { resize: none; max-height: 8rem; min-height: 2.5rem; }
@@ -2772,6 +3109,9 @@ input:focus-visible, textarea:focus-visible, button:focus-visible { outline: 2px
 button { background: var(--accent); color: var(--accent-text); border: 0; border-radius: 8px; padding: .55rem 1.1rem; font-weight: 600; cursor: pointer; }
 button:hover { filter: brightness(1.08); }
 button.ghost { background: transparent; color: var(--accent); border: 1px solid var(--border); padding: .35rem .7rem; }
+.counter { position: absolute; right: .5rem; bottom: .35rem; font-size: .75rem; color: var(--muted);
+  background: var(--panel); padding: 0 .25rem; border-radius: 4px; pointer-events: none; }
+.counter.over { color: var(--error); font-weight: 600; }
 .error { color: var(--error); margin: .3rem auto 0; min-height: 1.2em; font-size: .85rem; max-width: 52rem; }
 .typing { color: var(--muted); font-size: .8rem; margin: 0 auto .3rem; min-height: 1.1em; max-width: 52rem; font-style: italic; }
 dialog { border: 1px solid var(--border); border-radius: var(--radius); background: var(--panel); color: var(--text); padding: 1.5rem; }
@@ -2805,7 +3145,7 @@ PAGE_JS = r"""
     status: $('status'), banner: $('banner'), log: $('log'), messages: $('messages'), empty: $('empty'),
     conversation: document.querySelector('.conversation'), members: $('members'),
     memberCount: $('member-count'), noMembers: $('no-members'), typing: $('typing'), form: $('message-form'),
-    user: $('messageUser'), body: $('messageBody'), error: $('errorMessage'),
+    user: $('messageUser'), body: $('messageBody'), error: $('errorMessage'), counter: $('counter'),
     roomForm: $('room-form'), roomInput: $('room-input'), template: $('message-template'),
     dialog: $('password-dialog'), passwordForm: $('password-form'),
     passwordInput: $('password-input'), passwordError: $('password-error'),
@@ -2827,6 +3167,9 @@ PAGE_JS = r"""
   }
 
   const ROOM_RE = /^[a-z0-9_-]{1,32}$/;
+  const MAX_LENGTH = Number(document.querySelector('meta[name="chat-max-length"]')?.content) || 2000;
+  // Characters as the server counts them (code points, after trimming; \r\n is one).
+  const bodyLength = (text) => [...text.replace(/\r\n?/g, '\n').trim()].length;
   const SEND_TIMEOUT_MS = 8000;
   const MAX_TRIES = 4;
   const store = {
@@ -3111,6 +3454,11 @@ PAGE_JS = r"""
     }
     const user = checkName(typed);
     if (!user) return;
+    if (bodyLength(body) > MAX_LENGTH) {  // refused here, with the text left in the box to shorten
+      showError(`Your message is too long: ${bodyLength(body)} characters, at most ${MAX_LENGTH}.`);
+      els.body.focus();
+      return;
+    }
     showError('');
     store.set('chat.name', user);
     const entry = { cid: newCid(), user, body, room: state.room, tries: 0, failed: false, attempt: null,
@@ -3124,6 +3472,7 @@ PAGE_JS = r"""
     scrollToEnd();
     els.body.value = '';
     autosize();
+    showCount();
     els.body.focus();
     state.typingSentAt = 0;
     pump();
@@ -3218,8 +3567,10 @@ PAGE_JS = r"""
     setStatus('connected', 'connected');
     join();
   });
-  socket.on('disconnect', (reason) => {
+  socket.on('disconnect', (reason, details) => {
     state.joined = false;
+    // 1009: the server closed because a frame was too big; sending it again would only do the same.
+    if (details?.context?.code === 1009 && state.inFlight) fail(state.inFlight, 'too big for the server to accept');
     if (state.inFlight) state.inFlight.attempt = null;  // its ack will not come: the entry is sent again after the next join
     state.inFlight = null;
     for (const entry of state.outbox) if (!entry.failed) markPending(entry, 'queued');
@@ -3296,8 +3647,16 @@ PAGE_JS = r"""
       send();
     }
   });
+  // The count appears as the text nears the limit, and turns red past it.
+  const showCount = () => {
+    const length = bodyLength(els.body.value);
+    els.counter.hidden = length < MAX_LENGTH * 0.8;
+    els.counter.textContent = `${length} / ${MAX_LENGTH}`;
+    els.counter.classList.toggle('over', length > MAX_LENGTH);
+  };
   els.body.addEventListener('input', () => {
     autosize();
+    showCount();
     if (!socket.connected || !els.user.value.trim()) return;
     const now = Date.now();
     if (els.body.value && now - state.typingSentAt > 2000) {
@@ -3365,7 +3724,7 @@ PAGE_JS = r"""
 #   python-engineio refuses a whole long-polling POST that batches more than 16 packets, which
 #   silently loses bursts; allow as many as fit chat.py's size cap (set once, here).
 
-eio_payload.Payload.max_decode_packets = max(eio_payload.Payload.max_decode_packets, Settings.max_payload // 2)
+eio_payload.Payload.max_decode_packets = max(eio_payload.Payload.max_decode_packets, FRAME_LIMIT_FLOOR // 2)
 
 
 def packet_size(item: Any) -> int:
@@ -3710,6 +4069,7 @@ class ChatWebSocket(eio_aiohttp.WebSocket):
             while not sock.closed:
                 data = (await receive()).data
                 if not isinstance(data, (str, bytes)) or not self.is_engine_packet(data):
+                    self.note_oversized(data)
                     break  # closed, or an error, or junk
                 try:
                     await sock.receive(eio_packet.Packet(encoded_packet=data))
@@ -3722,8 +4082,20 @@ class ChatWebSocket(eio_aiohttp.WebSocket):
             sock.queue.end()
 
     async def wait(self) -> Any:
-        frame = await super().wait()
-        return frame if self.is_engine_packet(frame) else None
+        message = await self._sock.receive()  # as python-engineio's wait(), which raises OSError on errors
+        if not isinstance(message.data, (str, bytes)):
+            self.note_oversized(message.data)
+            raise OSError()
+        return message.data if self.is_engine_packet(message.data) else None
+
+    def note_oversized(self, error: Any) -> None:
+        """A frame over the size limit: aiohttp has closed with 1009 (message too big), which the page
+        shows; the log says so, once a minute per address."""
+        if isinstance(error, aiohttp.WebSocketError) and error.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
+            request = self.environ.get("aiohttp.request")
+            self.server.problems.warn(f"closed a WebSocket from %s: it sent a frame over the "
+                                      f"{self.server.max_http_buffer_size} byte limit (see --max-length)",
+                                      request.remote if request is not None else "?")
 
     def is_engine_packet(self, frame: str | bytes) -> bool:
         """Whether a frame is an Engine.IO packet; if not, one warning a minute.
@@ -4127,7 +4499,7 @@ class SharedState:
 
 async def connect_redis(settings: Settings) -> SharedState:
     """Connect to Redis for --redis, or stop start-up with one clear line."""
-    aioredis = import_optional("redis.asyncio", "redis>=5", "--redis")
+    aioredis = import_optional("redis.asyncio", REDIS_REQUIREMENT, "--redis")
     assert settings.redis is not None
     client = aioredis.Redis.from_url(settings.redis, socket_connect_timeout=2)
     try:
@@ -4157,7 +4529,7 @@ def machine_addresses() -> list[str]:
     return found
 
 
-def banner(settings: Settings, url: str) -> str:
+def banner(settings: Settings, url: str, client_note: str = "") -> str:
     """The one line printed at start-up: where to go, and what is in use."""
     if settings.host in ("0.0.0.0", "::", ""):
         port = url.rsplit(":", 1)[1]
@@ -4173,10 +4545,12 @@ def banner(settings: Settings, url: str) -> str:
     history = (f"history in {settings.db}" if settings.db else "history shared through Redis" if settings.redis
                else "history in memory")
     password = "password required" if settings.password else "no password"
+    client = "browser client served from here" if settings.client_js else \
+        f"browser client from {CLIENT_JS_ORIGIN}, checked with SRI" + (f" ({client_note})" if client_note else "")
     versions = ", ".join(f"{name} {installed_version(name, module)}"
                          for name, module in (("python-socketio", socketio), ("aiohttp", aiohttp)))
     return (f"chat.py {__version__}: {where}  (bot: {bot}; {history}; {password}; {loop_name(settings.loop)}; "
-            f"{versions}; {share}; Ctrl-C stops)")
+            f"{client}; {versions}; {share}; Ctrl-C stops)")
 
 
 def _file_problem(flag: str, path: Path) -> str | None:
@@ -4242,8 +4616,11 @@ def bad_file(settings: Settings) -> str | None:
 
 
 async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
-                stop: asyncio.Event | None = None) -> None:
-    """Run the chat until `stop` is set; `ready` receives the URL once it is listening."""
+                stop: asyncio.Event | None = None, client_note: str = "") -> None:
+    """Run the chat until `stop` is set; `ready` receives the URL once it is listening.
+
+    `client_note` says, in the banner, why the browser client is not served from here.
+    """
     stop = stop or asyncio.Event()
     shared = await connect_redis(settings) if settings.redis else None
     store: Store = shared.store if shared else make_store(settings)
@@ -4286,7 +4663,7 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
     url = f"{scheme}://{host}:{port}"
     if settings.gc == "tuned":
         tune_gc()
-    print(banner(settings, url), flush=True)
+    print(banner(settings, url, client_note), flush=True)
     capacity = max(open_files - files_open_now() - 16, 0)  # 16 spare: the database, Redis, a bot's HTTP client
     if open_files:
         log.info("open-file limit %d: room for about %d connections", open_files, capacity)
@@ -4429,13 +4806,21 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"chat.py: {problem}", file=sys.stderr)
         return 2
+    client_note = ""
+    if settings.client_js is None:
+        found, client_note = BrowserClient(cache_root()).find()
+        settings = dataclasses.replace(settings, client_js=found)
+    # A hang-up (the terminal or ssh session went away) stops the chat too, unless nohup ignores it.
+    stop_signals = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        stop_signals.append(signal.SIGHUP)
 
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in stop_signals:
             loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop=stop)
+        await serve(settings, stop=stop, client_note=client_note)
 
     try:
         loop_name(settings.loop)  # before run() exists: a missing uvloop leaves no coroutine unawaited

@@ -14,6 +14,7 @@ import base64
 import collections
 import functools
 import hashlib
+import http.server
 import importlib.util
 import inspect
 import json
@@ -30,6 +31,7 @@ import sys
 import threading
 import time
 import unicodedata
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -38,6 +40,7 @@ from typing import Any
 import aiohttp
 import pytest
 import socketio
+import yarl
 from aiohttp import web
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -62,6 +65,24 @@ def require(available: bool, what: str) -> None:
 
 
 # ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_cache(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Path]:
+    """chat.py processes started by the tests use a private cache, holding the pinned browser client
+    when this checkout's node_modules has it, and never fetch anything: the npm registry they are
+    given is a closed loopback port."""
+    cache = tmp_path_factory.mktemp("chat-cache")
+    if CLIENT_JS.is_file():
+        shutil.copy(CLIENT_JS, cache / f"socket.io-{chat.CLIENT_JS_VERSION}.min.js")
+    saved = {name: os.environ.get(name) for name in ("CHAT_ENV_DIR", "npm_config_registry")}
+    os.environ.update(CHAT_ENV_DIR=str(cache), npm_config_registry=f"http://127.0.0.1:{free_port()}/")
+    yield cache
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 class Peer:
@@ -455,39 +476,6 @@ def test_without_flags_the_settings_are_the_dataclass_defaults(monkeypatch: pyte
     assert chat.parse_settings([]) == chat.Settings(), "each default is written once, in Settings"
 
 
-BAD_USAGE = {  # arguments, environment -> the one line chat.py prints before exiting 2
-    "port not a number": (["--port", "eighty"], {}, "argument --port: not a port number: 'eighty'"),
-    "port out of range": (["--port", "70000"], {}, "argument --port: port must be 0-65535, got 70000"),
-    "PORT not a number": ([], {"PORT": "abc"}, "the PORT environment variable: not a port number: 'abc'"),
-    "unknown bot": (["--bot", "magic"], {}, "argument --bot: invalid choice: 'magic'"),
-    "history 0": (["--history", "0"], {}, "argument --history: must be at least 1, got 0"),
-    "context not a number": (["--bot-context", "abc"], {}, "argument --bot-context: not a whole number: 'abc'"),
-    "negative rate": (["--rate", "-1"], {}, "argument --rate: must be 0 or more, got -1"),
-    "negative timeout": (["--bot-timeout", "-5"], {}, "argument --bot-timeout: must be a number above 0, got -5"),
-    "zero timeout": (["--bot-timeout", "0"], {}, "argument --bot-timeout: must be a number above 0, got 0"),
-    "empty bot name": (["--bot-name", ""], {}, "--bot-name: must not be empty"),
-    "origin with a slash": (["--allow-origin", "http://host:5742/"], {},
-                            "not an origin: 'http://host:5742/'; without the trailing slash: http://host:5742"),
-    "origin without scheme": (["--allow-origin", "notanorigin"], {}, "not an origin: 'notanorigin' (an origin is"),
-    "unknown flag": (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
-    "cert without key": (["--tls-cert", "c.pem"], {}, "--tls-cert and --tls-key must be given together"),
-    "db with redis": (["--db", "x.db", "--redis", "redis://127.0.0.1:1/0"], {}, "--db and --redis cannot be combined"),
-    "redis not a URL": (["--redis", "localhost:6379"], {}, "--redis must be a redis://, rediss:// or unix:// URL"),
-    "rules without keyword": (["--bot", "rasa", "--bot-rules", "r.json"], {}, "--bot-rules applies to --bot keyword"),
-    "bot url not http": (["--bot-url", "ftp://x"], {}, "--bot-url must be an http:// or https:// URL"),
-    "zero ping interval": (["--ping-interval", "0"], {}, "argument --ping-interval: must be a number above 0, got 0"),
-}
-
-
-@pytest.mark.parametrize("case", BAD_USAGE.values(), ids=BAD_USAGE.keys())
-def test_bad_usage_exits_2_with_one_clear_line(case: tuple[list[str], dict[str, str], str]) -> None:
-    args, env, expected = case
-    result = subprocess.run([sys.executable, str(HERE / "chat.py"), *args], capture_output=True, text=True,
-                            timeout=20, env={**os.environ, **env})
-    assert result.returncode == 2, result.stderr
-    assert expected in result.stderr.splitlines()[-1] and "Traceback" not in result.stderr, result.stderr
-
-
 def bad_files(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     """Files named on the command line that chat.py refuses before starting (exit 2), and the line it prints."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -509,12 +497,17 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
 
 @pytest.mark.parametrize("name", ["client-js a directory", "client-js missing", "client-js not the client",
                                   "tls key missing", "tls swapped", "tls not pem", "db is a directory"])
-def test_a_bad_file_exits_2_naming_the_flag_and_the_file(tmp_path: Path, name: str) -> None:
+def test_a_bad_file_is_refused_naming_the_flag_and_the_file(tmp_path: Path, name: str) -> None:
     args, expected = bad_files(tmp_path)[name]
-    result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--port", "0", *args], capture_output=True,
-                            text=True, timeout=20)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith(f"chat.py: {expected}") and len(result.stderr.splitlines()) == 1, result.stderr
+    problem = chat.bad_file(chat.parse_settings(["--port", "0", *args]))
+    assert problem is not None and problem.startswith(expected), problem
+
+
+def test_a_bad_file_exits_2_with_one_line(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--port", "0", "--db", str(tmp_path)],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2
+    assert result.stderr == f"chat.py: --db {tmp_path}: is a directory; give a file name, e.g. {tmp_path / 'chat.db'}\n"
 
 
 def test_loop_uvloop_without_uvloop_says_so_in_one_line(tmp_path: Path) -> None:
@@ -597,6 +590,326 @@ def test_pep723_dependencies_equal_requirements_txt() -> None:
     assert script_deps == requirements
 
 
+# ---------------------------------------------------------------- the browser client from this server
+
+
+def client_tarball(body: bytes) -> bytes:
+    """An npm package tarball of socket.io-client holding `body` as its dist/socket.io.min.js."""
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as package:
+        info = tarfile.TarInfo("package/dist/socket.io.min.js")
+        info.size = len(body)
+        package.addfile(info, io.BytesIO(body))
+    return out.getvalue()
+
+
+class FakeRegistry:
+    """An npm registry on loopback with one tarball; counts the requests it answers."""
+
+    def __init__(self, tarball: bytes) -> None:
+        registry = self
+        self.requests: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                registry.requests.append(self.path)
+                if self.path != f"/socket.io-client/-/socket.io-client-{chat.CLIENT_JS_VERSION}.tgz":
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(tarball)))
+                self.end_headers()
+                self.wfile.write(tarball)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def fetch(url: str) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def test_the_page_and_the_tutorials_path_are_served_the_cached_client_with_no_cdn_in_the_csp() -> None:
+    require(CLIENT_JS.is_file(), "socket.io-client in node_modules")
+    proc = ChatProcess("--port", "0")  # the tests' cache (offline_cache) holds the client
+    try:
+        url = proc.wait_ready()
+        status, headers, page = fetch(url)
+        assert status == 200
+        assert b'<script src="/socket.io.min.js"></script>' in page
+        assert "cdn" not in headers["Content-Security-Policy"] and "script-src 'self';" in \
+            headers["Content-Security-Policy"]
+        for path in ("/socket.io.min.js", "/socket.io/socket.io.js"):
+            assert fetch(url + path)[2] == CLIENT_JS.read_bytes()
+        assert "browser client served from here" in proc.banner
+    finally:
+        proc.stop()
+
+
+def test_the_client_is_fetched_once_from_the_registry_and_kept(tmp_path: Path) -> None:
+    require(CLIENT_JS.is_file(), "socket.io-client in node_modules")
+    registry = FakeRegistry(client_tarball(CLIENT_JS.read_bytes()))
+    env = {"CHAT_ENV_DIR": str(tmp_path / "cache"), "npm_config_registry": registry.url}
+    try:
+        for start in ("first", "second"):
+            proc = ChatProcess("--port", "0", env=env)
+            try:
+                url = proc.wait_ready()
+                assert fetch(url + "/socket.io/socket.io.js")[2] == CLIENT_JS.read_bytes(), start
+                assert "browser client served from here" in proc.banner
+            finally:
+                proc.stop()
+    finally:
+        registry.close()
+    assert len(registry.requests) == 1, "fetched on the first start only"
+    assert (tmp_path / "cache" / f"socket.io-{chat.CLIENT_JS_VERSION}.min.js").read_bytes() == CLIENT_JS.read_bytes()
+
+
+@pytest.mark.parametrize("served", ["a tampered client", "no registry"])
+def test_a_client_that_cannot_be_had_or_fails_its_hash_leaves_the_page_on_the_cdn(tmp_path: Path, served: str) -> None:
+    registry = FakeRegistry(client_tarball(b"/*! Socket.IO v4.8.3 */ window.io = () => steal();"))
+    env = {"CHAT_ENV_DIR": str(tmp_path / "cache"),
+           "npm_config_registry": registry.url if served == "a tampered client" else f"http://127.0.0.1:{free_port()}/"}
+    proc = ChatProcess("--port", "0", env=env)
+    try:
+        url = proc.wait_ready()
+        status, headers, page = fetch(url)
+        assert status == 200
+        assert chat.CLIENT_JS_SRI.encode() in page and chat.CLIENT_JS_ORIGIN in headers["Content-Security-Policy"]
+        assert f"browser client from {chat.CLIENT_JS_ORIGIN}, checked with SRI (could not fetch it from" \
+            in proc.banner, "the banner says where the client comes from, and why"
+        if served == "a tampered client":
+            assert "does not match the pinned hash" in proc.banner
+    finally:
+        _, _, err = proc.stop()
+        registry.close()
+    assert "could not fetch" not in err and "Traceback" not in err, "said once, in the banner"
+    assert not (tmp_path / "cache" / f"socket.io-{chat.CLIENT_JS_VERSION}.min.js").exists()
+
+
+# ---------------------------------------------------------------- --static: the tutorial's own page
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """A directory to serve with --static, with a file outside it that must never be served."""
+    (tmp_path / "secret.txt").write_text("outside the site")
+    root = tmp_path / "public"
+    (root / "docs").mkdir(parents=True)
+    (root / "empty").mkdir()
+    (root / "index.html").write_text('<!doctype html><title>t</title><script>var inline = 1;</script>'
+                                     '<button onclick="sendMessage()">Send</button><script src="./main.js"></script>')
+    (root / "main.js").write_text("const sendMessage = () => {};\n")
+    (root / "docs" / "index.html").write_text("<p>docs</p>")
+    (root / ".env").write_text("SECRET=1")
+    (root / "escape").symlink_to(tmp_path / "secret.txt")
+    return root
+
+
+def csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+async def test_static_serves_the_files_under_its_directory_and_nothing_else(start_chat: StartChat, site: Path) -> None:
+    url = await start_chat(static=site)
+    async with aiohttp.ClientSession() as http_client:
+        async def get(path: str) -> tuple[int, aiohttp.typedefs.LooseHeaders, bytes]:
+            async with http_client.get(yarl.URL(url + path, encoded=True), allow_redirects=False) as response:
+                return response.status, response.headers, await response.read()
+
+        status, headers, body = await get("/")
+        assert status == 200 and body == (site / "index.html").read_bytes()
+        policy = headers["Content-Security-Policy"]
+        assert f"'unsafe-hashes' {csp_hash('sendMessage()')}" in policy or \
+            ("'unsafe-hashes'" in policy and csp_hash("sendMessage()") in policy), policy
+        assert csp_hash("var inline = 1;") in policy and "'unsafe-inline'" not in policy.split("style-src")[0]
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        status, headers, body = await get("/main.js")
+        assert status == 200 and "javascript" in headers["Content-Type"]
+        assert (await get("/docs"))[0] == 301 and (await get("/docs/"))[2] == b"<p>docs</p>"
+        for path in ("/../secret.txt", "/%2e%2e/secret.txt", "/docs/..%2f..%2fsecret.txt", "/escape", "/.env",
+                     "/empty/", "/missing.html"):
+            assert (await get(path))[0] == 404, path
+        assert (await get("/healthz"))[0] == 200, "chat.py's own paths still answer"
+
+
+def tutorial_public(into: Path) -> Path:
+    """The tutorial's public/ folder, built from the tutorial's own text (the seed), unchanged."""
+    seeds = sorted((HERE.parent / "shared" / "seed").glob("*.txt")) if (HERE.parent / "shared" / "seed").is_dir() \
+        else []
+    text = "\n".join(seed.read_text(encoding="utf-8") for seed in seeds)
+    files = re.findall(r'```file \{title="socket-example/public/([^"]+)"[^}]*\}\n(.*?)\n[ \t]*```', text, re.S)
+    if {name for name, _ in files} != {"index.html", "main.js", "main.css"}:
+        pytest.skip("the tutorial's text (../shared/seed) is not next to this checkout")
+    into.mkdir()
+    for name, block in files:
+        lines = block.splitlines()
+        indent = min(len(line) - len(line.lstrip()) for line in lines if line.strip())
+        (into / name).write_text("\n".join(line[indent:] for line in lines) + "\n")
+    return into
+
+
+@pytest.mark.browser
+async def test_the_tutorials_page_works_unchanged_with_static(start_chat: StartChat, open_page: OpenPage,
+                                                              tmp_path: Path) -> None:
+    require(CLIENT_JS.is_file(), "socket.io-client in node_modules")
+    url = await start_chat(static=tutorial_public(tmp_path / "public"), client_js=CLIENT_JS)
+    alice = await open_page(url, wait_connected=False)
+    bob = await open_page(url, wait_connected=False)
+    for tab in (alice, bob):
+        await tab.page.wait_for_function("window.socket && socket.connected", timeout=10000)
+    await alice.page.fill("#messageUser", "Alice")
+    await alice.page.fill("#messageBody", "hello from the tutorial's page?")
+    await alice.page.click("#send")  # its inline onclick="sendMessage()", allowed by hash
+    for tab in (alice, bob):
+        items = tab.page.locator("#messageField li")
+        await items.filter(has_text="Alice: hello from the tutorial's page?").wait_for(timeout=10000)
+        await tab.page.locator("#messageField li.botMessage").filter(has_text="ChatFriend:").first.wait_for()
+        assert await alice.page.input_value("#messageBody") == ""
+
+
+# ---------------------------------------------------------------- command line, checked together
+
+
+async def test_a_message_of_the_longest_allowed_length_fits_in_one_frame(start_chat: StartChat,
+                                                                        connect: Connect) -> None:
+    url = await start_chat(rate=0, max_length=100_000, bot="off")
+    sender, reader = await connect(url, transports=["websocket"]), await connect(url, transports=["websocket"])
+    body = "\U0001f600" * 70_000  # 12 bytes each in python-socketio's JSON: 840 KB
+    assert (await sender.say(body))["ok"]
+    assert (await reader.next("newmessage"))["body"] == body
+
+
+async def test_a_frame_over_the_limit_is_closed_as_too_big_and_logged_once(
+        start_chat: StartChat, caplog: pytest.LogCaptureFixture) -> None:
+    url = await start_chat()
+    for _ in range(3):
+        client = await RawClient.open(url)
+        client.send('42["newmessage",{"user":"Big","body":"' + "x" * 70_000 + '"}]')
+        with pytest.raises(ConnectionResetError, match="closed by the server: 1009"):
+            while True:
+                await client.receive()
+        client.abort()
+    lines = [r.getMessage() for r in caplog.records if "over the" in r.getMessage()]
+    assert len(lines) == 1 and f"a frame over the {chat.Settings().frame_limit} byte limit (see --max-length)" \
+        in lines[0]
+
+
+def usage_error(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                env: dict[str, str] | None = None) -> str:
+    """What parse_settings prints for bad usage (asserting exit status 2 and a single line)."""
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exited:
+        chat.parse_settings(args)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith(" (chat.py --help lists the options)\n"), err
+    assert err.startswith("chat.py: ") and "usage:" not in err
+    return err
+
+
+BAD_USAGE = {  # arguments, environment -> what the one line says
+    "port not a number": (["--port", "eighty"], {}, "argument --port: not a port number: 'eighty'"),
+    "port out of range": (["--port", "70000"], {}, "argument --port: port must be 0-65535, got 70000"),
+    "PORT not a number": ([], {"PORT": "abc"}, "the PORT environment variable: not a port number: 'abc'"),
+    "unknown bot": (["--bot", "magic"], {}, "argument --bot: invalid choice: 'magic'"),
+    "history 0": (["--history", "0"], {}, "argument --history: must be at least 1, got 0"),
+    "context not a number": (["--bot-context", "abc"], {}, "argument --bot-context: not a whole number: 'abc'"),
+    "negative rate": (["--rate", "-1"], {}, "argument --rate: must be 0 or more, got -1"),
+    "negative timeout": (["--bot-timeout", "-5"], {}, "argument --bot-timeout: must be a number above 0, got -5"),
+    "zero timeout": (["--bot-timeout", "0"], {}, "argument --bot-timeout: must be a number above 0, got 0"),
+    "empty bot name": (["--bot-name", ""], {}, "--bot-name: must not be empty"),
+    "long bot name": (["--bot-name", "B" * 33], {}, "--bot-name: the bot's name is too long (at most 32 characters)"),
+    "origin with a slash": (["--allow-origin", "http://host:5742/"], {},
+                            "not an origin: 'http://host:5742/'; without the trailing slash: http://host:5742"),
+    "origin without scheme": (["--allow-origin", "notanorigin"], {}, "not an origin: 'notanorigin' (an origin is"),
+    "unknown flag": (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
+    "cert without key": (["--tls-cert", "c.pem"], {}, "--tls-cert and --tls-key must be given together"),
+    "db with redis": (["--db", "x.db", "--redis", "redis://127.0.0.1:1/0"], {}, "--db and --redis cannot be combined"),
+    "redis not a URL": (["--redis", "localhost:6379"], {}, "--redis must be a redis://, rediss:// or unix:// URL"),
+    "CHAT_REDIS_URL not a URL": ([], {"CHAT_REDIS_URL": "localhost"}, "--redis must be a redis://"),
+    "rules without keyword": (["--bot", "rasa", "--bot-rules", "r.json"], {}, "--bot-rules applies to --bot keyword"),
+    "bot url not http": (["--bot-url", "ftp://x"], {}, "--bot-url must be an http:// or https:// URL"),
+    "zero ping interval": (["--ping-interval", "0"], {}, "argument --ping-interval: must be a number above 0, got 0"),
+    "empty password flag": (["--password", ""], {}, "--password is empty; leave it unset for no password"),
+    "empty CHAT_PASSWORD": ([], {"CHAT_PASSWORD": ""},
+                            "the CHAT_PASSWORD environment variable is empty; leave it unset for no password"),
+    "empty CHAT_REDIS_URL": ([], {"CHAT_REDIS_URL": " "},
+                             "the CHAT_REDIS_URL environment variable is empty; leave it unset for no Redis"),
+    "max-length too long": (["--max-length", "100001"], {}, "argument --max-length: at most 100000 characters"),
+    "static not a directory": (["--static", "/nonexistent/public"], {}, "--static /nonexistent/public: no such directory"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_USAGE.values(), ids=BAD_USAGE.keys())
+def test_bad_usage_exits_2_with_one_clear_line(case: tuple[list[str], dict[str, str], str],
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    args, env, expected = case
+    assert expected in usage_error(args, monkeypatch, capsys, env)
+
+
+def test_bad_usage_from_the_real_command_is_one_line_and_exit_2() -> None:
+    result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--port", "eighty"], capture_output=True,
+                            text=True, timeout=20)
+    assert result.returncode == 2
+    assert result.stderr == ("chat.py: argument --port: not a port number: 'eighty' "
+                             "(chat.py --help lists the options)\n")
+
+
+def test_version_prints_the_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        chat.parse_settings(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out == f"chat.py {chat.__version__}\n"
+
+
+def test_secrets_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHAT_PASSWORD", "open sesame")
+    monkeypatch.setenv("CHAT_REDIS_URL", "redis://:s3cret@127.0.0.1:6379/0")
+    settings = chat.parse_settings([])
+    assert settings.password == "open sesame" and settings.redis == "redis://:s3cret@127.0.0.1:6379/0"
+    assert chat.parse_settings(["--redis", "redis://127.0.0.1:1/0"]).redis == "redis://127.0.0.1:1/0", \
+        "a flag wins over the environment"
+
+
+@pytest.mark.redis
+async def test_two_nodes_find_redis_from_chat_redis_url_and_keep_it_out_of_ps(
+        redis_server: RedisServer, chat_process: Any, connect: Connect) -> None:
+    node_a, url_a = chat_process("--bot", "off", env={"CHAT_REDIS_URL": redis_server.url})
+    node_b, url_b = chat_process("--bot", "off", env={"CHAT_REDIS_URL": redis_server.url})
+    ann, bob = await connect(url_a), await connect(url_b)
+    await ann.say("across nodes", user="Ann")
+    assert (await bob.next("newmessage"))["body"] == "across nodes"
+    for node in (node_a, node_b):
+        assert redis_server.url.encode() not in Path(f"/proc/{node.proc.pid}/cmdline").read_bytes()
+        assert "history shared through Redis" in node.banner
+
+
+def test_a_hang_up_stops_the_chat_like_ctrl_c() -> None:
+    proc = ChatProcess("--port", "0")
+    proc.wait_ready()
+    proc.proc.send_signal(signal.SIGHUP)  # ssh without -t, or a closed terminal
+    assert proc.proc.wait(10) == 0
+    assert "chat.py: stopped" in proc.stdout.rest()
+
+
 # ---------------------------------------------------------------- zero-config: the README's commands on a bare python3
 
 SYSTEM_PYTHON = Path("/usr/bin/python3")
@@ -640,7 +953,8 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 def private_envs(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+    """The private environments in a cache directory (which also holds the lock and the browser client)."""
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("env-")) if root.exists() else []
 
 
 @pytest.mark.slow
@@ -683,8 +997,9 @@ def test_readme_second_command_installs_and_runs_the_tests_on_the_distributions_
     require_bare_system_python()
     command = readme_quick_start()[1]
     checkout = tmp_path / "checkout"
-    listed = subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True, timeout=30)
-    names = listed.stdout.split() if listed.returncode == 0 else [
+    listed = subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True, timeout=30) \
+        if shutil.which("git") and (HERE / ".git").exists() else None  # a downloaded zip has neither
+    names = listed.stdout.split() if listed and listed.returncode == 0 else [
         "chat.py", "test_chat.py", "bench_chat.py", "README.md", "requirements.txt", "requirements-dev.txt",
         "pytest.ini", "ruff.toml"]
     for name in names:
@@ -713,19 +1028,202 @@ def test_an_unreachable_package_index_is_one_line_and_leaves_nothing_behind(tmp_
     assert private_envs(envs) == []
 
 
-@pytest.mark.slow
-def test_a_python_without_ensurepip_says_to_install_python3_venv(tmp_path: Path) -> None:
-    fake = tmp_path / "fake" / "ensurepip"
+def hide_ensurepip(tmp_path: Path) -> str:
+    """A PYTHONPATH under which `import ensurepip` fails, as on Debian or Ubuntu without python3-venv."""
+    fake = tmp_path / "no-ensurepip" / "ensurepip"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ModuleNotFoundError('No module named ensurepip', name='ensurepip')\n")
-    env = clean_env(tmp_path / "home", CHAT_ENV_DIR=str(tmp_path / "envs"), PYTHONPATH=str(tmp_path / "fake"))
-    result = subprocess.run([*bare_python(), str(HERE / "chat.py")], env=env, capture_output=True, text=True,
-                            timeout=60)
+    return str(fake.parent)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_readme_first_command_works_on_a_python3_without_ensurepip(tmp_path: Path) -> None:
+    require_bare_system_python()
+    command = shlex.split(readme_quick_start()[0])
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(HERE / "chat.py", work)
+    env = clean_env(tmp_path / "home", PORT=str(free_port()), PYTHONPATH=hide_ensurepip(tmp_path))
+    first = ChatProcess(command=command, env=env, clean_env=True, cwd=work)
+    try:
+        url = first.wait_ready(timeout=300)
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert b"<title>" in response.read()
+    finally:
+        _, _, err = first.stop()
+    assert f"this python3 has no ensurepip, so pip {chat.PIP_WHEEL[0]} comes from the package index" in err
+    assert "Traceback" not in err
+    root = tmp_path / "home" / ".cache" / "chat.py"
+    (env_dir,) = [p for p in root.iterdir() if p.name.startswith("env-")]
+    assert (env_dir / "bin" / "pip").read_text().splitlines()[0] == f"#!{env_dir}/bin/python", \
+        "the environment's scripts name the environment itself, not a temporary directory"
+    assert str(env_dir) in (env_dir / "pyvenv.cfg").read_text()
+    assert not list(env_dir.glob("*.whl")), "the downloaded wheel is not left behind"
+    second = ChatProcess(command=command, env=env, clean_env=True, cwd=work)
+    try:
+        second.wait_ready(timeout=30)
+    finally:
+        _, _, err = second.stop()
+    assert "first run" not in err
+
+
+class FakeIndex:
+    """A package index on loopback serving one pip wheel, in the simple API's JSON or HTML form."""
+
+    def __init__(self, wheel: bytes, published: str | None, form: str) -> None:
+        self.wheel, self.published, self.form = wheel, published, form
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/simple/"
+
+    def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
+        index = self
+        name = f"pip-{chat.PIP_WHEEL[0]}-py3-none-any.whl"
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/simple/pip/":
+                    fragment = f"#sha256={index.published}" if index.published else ""
+                    body = (json.dumps({"files": [{"filename": name, "url": f"../../files/{name}",
+                                                   "hashes": {"sha256": index.published} if index.published
+                                                   else {}}]}) if index.form == "json" else
+                            f'<html><body><a href="../../files/{name}{fragment}">{name}</a></body></html>').encode()
+                elif self.path == f"/files/{name}":
+                    body = index.wheel
+                else:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        return Handler
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("form", ["json", "html"])
+def test_the_pip_wheel_is_taken_from_the_index_only_when_its_sha256_is_the_pinned_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str) -> None:
+    wheel = b"PK a pip wheel, as far as this test is concerned"
+    pinned = hashlib.sha256(wheel).hexdigest()
+    monkeypatch.setattr(chat, "PIP_WHEEL", (chat.PIP_WHEEL[0], pinned))
+    monkeypatch.delenv("PIP_CONFIG_FILE", raising=False)
+    for published, served, expected in [
+            (pinned, wheel, None),  # the published hash is the pinned one, and so are the bytes
+            (None, wheel, None),  # an index that publishes no hash: the pin alone decides
+            ("0" * 64, wheel, "publishes sha256 " + "0" * 64),
+            (pinned, b"something else", "does not match the sha256 chat.py pins")]:
+        index = FakeIndex(served, published, form)
+        monkeypatch.setenv("PIP_INDEX_URL", index.url)
+        into = tmp_path / f"{form}-{published}-{len(served)}"
+        into.mkdir()
+        try:
+            if expected is None:
+                assert chat.fetch_pip_wheel(into).read_bytes() == wheel
+            else:
+                with pytest.raises(chat.FirstRunError, match=expected):
+                    chat.fetch_pip_wheel(into)
+                assert not list(into.iterdir()), "nothing refused is written"
+        finally:
+            index.close()
+
+
+def test_the_package_index_comes_from_pip_s_own_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "pip.conf"
+    config.write_text("[global]\nindex-url = http://mirror.invalid/simple\ncert = /etc/ssl/mirror.pem\n")
+    monkeypatch.delenv("PIP_INDEX_URL", raising=False)
+    monkeypatch.delenv("PIP_CERT", raising=False)
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
+    assert chat.pip_settings() == ("http://mirror.invalid/simple/", "/etc/ssl/mirror.pem")
+    monkeypatch.setenv("PIP_INDEX_URL", "http://other.invalid/simple/")
+    assert chat.pip_settings()[0] == "http://other.invalid/simple/", "the environment wins, as for pip"
+
+
+def first_run(tmp_path: Path, envs: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+    """chat.py on a Python without its packages, with an index that refuses at once."""
+    env = clean_env(tmp_path / "home", CHAT_ENV_DIR=str(envs), PIP_RETRIES="0", PIP_TIMEOUT="2",
+                    PIP_INDEX_URL=f"http://127.0.0.1:{free_port()}/simple/", **extra)
+    return subprocess.run([*bare_python(), str(HERE / "chat.py")], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def env_dir_of(result: subprocess.CompletedProcess[str]) -> Path:
+    """The private environment a first run said it installs into."""
+    return Path(re.search(r"first run: installing .* into (\S+) ", result.stderr).group(1))  # type: ignore[union-attr]
+
+
+def test_a_cache_directory_others_can_write_is_refused_with_the_reason(tmp_path: Path) -> None:
+    envs = tmp_path / "shared"
+    envs.mkdir()
+    envs.chmod(0o777)
+    result = first_run(tmp_path, envs)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == (
-        "chat.py: this python3 cannot create virtual environments (no ensurepip); on Debian or Ubuntu run "
-        "`sudo apt install python3-venv`, then run chat.py again")
-    assert private_envs(tmp_path / "envs") == []
+    assert result.stderr == (f"chat.py: will not use {envs} is writable by other users (mode 777; chmod go-w it); "
+                             "set CHAT_ENV_DIR to a directory of your own\n")
+    assert private_envs(envs) == [], "nothing is installed into it"
+
+
+@pytest.mark.slow
+def test_an_interpreter_planted_in_the_cache_is_never_run(tmp_path: Path) -> None:
+    if os.getuid() != 0:
+        pytest.skip("planting a file owned by another user needs root")
+    envs = tmp_path / "envs"
+    env = env_dir_of(first_run(tmp_path, envs))  # learns the environment's name (its install fails)
+    marker = tmp_path / "ran"
+    (env / "bin").mkdir(parents=True)
+    (env / "bin" / "python").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    (env / "bin" / "python").chmod(0o755)
+    (env / chat.ENV_COMPLETE).write_text("planted\n")
+    for path in (env, env / "bin", env / "bin" / "python", env / chat.ENV_COMPLETE):
+        os.chown(path, 65534, 65534)  # nobody's
+    result = first_run(tmp_path, envs)
+    assert result.returncode == 1 and not marker.exists()
+    assert result.stderr == (f"chat.py: will not run {env}/bin/python: {env} belongs to another user (uid 65534); "
+                             f"delete {env} and run chat.py again\n")
+    for path in (env, env / "bin", env / "bin" / "python", env / chat.ENV_COMPLETE):
+        os.chown(path, 0, 0)
+    (env / "bin").chmod(0o777)  # swapped in after a real install: a bin/ anybody can write
+    result = first_run(tmp_path, envs)
+    assert result.returncode == 1 and not marker.exists()
+    assert f"{env}/bin is writable by other users (mode 777" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_broken_leftover_environment_is_replaced_not_reported_as_not_empty(tmp_path: Path) -> None:
+    envs = tmp_path / "envs"
+    env = env_dir_of(first_run(tmp_path, envs))
+    env.mkdir()
+    (env / "half-written").write_text("an install killed half-way")
+    result = first_run(tmp_path, envs)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("chat.py: cannot reach the package index")
+    assert "not empty" not in result.stderr and "Traceback" not in result.stderr
+    assert not env.exists(), "the leftover was removed, and the failed install left nothing"
+
+
+@pytest.mark.slow
+def test_a_full_disk_says_no_space_instead_of_blaming_python3_venv(tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        result = first_run(tmp_path, small / "envs")
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"chat.py: no space left on the disk of {small / 'envs'}"), result.stderr
+    assert "python3-venv" not in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.slow
@@ -1788,7 +2286,7 @@ def test_without_the_redis_package_redis_mode_says_how_to_install_it() -> None:
            "'--redis', 'redis://127.0.0.1:1/0']))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20, cwd=HERE)
     assert result.returncode == 1
-    assert result.stderr.strip() == f"chat.py: --redis needs the redis package: {sys.executable} -m pip install 'redis>=5'"
+    assert result.stderr.strip() == f"chat.py: --redis needs the redis package: {sys.executable} -m pip install '{chat.REDIS_REQUIREMENT}'"
 
 
 # ---------------------------------------------------------------- safety: every input untrusted
@@ -3433,16 +3931,38 @@ async def test_the_page_shows_who_is_online_and_who_is_typing(page_url: str, ope
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_the_benchmark_smoke_run_works() -> None:
+    real_npm = {name: value for name, value in os.environ.items() if name != "npm_config_registry"}
     result = subprocess.run([sys.executable, str(HERE / "bench_chat.py"), "--quick", "--smoke",
                              "--workloads", "startup,fanout,idle,slow"],
-                            capture_output=True, text=True, timeout=180, cwd=HERE)
+                            capture_output=True, text=True, timeout=580, cwd=HERE, env=real_npm)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "## Fan-out" in result.stdout and "| chat | 20 |" in result.stdout
     assert "| floor |" in result.stdout and "| limit |" in result.stdout
     if shutil.which("node") and shutil.which("npm"):  # the tutorial's server, the baseline users compare with
         assert "| node | 20 |" in result.stdout and "vs Node" in result.stdout
     assert "stalled reader" in result.stdout
+
+
+def test_the_benchmarks_npm_install_that_hangs_skips_the_node_baseline_with_a_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    require(bool(shutil.which("node")), "node")
+    sys.path.insert(0, str(HERE))
+    try:
+        import bench_chat
+    finally:
+        sys.path.remove(str(HERE))
+    fake_npm = tmp_path / "bin" / "npm"
+    fake_npm.parent.mkdir()
+    fake_npm.write_text("#!/bin/sh\nexec sleep 600\n")  # a registry that never answers
+    fake_npm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_npm.parent}:{os.environ['PATH']}")
+    monkeypatch.setattr(bench_chat, "NODE_CACHE", tmp_path / "node")
+    monkeypatch.setattr(bench_chat, "NPM_TIMEOUT", 1.0)
+    assert bench_chat.node_modules() is None
+    assert capsys.readouterr().out == ("bench_chat.py: skipping the Node baseline: npm install did not finish in "
+                                       "1 s (is the npm registry reachable?)\n")
 
 
 def test_the_benchmark_reports_a_point_measured_several_times_as_its_median_run_and_range() -> None:
@@ -3463,9 +3983,16 @@ def test_the_benchmark_reports_a_point_measured_several_times_as_its_median_run_
 
 
 @pytest.mark.slow
-def test_the_benchmark_memory_profile_says_which_code_holds_each_idle_connections_memory() -> None:
+@pytest.mark.timeout(300)
+def test_the_benchmark_memory_profile_says_which_code_holds_each_idle_connections_memory(tmp_path: Path) -> None:
+    fake_npm = tmp_path / "bin" / "npm"  # a memory profile of chat.py alone must never run npm
+    fake_npm.parent.mkdir()
+    fake_npm.write_text(f"#!/bin/sh\ntouch {tmp_path / 'npm-ran'}\nsleep 600\n")
+    fake_npm.chmod(0o755)
     result = subprocess.run([sys.executable, str(HERE / "bench_chat.py"), "--memory-profile", "200"],
-                            capture_output=True, text=True, timeout=120, cwd=HERE)
+                            capture_output=True, text=True, timeout=280, cwd=HERE,
+                            env={**os.environ, "PATH": f"{fake_npm.parent}:{os.environ['PATH']}"})
+    assert not (tmp_path / "npm-ran").exists()
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "Where chat.py's memory per idle connection goes (200 idle WebSocket clients" in out
@@ -3555,7 +4082,7 @@ def test_every_library_internal_chat_py_relies_on_is_still_there() -> None:
     assert params(socketio.AsyncRedisManager._redis_listen_with_retries) == ["self"]
     assert callable(socketio.AsyncRedisManager._redis_connect)
     from engineio import payload
-    assert payload.Payload.max_decode_packets >= chat.Settings.max_payload // 2, "set in chat.py's internals"
+    assert payload.Payload.max_decode_packets >= chat.FRAME_LIMIT_FLOOR // 2, "set in chat.py's internals"
     assert "self.max_decode_packets" in source(payload.Payload.decode)
 
 
