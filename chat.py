@@ -762,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concurrent connections allowed per address; loopback is exempt unless --trust-proxy "
                         "(default %(default)s)")
     p.add_argument("--max-queue", type=_positive_int, default=d.max_queue, metavar="N",
-                   help="a client more than N packets (or N KB) behind is disconnected (default %(default)s)")
+                   help="a client with more than N KB waiting to be sent to it is disconnected (default %(default)s)")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN", type=_origin,
                    dest="allow_origins",
                    help="also accept Socket.IO connections from pages on ORIGIN (repeatable; * for any)")
@@ -1139,7 +1139,8 @@ class ChatHub:
         msg, created = await self.store.append(room, user, body, "user", cid)
         if not created:  # a resend of a message already delivered: ack it again, show it once
             return {"ok": True, "id": msg.id, "ts": msg.ts, "duplicate": True}
-        await self.sio.emit("newmessage", msg.wire(), room=room)
+        if not self.store.delivered(msg):
+            await self.sio.emit("newmessage", msg.wire(), room=room)
         self.messages_sent += 1
         if session.user:
             await self.presence.set_typing(session, False)
@@ -1189,7 +1190,8 @@ class ChatHub:
                 return
             for text in replies:
                 reply, _ = await self.store.append(room, self.settings.bot_name, text, "bot", None)
-                await self.sio.emit("botmessage", reply.wire(), room=room)
+                if not self.store.delivered(reply):
+                    await self.sio.emit("botmessage", reply.wire(), room=room)
         except asyncio.CancelledError:
             raise
         except StoreError as exc:
@@ -1679,6 +1681,7 @@ class RedisHealth:
             await asyncio.sleep(delay)
             try:
                 await asyncio.wait_for(self.client.ping(), 2)
+                await self.client.connection_pool.disconnect()  # sockets from before the outage are dead
             except Exception:
                 delay = min(delay * 2, 5.0)
                 continue
@@ -1817,6 +1820,11 @@ class Store(Protocol):
 
     async def since(self, room: str, after_id: int, limit: int) -> tuple[list[Message], bool]: ...
 
+    def delivered(self, message: Message) -> bool:
+        """Whether appending `message` already delivered it to its room (with --redis, on every node);
+        if not, the hub broadcasts it."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -1856,6 +1864,9 @@ class MemoryStore:
         self._next_id += 1
         self.remember(msg)
         return msg, True
+
+    def delivered(self, message: Message) -> bool:
+        return False  # the hub broadcasts what this store keeps
 
     def continue_after(self, highest_id: int) -> None:
         """Number new messages after `highest_id` (ids another store handed out)."""
@@ -2005,6 +2016,9 @@ class SqliteStore:
         complete = len(rows) <= limit
         return rows[:limit][::-1], complete
 
+    def delivered(self, message: Message) -> bool:
+        return False  # the hub broadcasts what this store keeps
+
     async def close(self) -> None:
         if self._db is not None:
             try:
@@ -2025,7 +2039,12 @@ if cid ~= '' then
   if found then return {0, found} end
 end
 local id = redis.call('INCR', KEYS[1])
+if id <= tonumber(ARGV[4]) then  -- Redis lost its counter (a restart without persistence): go on after ours
+  id = tonumber(ARGV[4]) + 1
+  redis.call('SET', KEYS[1], id)
+end
 local msg = '{"id":' .. id .. ',' .. string.sub(ARGV[3], 2)
+redis.call('PUBLISH', ARGV[7], ARGV[5] .. msg .. ARGV[6])  -- numbered and sent in one step: in id order
 redis.call('RPUSH', KEYS[2], msg)
 local limit = tonumber(ARGV[2])
 local excess = redis.call('LLEN', KEYS[2]) - limit
@@ -2045,27 +2064,86 @@ if cid ~= '' then
 end
 return {1, msg}
 """
+REDIS_CHANNEL = "chat.py"  # the pub/sub channel of every node's Socket.IO manager
+REDIS_STORE_HOST = "chat.py-store"  # the host_id of messages the store publishes: every node delivers them
+NODE_SLOTS = 64  # nodes that can number messages apart from each other during a Redis outage
+OUTAGE_GAP = 10_000  # ids skipped when an outage starts: calls sent before it may still be run by Redis
 REDIS_RAISE_IDS = """
 if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
 """
 
 
+class DeliveryLedger:
+    """The message ids this node has delivered to its clients lately, and the appends waiting for theirs.
+
+    With --redis every new message reaches every node, the one that stored it included, through
+    Redis, in the order Redis numbered them; the storing node acknowledges a message only once it
+    has been delivered here, so an ack never overtakes a message with a lower id, and the highest
+    id a client has seen is an exact point to resume from.
+    """
+
+    KEEP = 10_000  # ids (and client ids) remembered
+
+    def __init__(self) -> None:
+        self.ids: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.cids: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.waiting: dict[int, asyncio.Future[None]] = {}
+
+    def claim(self, message_id: int, cid: str | None) -> bool:
+        """True the first time a message is to be delivered here; False for a copy already delivered
+        (under its id, or under another id after an append that timed out and was run by Redis late)."""
+        if message_id in self.ids or (cid and self.cids.get(cid, message_id) != message_id):
+            return False
+        self.ids[message_id] = None
+        if cid:
+            self.cids[cid] = message_id
+        for kept in (self.ids, self.cids):
+            while len(kept) > self.KEEP:
+                kept.popitem(last=False)
+        waiter = self.waiting.pop(message_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        return True
+
+    def has(self, message_id: int) -> bool:
+        return message_id in self.ids
+
+    async def wait(self, message_id: int, timeout: float) -> None:
+        """Until the message has been delivered here, or `timeout` seconds have passed."""
+        if message_id in self.ids:
+            return
+        waiter = self.waiting.setdefault(message_id, asyncio.get_running_loop().create_future())
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except asyncio.TimeoutError:
+            self.waiting.pop(message_id, None)
+
+
 class RedisStore:
     """History and ids shared by every node through Redis.
 
-    Ids come from INCR; each room keeps a capped list of messages and a window of
-    client ids (twice the history length) for de-duplication, all updated by one
-    Lua script so that concurrent nodes cannot interleave. While Redis is down,
-    this node numbers and keeps messages in memory, continuing after the highest
-    id it has seen, and raises the shared counter past them when Redis is back.
+    One Lua script numbers a message (INCR), keeps it in the room's capped list and a window of
+    client ids (twice the history length) for de-duplication, and publishes it to every node, all
+    in one step, so that concurrent nodes cannot interleave and every node sees the messages in id
+    order. The counter never goes back below an id this node has seen (a Redis restarted without
+    persistence starts it over). While Redis is down, this node numbers and keeps messages in
+    memory, after the highest id it has seen plus a gap, and only ids in its own slot (one in
+    NODE_SLOTS, claimed in Redis at start), so two nodes in an outage never hand out the same id;
+    when Redis is back the shared counter is raised past them.
     """
 
-    def __init__(self, client: Any, health: RedisHealth, history: int) -> None:
+    DELIVERY_WAIT = 2.0  # seconds an append waits for its message to come back through Redis
+
+    def __init__(self, client: Any, health: RedisHealth, history: int, node: str) -> None:
         self.client = client
         self.health = health
         self.history = history
+        self.node = node
+        self.slot = 0
         self.local = MemoryStore(history)
+        self.ledger = DeliveryLedger()
         self.highest_id = 0
+        self.outage_floor: int | None = None  # the lowest id this outage may use
         self.epoch = ""
         self._append = client.register_script(REDIS_APPEND)
         self._raise_ids = client.register_script(REDIS_RAISE_IDS)
@@ -2075,13 +2153,37 @@ class RedisStore:
         await self.client.set("chat:epoch", new_epoch(), nx=True)
         epoch = await self.client.get("chat:epoch")
         self.epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        await self.claim_slot()
+
+    async def claim_slot(self) -> None:
+        """Hold a numbering slot no other live node holds (refreshed by the heartbeat)."""
+        for slot in [self.slot, *range(NODE_SLOTS)]:
+            key = f"chat:node-slot:{slot}"
+            if await self.client.set(key, self.node, nx=True, ex=60) or \
+                    (await self.client.get(key) or b"").decode() == self.node:
+                await self.client.expire(key, 60)
+                self.slot = slot
+                return
+        log.warning("more than %d chat.py nodes share this Redis: during an outage two of them may "
+                    "number messages alike", NODE_SLOTS)
+
+    async def hold_slot(self, every: float = 20.0) -> None:
+        """Keep this node's numbering slot while it runs."""
+        while True:
+            await asyncio.sleep(every)
+            with contextlib.suppress(RedisDown):
+                await self.health.call(self.claim_slot)
 
     async def close(self) -> None:
         return None
 
-    def note_id(self, message_id: int) -> None:
-        """Remember an id another node handed out, so numbering during an outage continues after it."""
+    def claim(self, message_id: int, cid: str | None) -> bool:
+        """For the manager: a message about to be delivered here (see DeliveryLedger.claim)."""
         self.highest_id = max(self.highest_id, message_id)
+        return self.ledger.claim(message_id, cid)
+
+    def delivered(self, message: Message) -> bool:
+        return self.ledger.has(message.id)
 
     def _message(self, raw: bytes | str) -> Message:
         data = json.loads(raw)
@@ -2091,6 +2193,15 @@ class RedisStore:
 
     async def _after_outage(self) -> None:
         await self._raise_ids(keys=["chat:ids"], args=[self.highest_id])
+        self.outage_floor = None
+        await self.claim_slot()
+
+    def next_outage_id(self) -> int:
+        """The id for a message numbered here during an outage: past the gap, in this node's slot."""
+        if self.outage_floor is None:
+            self.outage_floor = self.highest_id + OUTAGE_GAP
+        candidate = max(self.highest_id + 1, self.outage_floor)
+        return candidate + (self.slot - candidate) % NODE_SLOTS
 
     async def append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> tuple[Message, bool]:
         fields = {"room": room, "user": user, "body": body, "ts": now_ms(), "kind": kind}
@@ -2098,14 +2209,22 @@ class RedisStore:
             fields["cid"] = cid
         keys = ["chat:ids", f"chat:history:{room}", f"chat:cids:{room}", f"chat:cid-order:{room}",
                 f"chat:evicted:{room}"]
+        event = "botmessage" if kind == "bot" else "newmessage"
+        envelope = {"method": "emit", "event": event, "data": ["MSG"], "binary": False, "namespace": "/",
+                    "room": room, "skip_sid": None, "callback": None, "host_id": REDIS_STORE_HOST}
+        before, after = json.dumps(envelope).split('"MSG"')
         try:
-            created, raw = await self.health.call(self._append, keys, [cid or "", self.history, json.dumps(fields)])
+            created, raw = await self.health.call(self._append, keys, [
+                cid or "", self.history, json.dumps(fields), self.highest_id, before, after, REDIS_CHANNEL])
         except RedisDown:
-            self.local.continue_after(self.highest_id)
+            self.local.continue_after(self.next_outage_id() - 1)
             message, created = await self.local.append(room, user, body, kind, cid)
-            self.note_id(message.id)
+            self.highest_id = max(self.highest_id, message.id)
             return message, created
-        return self._message(raw), bool(created)
+        message = self._message(raw)
+        if created:
+            await self.ledger.wait(message.id, self.DELIVERY_WAIT)
+        return message, bool(created)
 
     async def _window(self, room: str) -> tuple[list[Message], int]:
         async def read() -> tuple[list[Any], Any]:
@@ -3728,19 +3847,22 @@ eio_payload.Payload.max_decode_packets = max(eio_payload.Payload.max_decode_pack
 
 
 def packet_size(item: Any) -> int:
-    """Roughly how many bytes an outgoing Engine.IO packet will take on the wire."""
+    """Roughly how many bytes of memory a queued outgoing Engine.IO packet holds (its data, and the
+    packet object, so that many tiny packets count too)."""
     data = getattr(item, "data", None)
-    return 16 + (len(data) if isinstance(data, (str, bytes)) else 0)
+    return 64 + (len(data) if isinstance(data, (str, bytes)) else 0)
 
 
 class OutgoingQueue(asyncio.Queue):  # type: ignore[type-arg]
-    """An Engine.IO socket's outgoing queue, bounded in packets and bytes, whatever the packet:
-    broadcasts, acks and errors alike. Past the bound it asks `overflow` to drop the client
-    instead of growing (one packet larger than the bound still goes out when the queue is empty)."""
+    """An Engine.IO socket's outgoing queue, bounded in bytes whatever the packet: broadcasts, acks
+    and errors alike. Past the bound it asks `overflow` to drop the client instead of growing (one
+    packet larger than the bound still goes out when the queue is empty).
 
-    def __init__(self, max_packets: int, max_bytes: int, overflow: Callable[[OutgoingQueue], None]) -> None:
+    Bytes, not packets: a long-polling client takes at most 16 packets per poll, so a burst it
+    is reading at its transport's pace may be many packets long without it being slow."""
+
+    def __init__(self, max_bytes: int, overflow: Callable[[OutgoingQueue], None]) -> None:
         super().__init__()
-        self.max_packets = max_packets
         self.max_bytes = max_bytes
         self.overflow = overflow
         self.bytes = 0
@@ -3749,7 +3871,7 @@ class OutgoingQueue(asyncio.Queue):  # type: ignore[type-arg]
     def put_nowait(self, item: Any) -> None:
         if item is not None:  # None is the writer's stop signal: always accepted
             size = packet_size(item)
-            if self.qsize() and (self.qsize() >= self.max_packets or self.bytes + size > self.max_bytes):
+            if self.qsize() and self.bytes + size > self.max_bytes:
                 if not self.overflowed:
                     self.overflowed = True
                     self.overflow(self)
@@ -3763,6 +3885,12 @@ class OutgoingQueue(asyncio.Queue):  # type: ignore[type-arg]
             self.bytes -= packet_size(item)
         return item
 
+    def clear(self) -> None:
+        """Forget everything queued (a dropped client will not read it)."""
+        while not self.empty():
+            OutgoingQueue.get_nowait(self)  # not a subclass's: it may refuse to hand out more
+            self.task_done()
+
 
 class PollBatchQueue(OutgoingQueue):
     """An Engine.IO socket's outgoing queue that hands out at most 16 packets per batch.
@@ -3775,8 +3903,8 @@ class PollBatchQueue(OutgoingQueue):
 
     MAX_BATCH = 16
 
-    def __init__(self, max_packets: int, max_bytes: int, overflow: Callable[[OutgoingQueue], None]) -> None:
-        super().__init__(max_packets, max_bytes, overflow)
+    def __init__(self, max_bytes: int, overflow: Callable[[OutgoingQueue], None]) -> None:
+        super().__init__(max_bytes, overflow)
         self.batch = 0
         self.waiting = False
 
@@ -4045,7 +4173,7 @@ class ChatWebSocket(eio_aiohttp.WebSocket):
         open_websockets = getattr(self.server, "open_websockets", None)
         if open_websockets is not None:
             open_websockets.add(self)
-        sock = getattr(self.handler, "__self__", None)
+        sock = self.session
         try:
             if sock is not None and isinstance(sock.queue, LeanQueue):
                 await self.serve_lean(sock)
@@ -4113,6 +4241,11 @@ class ChatWebSocket(eio_aiohttp.WebSocket):
     async def close_for_restart(self) -> None:
         """Close with 1012 (service restart): clients treat it as a lost connection and reconnect."""
         await self._sock.close(code=aiohttp.WSCloseCode.SERVICE_RESTART, message=b"server restart")
+
+    @property
+    def session(self) -> Any:
+        """The Engine.IO session this WebSocket carries (python-engineio passes its bound handler)."""
+        return getattr(self.handler, "__self__", None)
 
     @property
     def response(self) -> web.WebSocketResponse:
@@ -4190,7 +4323,7 @@ class EngineServer(engineio.AsyncServer):
         transport, self._connecting_over = self._connecting_over, None  # set by _handle_connect just before
         if transport == "websocket" and self.lean:
             return LeanQueue(self.flusher)
-        return PollBatchQueue(self.max_queue, self.max_queue * 1024, self._queue_overflowed)
+        return PollBatchQueue(self.max_queue * 1024, self._queue_overflowed)
 
     # -- sessions per address: Engine.IO sessions (long-polling ones included) count, not only Socket.IO connects
 
@@ -4227,11 +4360,11 @@ class EngineServer(engineio.AsyncServer):
                 return
 
     def drop_slow_reader(self, eio_sid: str) -> None:
-        """Disconnect a client that fell `max_queue` packets (or KB) behind."""
+        """Disconnect a client that fell `max_queue` KB behind."""
         if eio_sid in self._dropping:
             return
         self._dropping.add(eio_sid)
-        log.warning("disconnecting %s: it fell %d packets (or KB) behind", eio_sid, self.max_queue)
+        log.warning("disconnecting %s: it fell over %d KB behind", eio_sid, self.max_queue)
         task = asyncio.get_running_loop().create_task(self._drop(eio_sid))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -4246,10 +4379,11 @@ class EngineServer(engineio.AsyncServer):
                 if isinstance(sock.queue, LeanQueue):
                     sock.queue.abort()  # no writer task: drop the connection with what it has not read
                 else:
-                    while not sock.queue.empty():
-                        sock.queue.get_nowait()
-                        sock.queue.task_done()
+                    sock.queue.clear()
                     sock.queue.put_nowait(None)
+                    for websocket in list(self.open_websockets):  # upgraded: its TCP connection goes now
+                        if websocket.session is sock:
+                            websocket.abort()
         finally:
             self._dropping.discard(eio_sid)
 
@@ -4385,20 +4519,20 @@ class FanoutManager(socketio.AsyncManager):
     WebSocket gets the WebSocket frame (built once per broadcast) through its LeanQueue,
     which joins it with the connection's other frames of this event-loop iteration into
     one write. Any other client (long-polling, upgraded, --compress) gets it queued. Either
-    way there is a bound: a client that falls `max_queue` packets (or KB) behind is
+    way there is a bound: a client that falls `max_queue` KB behind is
     disconnected instead of growing server memory.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.on_message_id: Callable[[int], None] | None = None
+        self.claim_message: Callable[[int, str | None], bool] | None = None
 
     async def emit(self, event: str, data: Any, namespace: str, room: Any = None, skip_sid: Any = None,
                    callback: Any = None, to: Any = None, **kwargs: Any) -> None:
         room = to or room
-        if (self.on_message_id is not None and event in ("newmessage", "botmessage") and isinstance(data, dict)
-                and type(data.get("id")) is int):
-            self.on_message_id(data["id"])
+        if (self.claim_message is not None and event in ("newmessage", "botmessage") and isinstance(data, dict)
+                and type(data.get("id")) is int and not self.claim_message(data["id"], data.get("cid"))):
+            return  # delivered here already
         if callback is not None or namespace not in self.rooms:
             return await super().emit(event, data, namespace, room=room, skip_sid=skip_sid,
                                       callback=callback, **kwargs)
@@ -4434,12 +4568,12 @@ class RedisFanoutManager(socketio.AsyncRedisManager, FanoutManager):
     """
 
     def __init__(self, url: str, health: RedisHealth,
-                 on_message_id: Callable[[int], None] | None = None) -> None:
+                 claim_message: Callable[[int, str | None], bool] | None = None) -> None:
         quiet = logging.getLogger("chat.redis-manager")
         quiet.setLevel(logging.CRITICAL)  # outages are reported once by RedisHealth
-        super().__init__(url, channel="chat.py", logger=quiet, redis_options={"socket_connect_timeout": 2})
+        super().__init__(url, channel=REDIS_CHANNEL, logger=quiet, redis_options={"socket_connect_timeout": 2})
         self.health = health
-        self.on_message_id = on_message_id  # relayed messages tell the store which ids exist
+        self.claim_message = claim_message  # the store learns which ids exist, and skips copies
 
     async def _publish(self, data: Any) -> None:
         if self.health.down:
@@ -4509,9 +4643,9 @@ async def connect_redis(settings: Settings) -> SharedState:
         raise StartupError(f"cannot reach Redis at {settings.redis}: {describe_error(exc)}") from None
     health = RedisHealth(client)
     node = os.urandom(6).hex()
-    store = RedisStore(client, health, settings.history)
+    store = RedisStore(client, health, settings.history, node)
     return SharedState(client, health, store, RedisBoard(client, health, node, settings.presence_ttl),
-                       RedisFanoutManager(settings.redis, health, on_message_id=store.note_id))
+                       RedisFanoutManager(settings.redis, health, claim_message=store.claim))
 
 
 def machine_addresses() -> list[str]:
@@ -4676,6 +4810,7 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
                   asyncio.create_task(ConnectionWatch(runner, app, hub.sio.eio.problems, open_files, capacity).run())]
     if shared:
         background.append(asyncio.create_task(hub.heartbeat(settings.presence_ttl / 3)))
+        background.append(asyncio.create_task(shared.store.hold_slot()))
     try:
         await stop.wait()
     finally:

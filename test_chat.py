@@ -2258,6 +2258,118 @@ async def test_during_a_redis_outage_a_node_numbers_on_from_the_ids_it_relayed(
     assert during[0]["id"] > max(ids), "ids never go backwards on a node that only relayed them"
 
 
+async def send_concurrently(senders: list[Peer], count: int, tag: str) -> list[dict[str, Any]]:
+    """Every sender sends `count` messages, all senders at once; returns every ack."""
+    async def one(peer: Peer, n: int) -> list[dict[str, Any]]:
+        return [await peer.say(f"{tag} {n}.{i}", user=f"S{n}") for i in range(count)]
+
+    return [ack for acks in await asyncio.gather(*(one(p, n) for n, p in enumerate(senders))) for ack in acks]
+
+
+@pytest.mark.redis
+async def test_with_redis_every_client_receives_messages_in_id_order_across_nodes(
+        nodes: Any, connect: Connect) -> None:
+    _, url_a = nodes("--bot", "off")
+    _, url_b = nodes("--bot", "off")
+    watchers = [await connect(url_a), await connect(url_b), await connect(url_b, transports=["polling"])]
+    senders = [await connect(url) for url in (url_a, url_a, url_b, url_b)]
+    acks = await send_concurrently(senders, 100, "order")
+    assert all(ack["ok"] for ack in acks)
+    expected = sorted(ack["id"] for ack in acks)
+    assert len(set(expected)) == 400
+    for watcher in watchers:
+        got = [m["id"] for m in await watcher.take("newmessage", 400)]
+        assert got == expected, "delivered in id order, whichever node numbered them"
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_with_redis_the_highest_id_seen_is_an_exact_resume_point(nodes: Any, connect: Connect) -> None:
+    """A client that drops at any moment and rejoins the other node with since=highest id seen
+    (broadcasts and its own acks alike) misses nothing."""
+    _, url_a = nodes("--bot", "off")
+    _, url_b = nodes("--bot", "off")
+    senders = [await connect(url) for url in (url_a, url_a, url_b, url_b)]
+    traffic = asyncio.create_task(send_concurrently(senders, 150, "resume"))
+    seen: set[int] = set()
+    for round_ in range(20):
+        reader = await connect(url_a if round_ % 2 else url_b)
+        if seen:
+            replay = await reader.join("lobby", since=max(seen))
+            assert replay["ok"] and replay["complete"]
+            seen.update(m["id"] for m in replay["history"])
+        own = await reader.say(f"reader {round_}", user=f"Reader{round_}")
+        seen.add(own["id"])
+        await asyncio.sleep(0.01 * (round_ % 5))
+        seen.update(m["id"] for m in reader.pending("newmessage"))
+        await reader.sio.disconnect()
+    acks = await traffic
+    final = await connect(url_b)
+    seen.update(m["id"] for m in (await final.join("lobby", since=max(seen)))["history"])
+    sent = {ack["id"] for ack in acks}
+    assert sent - seen == set(), f"never shown: {sorted(sent - seen)[:10]}"
+
+
+async def ids_through_an_outage(redis_server: RedisServer, nodes: Any, connect: Connect,
+                                outage: Callable[[], Awaitable[None]]) -> list[int]:
+    """Acked ids of concurrent senders on two nodes while `outage` happens to Redis."""
+    _, url_a = nodes("--bot", "off")
+    _, url_b = nodes("--bot", "off")
+    senders = [await connect(url) for url in (url_a, url_a, url_b, url_b)]
+    await send_concurrently(senders, 5, "before")
+    traffic = asyncio.create_task(send_concurrently(senders, 30, "during"))
+    await outage()
+    acks = await traffic
+    acks += await send_concurrently(senders, 5, "after")
+    assert all(ack["ok"] for ack in acks)
+    return [ack["id"] for ack in acks]
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_ids_stay_unique_across_nodes_when_redis_is_killed_and_restarted(
+        redis_server: RedisServer, nodes: Any, connect: Connect) -> None:
+    async def kill_and_restart() -> None:
+        await asyncio.sleep(0.1)
+        assert redis_server.proc is not None
+        redis_server.proc.kill()
+        redis_server.proc.wait(10)
+        await asyncio.sleep(0.3)
+        redis_server.start()  # empty: no persistence
+
+    ids = await ids_through_an_outage(redis_server, nodes, connect, kill_and_restart)
+    assert len(set(ids)) == len(ids), "two messages never share an id"
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_ids_stay_unique_across_nodes_when_redis_pauses(
+        redis_server: RedisServer, nodes: Any, connect: Connect) -> None:
+    async def pause() -> None:
+        await asyncio.sleep(0.1)
+        assert redis_server.proc is not None
+        redis_server.proc.send_signal(signal.SIGSTOP)  # calls time out, then Redis runs them late
+        await asyncio.sleep(3)
+        redis_server.proc.send_signal(signal.SIGCONT)
+
+    ids = await ids_through_an_outage(redis_server, nodes, connect, pause)
+    assert len(set(ids)) == len(ids), "two messages never share an id"
+
+
+@pytest.mark.redis
+async def test_a_redis_restart_while_idle_does_not_start_ids_over(
+        redis_server: RedisServer, nodes: Any, connect: Connect) -> None:
+    _, url_a = nodes("--bot", "off")
+    _, url_b = nodes("--bot", "off")
+    ann, bob = await connect(url_a), await connect(url_b)
+    before = [(await ann.say(f"before {i}", user="Ann"))["id"] for i in range(4)]
+    await bob.take("newmessage", 4)
+    redis_server.stop()
+    redis_server.start()  # nobody talked meanwhile: no node saw it go
+    after = [(await peer.say("after", user="Someone"))["id"] for peer in (bob, ann)]
+    assert min(after) > max(before) and len(set(after)) == 2
+
+
 @pytest.mark.redis
 async def test_after_a_redis_outage_the_shared_id_counter_is_raised_past_the_ids_handed_out(
         redis_server: RedisServer, nodes: Any, connect: Connect) -> None:
@@ -3072,10 +3184,74 @@ async def test_a_client_that_never_reads_its_acks_is_disconnected_at_the_bound(
     for _ in range(3000):  # the first joins are acked with 1,000 long messages each, the rest with a refusal
         stalled.send('421["join",{"room":"evil","since":0}]')
     await stalled.writer.drain()
-    await asyncio.to_thread(server.stderr.wait_for, "disconnecting .*: it fell 1000 packets .* behind", 20)
+    await asyncio.to_thread(server.stderr.wait_for, "disconnecting .*: it fell over 1000 KB behind", 20)
     assert rss_mb(server.proc.pid) - before < 50
     stalled.abort()
     await assert_chat_still_works(url, connect)
+
+
+@pytest.mark.slow
+async def test_a_long_polling_client_reading_a_burst_at_its_own_pace_is_not_dropped(
+        start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(trust_proxy=True)  # the shipped limits: 10 at once per person, the bot on
+    reader = await connect(url, transports=["polling"])  # python-socketio: at most 16 packets per poll
+    senders = [await connect(url, headers={"X-Forwarded-For": f"198.51.100.{i + 1}"}) for i in range(60)]
+    for n, sender in enumerate(senders):
+        for i in range(10):  # each person's allowed burst
+            await sender.sio.emit("newmessage", {"user": f"P{n}", "body": f"burst {n}.{i}"})
+    messages = await reader.take("newmessage", 600, timeout=60)
+    replies = await reader.take("botmessage", 600, timeout=60)
+    assert len({m["id"] for m in messages + replies}) == 1200
+    assert reader.sio.connected, "a reader that keeps polling is not slow"
+
+
+async def upgraded_session(url: str, receive_buffer: int) -> tuple[asyncio.StreamWriter, asyncio.StreamReader]:
+    """A raw client that connects by long-polling, upgrades to a WebSocket, then reads nothing."""
+    host, port = url.removeprefix("http://").split(":")
+    async with aiohttp.ClientSession() as http_client:
+        async with http_client.get(f"{url}/socket.io/?EIO=4&transport=polling") as response:
+            sid = json.loads((await response.text())[1:])["sid"]
+        async with http_client.post(f"{url}/socket.io/?EIO=4&transport=polling&sid={sid}", data="40") as response:
+            assert response.status == 200
+        async with http_client.get(f"{url}/socket.io/?EIO=4&transport=polling&sid={sid}") as response:
+            assert (await response.text()).startswith("40")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    client = RawClient(reader, writer)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write((f"GET /socket.io/?EIO=4&transport=websocket&sid={sid} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                  f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    client.send("2probe")
+    assert await client.receive() == "3probe"
+    client.send("5")  # upgraded
+    return writer, reader
+
+
+@pytest.mark.slow
+async def test_stalled_upgraded_readers_are_cut_at_once_without_a_traceback(
+        chat_process: Any, connect: Connect) -> None:
+    server, url = chat_process("--rate", "0", "--bot", "off", "--max-queue", "100")
+    stalled = [await upgraded_session(url, 4096) for _ in range(5)]
+    writer = await connect(url)
+    body = "x" * 1500
+    for i in range(600):  # 900 KB for each of them: far past 100 KB plus what the kernel buffers
+        await writer.sio.emit("newmessage", {"user": "Writer", "body": f"{i} {body}"})
+    await writer.say("last", user="Writer")
+    for _ in stalled:
+        await asyncio.to_thread(server.stderr.wait_for, r"disconnecting .*: it fell over 100 KB behind", 20)
+    for tcp_writer, tcp_reader in stalled:
+        async with asyncio.timeout(5):  # closed now, not after a ping timeout
+            while await tcp_reader.read(65536):
+                pass
+        tcp_writer.close()
+    await assert_chat_still_works(url, connect)
+    _, _, err = server.stop()
+    assert "Traceback" not in err and "Task exception was never retrieved" not in err
 
 
 async def test_join_is_rate_limited_per_connection_with_the_wait_in_the_refusal(
