@@ -538,6 +538,32 @@ class ProblemLog:
             log.warning(template + " (logged once a minute)", address)
 
 
+class ClientWarnings:
+    """Warnings about what one client sent: at most one line every 10 s for each of its keys (its
+    connection and its address), the next one saying how many were held back in between, so that
+    neither one connection nor many from one address can flood the log."""
+
+    EVERY = 10.0
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+        self.held: collections.Counter[str] = collections.Counter()
+
+    def warn(self, keys: tuple[str, ...], template: str, *args: Any) -> None:
+        now = time.monotonic()
+        if any(now - self.last.get(key, -self.EVERY) < self.EVERY for key in keys):
+            for key in keys:
+                self.held[key] += 1
+            return
+        if len(self.last) > 20_000:  # bounded: a flood of keys starts the count over
+            self.last.clear()
+            self.held.clear()
+        held = max((self.held.pop(key, 0) for key in keys), default=0)
+        for key in keys:
+            self.last[key] = now
+        log.warning(template + (f" (and {held} more like it in the last 10 s)" if held else ""), *args)
+
+
 class TokenBucket:
     """Allows `rate` events per second with bursts of up to `burst`; rate 0 allows everything."""
 
@@ -702,6 +728,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _whole_seconds(text: str) -> float:
+    value = _positive_float(text)
+    if value != int(value):  # python-engineio advertises the interval in whole seconds
+        raise argparse.ArgumentTypeError(f"must be whole seconds (clients are told whole seconds), got {text}")
+    return value
+
+
 def _origin(text: str) -> str:
     if text == "*" or re.fullmatch(r"https?://[^/\s?#]+", text):
         return text
@@ -794,7 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presence-ttl", type=_positive_float, default=d.presence_ttl, metavar="SECONDS",
                    help="with --redis: a node that stops heartbeating loses its users after this long "
                         "(default %(default)s)")
-    p.add_argument("--ping-interval", type=_positive_float, default=d.ping_interval, metavar="SECONDS",
+    p.add_argument("--ping-interval", type=_whole_seconds, default=d.ping_interval, metavar="SECONDS",
                    help="ping each client this often; keep it below your proxy's idle timeout (default %(default)s)")
     p.add_argument("--ping-timeout", type=_positive_float, default=d.ping_timeout, metavar="SECONDS",
                    help="a client that does not answer a ping within this long is gone (default %(default)s)")
@@ -894,7 +927,26 @@ CONFUSABLES = str.maketrans({
     "ԛ": "q", "ԝ": "w", "ӏ": "i", "ɑ": "a", "α": "a", "β": "b", "ε": "e", "ζ": "z", "η": "n", "ι": "i",
     "κ": "k", "μ": "m", "ν": "n", "ο": "o", "ρ": "p", "τ": "t", "υ": "u", "χ": "x", "ϲ": "c", "ϳ": "j",
     "0": "o", "1": "i", "l": "i", "|": "i", "ı": "i",  # i, l, 1 and | look alike in many fonts
+    # small capitals and IPA letters
+    "ᴀ": "a", "ʙ": "b", "ᴄ": "c", "ᴅ": "d", "ᴇ": "e", "ꜰ": "f", "ɢ": "g", "ʜ": "h", "ɪ": "i", "ᴊ": "j",
+    "ᴋ": "k", "ʟ": "i", "ᴍ": "m", "ɴ": "n", "ᴏ": "o", "ᴘ": "p", "ʀ": "r", "ꜱ": "s", "ᴛ": "t", "ᴜ": "u",
+    "ᴠ": "v", "ᴡ": "w", "ʏ": "y", "ᴢ": "z", "ɦ": "h", "ɧ": "h", "ɡ": "g", "ɩ": "i", "ɛ": "e", "ɵ": "o",
+    "ɾ": "r", "ʋ": "u", "ʂ": "s",
+    # Armenian (case-folded to these lowercase letters)
+    "հ": "h", "ո": "n", "ռ": "n", "ս": "u", "օ": "o", "ց": "g", "զ": "q", "ա": "w", "ք": "p", "լ": "i",
+    "ծ": "d",
+    # Cherokee (case-folded to these capitals)
+    "Ꭺ": "a", "Ᏼ": "b", "Ꮯ": "c", "Ꭰ": "d", "Ꭼ": "e", "Ꮐ": "g", "Ꮋ": "h", "Ꭵ": "i", "Ꭻ": "j", "Ꮶ": "k",
+    "Ꮮ": "i", "Ꮇ": "m", "Ꮑ": "n", "Ꮎ": "o", "Ꮲ": "p", "Ꭱ": "r", "Ꮪ": "s", "Ꭲ": "t", "Ꮩ": "v", "Ꮃ": "w",
+    "Ꮓ": "z",
 })
+# Characters that show nothing: Unicode's Default_Ignorable_Code_Point ranges (which Python's
+# unicodedata does not name) and the blanks that are letters or symbols (Hangul fillers, braille blank).
+INVISIBLE_RANGES = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5),
+                    (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x2800, 0x2800),
+                    (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8),
+                    (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
+INVISIBLE_RE = re.compile("[" + "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in INVISIBLE_RANGES) + "]")
 
 
 def _check_encodable(value: str, code: str, what: str) -> None:
@@ -907,7 +959,8 @@ def _check_encodable(value: str, code: str, what: str) -> None:
 
 
 def _strip_invisible(text: str) -> str:
-    return "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+    """`text` without format characters and characters that show nothing (INVISIBLE_RANGES)."""
+    return INVISIBLE_RE.sub("", "".join(ch for ch in text if unicodedata.category(ch) != "Cf"))
 
 
 def name_key(name: str) -> str:
@@ -929,6 +982,8 @@ def clean_user(value: Any, bot_name: str, who: str = "Your name") -> str:
     name = " ".join(_strip_invisible(unicodedata.normalize("NFKC", value)).split())
     if not name:
         raise InvalidInput("bad_user", "Please enter your name.")
+    if all(unicodedata.category(ch)[0] in "MZC" for ch in name):  # marks alone show nothing either
+        raise InvalidInput("bad_user", f"{who} must have a letter, digit or symbol in it.")
     if any(unicodedata.category(ch) == "Cc" for ch in name):
         raise InvalidInput("bad_user", f"{who} contains control characters.")
     if len(name) > MAX_NAME:
@@ -1012,8 +1067,6 @@ class Session:
     typings: TokenBucket = field(default_factory=lambda: TokenBucket(TYPING_RATE, TYPING_BURST))
     flood_started: float | None = None
     last_refusal: float = 0.0
-    last_warning: float = -60.0
-    warnings_held: int = 0
     kicked: bool = False
     typing_timer: asyncio.TimerHandle | None = None
 
@@ -1031,8 +1084,10 @@ class ChatHub:
         self.settings = settings
         self.store = store
         self.bot = BotRunner(bot, settings)
-        self.admission = Admission(settings)
+        self.warnings = ClientWarnings()
+        self.admission = Admission(settings, self.warnings)
         self.sio = ChatServer(
+            warnings=self.warnings, address_of=self.admission.client_address,
             async_mode="aiohttp",
             client_manager=manager or FanoutManager(),
             async_handlers=False,  # one client's events are handled strictly in order
@@ -1133,7 +1188,8 @@ class ChatHub:
                 log.warning("disconnecting %s (%s): over the rate limit for %.0f s", sid, session.ip, flooding_for)
                 self._spawn(self.sio.disconnect(sid))
             raise InvalidInput("rate_limited", "You are sending messages too fast; slow down.",
-                               quiet=flooding_for > 0, retry_after_ms=empty.wait_ms())
+                               quiet=session.last_refusal != session.flood_started,  # the flood's first is logged
+                               retry_after_ms=empty.wait_ms())
         room = session.room
         await self.presence.rename(session, user)
         msg, created = await self.store.append(room, user, body, "user", cid)
@@ -1237,19 +1293,10 @@ class ChatHub:
         await self.sio.emit("chat_error", {"error": message, "code": code, "event": event, **details}, to=sid)
         return None
 
-    @staticmethod
-    def _warn_refusal(session: Session | None, sid: str, event: str, code: str, message: str) -> None:
-        """One warning line per connection every 10 s at most: a hostile client cannot flood the log."""
-        now = time.monotonic()
-        if session is not None:
-            if now - session.last_warning < 10:
-                session.warnings_held += 1
-                return
-            held, session.warnings_held, session.last_warning = session.warnings_held, 0, now
-            more = f" (and {held} more refusals in the last 10 s)" if held else ""
-        else:
-            more = ""
-        log.warning("refused %s from %s (%s): %s%s", event[:40], session.ip if session else sid, code, message, more)
+    def _warn_refusal(self, session: Session | None, sid: str, event: str, code: str, message: str) -> None:
+        """Limited per connection and per address (ClientWarnings): a hostile client cannot flood the log."""
+        where = session.ip if session else sid
+        self.warnings.warn((sid, where), "refused %s from %s (%s): %s", event[:40], where, code, message)
 
     # -- background work and shutdown
 
@@ -1369,8 +1416,9 @@ class Admission:
     """Who may connect (origin, password, connections per address) and how fast each connection,
     and each address over all its connections, may send messages and join rooms."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, warnings: ClientWarnings) -> None:
         self.settings = settings
+        self.warnings = warnings
         self.per_ip: collections.Counter[str] = collections.Counter()
         self.passwords = PasswordGuard()
         self.address_messages = AddressBuckets(settings.rate * PER_ADDRESS_FACTOR, settings.burst * PER_ADDRESS_FACTOR)
@@ -1424,13 +1472,13 @@ class Admission:
         """A new Socket.IO connection's session, or ConnectionRefusedError with a `code` the page reads."""
         ip = self.client_address(environ)
         if not self._password_ok(ip, auth):
-            log.warning("refused connection from %s: wrong or missing password", ip)
+            self.warnings.warn((ip,), "refused connection from %s: wrong or missing password", ip)
             raise socketio.exceptions.ConnectionRefusedError(
                 "unauthorized", {"code": "wrong_password" if isinstance(auth, dict) and auth.get("password")
                                  else "password_needed"})
         exempt = self.is_exempt(ip)
         if not exempt and self.per_ip[ip] >= self.settings.max_per_ip:
-            log.warning("refused connection from %s: over %d connections", ip, self.settings.max_per_ip)
+            self.warnings.warn((ip,), "refused connection from %s: over %d connections", ip, self.settings.max_per_ip)
             raise socketio.exceptions.ConnectionRefusedError("too many connections from your address",
                                                              {"code": "too_many_connections"})
         self.per_ip[ip] += 1
@@ -2845,6 +2893,25 @@ def content_security_policy(settings: Settings) -> str:
             "frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'")
 
 
+@functools.cache
+def page_script() -> str:
+    """The page's JavaScript, with name_key's look-alike table and invisible characters filled in.
+
+    The page lower-cases, then looks each character up: the table holds, for every lower-case
+    character that Python's case folding changes (Cherokee folds to capitals, ß to ss, ς to σ) or
+    that has a look-alike, what name_key makes of it."""
+    table = {}
+    for code in range(0x10000):  # every such character is in the BMP
+        lower = chr(code).lower()
+        if len(lower) == 1 and not 0xD800 <= code <= 0xDFFF:
+            key = lower.casefold().translate(CONFUSABLES)
+            if key != lower:
+                table[lower] = key
+    invisible = "[" + "".join(f"\\u{{{a:x}}}-\\u{{{b:x}}}" for a, b in INVISIBLE_RANGES) + "]"
+    folding = json.dumps({"map": table, "invisible": invisible}, ensure_ascii=False)
+    return PAGE_JS.replace("/*NAME_FOLDING*/{ map: {}, invisible: '[]' }", folding)
+
+
 def render_page(settings: Settings) -> str:
     """The HTML page, with the Socket.IO client script tag for the chosen source."""
     if settings.client_js:
@@ -2870,11 +2937,46 @@ def host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+MAX_NESTING = 256  # arrays and objects inside each other in one packet (Python's decoder fails near 1,000)
+
+
+def nesting_depth(text: str) -> int:
+    """How deeply JSON arrays and objects nest in `text` (brackets inside strings do not count)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
 def valid_engine_packet(packet: Any) -> bool:
-    """Whether a frame or a polling payload's part is an Engine.IO packet python-engineio can decode."""
+    """Whether a frame or a polling payload's part is an Engine.IO packet python-engineio can decode.
+
+    python-engineio decodes a packet whose data starts with [ or { as JSON itself, outside any
+    error handling: it must nest no deeper than MAX_NESTING (Python's decoder would raise
+    RecursionError). Socket.IO packets ("42[...") are decoded later, where errors are handled.
+    """
     if isinstance(packet, bytes):
         return True  # binary: handed to ChatServer, which refuses it
-    return isinstance(packet, str) and packet[:1] in ("0", "1", "2", "3", "4", "5", "6")
+    if not (isinstance(packet, str) and packet[:1] in ("0", "1", "2", "3", "4", "5", "6")):
+        return False
+    if packet[1:2] not in ("[", "{"):
+        return True
+    opened = packet.count("[") + packet.count("{")  # counted in C; scanned only when it could be deep
+    return opened <= MAX_NESTING or nesting_depth(packet) <= MAX_NESTING
 
 
 def check_polling_payload(body: bytes) -> str | None:
@@ -2994,7 +3096,7 @@ def build_app(settings: Settings, hub: ChatHub) -> web.Application:
         if transport is not None and transport not in settings.transports:
             only = " and ".join(settings.transports)
             problems.warn(f"refused a {transport[:20]!r} connection from %s: this server runs with --transports "
-                          f"{','.join(settings.transports)} (clients need transports: ['{only}'])",
+                          f"{','.join(settings.transports)} (clients need transports: {list(settings.transports)})",
                           request.remote or "?")
             return web.json_response({"code": "transport_refused",
                                       "error": f"this server accepts {only} only: connect with "
@@ -3038,7 +3140,7 @@ def build_app(settings: Settings, hub: ChatHub) -> web.Application:
     if settings.static is None:
         app.router.add_get("/", static(page, "text/html"))
         app.router.add_get("/chat.css", static(PAGE_CSS.encode(), "text/css"))
-        app.router.add_get("/chat.js", static(PAGE_JS.encode(), "text/javascript"))
+        app.router.add_get("/chat.js", static(page_script().encode(), "text/javascript"))
         app.router.add_get("/favicon.svg", static(FAVICON_SVG.encode(), "image/svg+xml"))
     app.router.add_get("/healthz", healthz)
     if client_js is not None:
@@ -3545,7 +3647,12 @@ PAGE_JS = r"""
       });
   };
 
-  const nameKey = (name) => name.normalize('NFKC').toLowerCase().replace(/[\s\u200b-\u200f\u2060\ufeff]+/g, '');
+  // The server's name key (name_key in chat.py): its look-alike table and invisible characters, put
+  // here by the server, so the page refuses exactly what the server refuses.
+  const FOLDING = /*NAME_FOLDING*/{ map: {}, invisible: '[]' };
+  const INVISIBLE = new RegExp(`${FOLDING.invisible}|\\p{Cf}`, 'gu');
+  const nameKey = (name) => [...name.normalize('NFKC').replace(INVISIBLE, '').toLowerCase()]
+    .map((ch) => FOLDING.map[ch] ?? ch).join('').replace(/[\s\x1c-\x1f\x85]+/gu, '');  // Python's isspace()
   const BOT_KEY = nameKey(document.querySelector('meta[name="chat-bot-name"]')?.content || '');
 
   // The name as the server will accept it, or null after telling the person what is wrong.
@@ -4114,7 +4221,9 @@ class SharedPinger:
         """Ping `sock` (an engineio AsyncSocket) one interval from now."""
         self.discard(sock.sid)
         loop = asyncio.get_running_loop()
-        number = math.ceil((loop.time() + self.interval) / self.step)
+        # Rounded down: a ping may go up to one step early, never late (a client allows exactly
+        # pingInterval + pingTimeout before it gives up, and the timeout may be shorter than a step).
+        number = math.floor((loop.time() + self.interval) / self.step)
         self.due.setdefault(number, {})[sock.sid] = sock
         self.step_of[sock.sid] = number
         if self.timer is None or self.timer.when() > number * self.step:
@@ -4459,12 +4568,41 @@ class ChatServer(socketio.AsyncServer):
 
     It records whether the client asked for an ack (so a refusal goes back the
     way the client listens), refuses events named like Socket.IO's own
-    lifecycle events, and turns undecodable packets into one warning line.
+    lifecycle events, and turns undecodable packets into a warning (limited per
+    connection and address). A connection that sends MAX_STRIKES undecodable
+    packets, or has that many connects refused (no password, say), is closed.
     """
 
-    def __init__(self, *args: Any, engine_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    MAX_STRIKES = 5
+
+    def __init__(self, *args: Any, warnings: ClientWarnings, address_of: Callable[[dict[str, Any]], str],
+                 engine_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
         self._engine_options = engine_options or {}
+        self.warnings = warnings
+        self.address_of = address_of
+        self.strikes: collections.Counter[str] = collections.Counter()  # per Engine.IO session
         super().__init__(*args, **kwargs)
+
+    def address(self, eio_sid: str) -> str:
+        environ = self.environ.get(eio_sid)
+        return self.address_of(environ) if environ is not None else "?"
+
+    async def strike(self, eio_sid: str) -> None:
+        """One more bad thing from this connection; past MAX_STRIKES it is closed."""
+        self.strikes[eio_sid] += 1
+        if self.strikes[eio_sid] >= self.MAX_STRIKES:
+            self.warnings.warn((eio_sid, self.address(eio_sid)), "closing a connection from %s: %d bad packets "
+                               "or refused connects", self.address(eio_sid), self.strikes[eio_sid])
+            await self.eio.disconnect(eio_sid)
+
+    async def _handle_connect(self, eio_sid: str, namespace: str, data: Any) -> None:
+        await super()._handle_connect(eio_sid, namespace, data)
+        if self.manager.sid_from_eio_sid(eio_sid, namespace or "/") is None:  # refused
+            await self.strike(eio_sid)
+
+    async def _handle_eio_disconnect(self, eio_sid: str, *args: Any) -> None:
+        self.strikes.pop(eio_sid, None)
+        await super()._handle_eio_disconnect(eio_sid, *args)
 
     def _engineio_server_class(self) -> Any:
         return functools.partial(EngineServer, **self._engine_options)
@@ -4481,10 +4619,13 @@ class ChatServer(socketio.AsyncServer):
             await super()._handle_eio_message(eio_sid, data)
         except Exception as exc:  # a packet python-socketio could not decode
             sid = self.manager.sid_from_eio_sid(eio_sid, "/")
-            log.warning("dropped a malformed packet from %s: %s", sid or eio_sid, type(exc).__name__)
+            address = self.address(eio_sid)
+            self.warnings.warn((eio_sid, address), "dropped a malformed packet from %s (%s): %s",
+                               address, sid or eio_sid, type(exc).__name__)
             if sid is not None:
                 await self.emit("chat_error", {"error": "The server could not read that packet.",
                                                "code": "bad_packet", "event": None}, to=sid)
+            await self.strike(eio_sid)
 
     async def _handle_event_internal(self, server: Any, sid: str, eio_sid: str, data: Any,
                                      namespace: str, id: int | None) -> None:

@@ -1955,6 +1955,63 @@ async def test_at_most_four_bot_calls_run_at_once(start_chat: StartChat, connect
     assert backend.most_in_flight == 4
 
 
+BOT_LOOKALIKES = {  # spellings of ChatFriend that render (almost) alike, and what hides in them
+    "combining grapheme joiner": "ChatFriend\u034f", "variation selector": "ChatFriend\ufe0f",
+    "Mongolian free variation selector": "ChatFriend\u180b", "braille blank": "ChatFriend\u2800",
+    "Hangul filler": "Chat\u3164Friend", "Cherokee C": "\u13dfhatFriend", "Cherokee small c": "\uabafhatFriend",
+    "small capital C": "\u1d04hatFriend", "IPA h with hook": "C\u0266atFriend", "Armenian ho": "C\u0570atFriend",
+    "soft hyphen": "Chat\u00adFriend", "tag characters": "ChatFriend\U000e0041",
+}
+
+
+@pytest.mark.parametrize("name", BOT_LOOKALIKES.values(), ids=BOT_LOOKALIKES.keys())
+def test_look_alikes_of_the_bots_name_are_reserved(name: str) -> None:
+    with pytest.raises(chat.InvalidInput) as refused:
+        chat.clean_user(name, "ChatFriend")
+    assert refused.value.code == "reserved_name"
+
+
+@pytest.mark.parametrize("name", ["\u3164", "\u034f", "\u2800", "\u115f\u1160", "\ufe0f", "\u0301\u0301", "\u00ad"])
+def test_a_name_that_shows_nothing_is_refused(name: str) -> None:
+    with pytest.raises(chat.InvalidInput) as refused:
+        chat.clean_user(name, "ChatFriend")
+    assert refused.value.code == "bad_user"
+
+
+def test_names_in_other_scripts_are_kept_as_typed() -> None:
+    for name in ("Zoë", "Ꮎsage", "Հայկ", "李雷", "Ana 🙂", "ʙob"):
+        assert chat.clean_user(name, "ChatFriend") == name
+
+
+def test_the_page_script_parses() -> None:
+    require(shutil.which("node") is not None, "node")
+    script = HERE / ".pytest-page.js"
+    try:
+        script.write_text(chat.page_script())
+        checked = subprocess.run(["node", "--check", str(script)], capture_output=True, text=True, timeout=30)
+    finally:
+        script.unlink(missing_ok=True)
+    assert checked.returncode == 0, checked.stderr
+
+
+@settings(max_examples=1, deadline=None)
+@given(st.lists(st.text(st.characters(exclude_categories=("Cs", "Cn")), min_size=1, max_size=12),
+                min_size=300, max_size=300))
+def test_the_page_and_the_server_agree_on_every_name_key(names: list[str]) -> None:
+    require(shutil.which("node") is not None, "node")
+    corpus = [*names, *BOT_LOOKALIKES.values(), "ChatFriend", "Chat Friend", "straße", "STRASSE", "ꮯ", "Ꮯ"]
+    script = chat.page_script()
+    folding = script[script.index("const FOLDING"):script.index("const BOT_KEY")]
+    program = (folding + "\nconst names = JSON.parse(require('fs').readFileSync(0, 'utf8'));\n"
+               "process.stdout.write(JSON.stringify(names.map(nameKey)));\n")
+    result = subprocess.run(["node", "-e", program], input=json.dumps(corpus), capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    page_keys = json.loads(result.stdout)
+    differ = [(n, k, chat.name_key(n)) for n, k in zip(corpus, page_keys, strict=True) if k != chat.name_key(n)]
+    assert differ == [], differ[:5]
+
+
 async def test_the_bot_can_be_renamed_and_its_new_name_is_reserved(start_chat: StartChat, connect: Connect) -> None:
     url = await start_chat(bot_name="Helper")
     peer = await connect(url)
@@ -2692,6 +2749,25 @@ class RawClient:
         self.writer.transport.abort()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+async def test_a_healthy_client_is_never_dropped_for_a_ping_that_came_late(
+        chat_process: Any, connect: Connect, transport: str) -> None:
+    _, url = chat_process("--ping-interval", "2", "--ping-timeout", "0.3")
+    peer = await connect(url, transports=[transport])
+    gone = asyncio.Event()
+    peer.sio.on("disconnect", lambda *args: gone.set())
+    with pytest.raises(asyncio.TimeoutError):  # five pings, each answered, each on time
+        await asyncio.wait_for(gone.wait(), 10.5)
+    assert peer.sio.connected
+
+
+def test_a_fractional_ping_interval_is_refused_because_clients_are_told_whole_seconds(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    assert "argument --ping-interval: must be whole seconds" in usage_error(["--ping-interval", "0.3"],
+                                                                           monkeypatch, capsys)
+
+
 async def test_websocket_clients_are_pinged_and_kept_while_they_answer(start_chat: StartChat) -> None:
     url = await start_chat(ping_interval=0.2, ping_timeout=0.4)
     client = await RawClient.open(url)
@@ -3252,6 +3328,68 @@ async def test_stalled_upgraded_readers_are_cut_at_once_without_a_traceback(
     await assert_chat_still_works(url, connect)
     _, _, err = server.stop()
     assert "Traceback" not in err and "Task exception was never retrieved" not in err
+
+
+def log_lines(err: str, pattern: str) -> list[str]:
+    return [line for line in err.splitlines() if re.search(pattern, line)]
+
+
+@pytest.mark.slow
+async def test_a_connection_sending_malformed_packets_is_closed_and_logged_once(chat_process: Any,
+                                                                               connect: Connect) -> None:
+    server, url = chat_process()
+    client = await RawClient.open(url)
+    for _ in range(5000):
+        client.send("42[]")
+    with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+        async with asyncio.timeout(10):
+            while True:
+                await client.receive()
+    await assert_chat_still_works(url, connect)
+    _, _, err = server.stop()
+    assert len(log_lines(err, "malformed|closing a connection")) <= 2, err[-2000:]
+    assert len(err) < 4000 and "Traceback" not in err
+
+
+@pytest.mark.slow
+async def test_connects_without_the_password_are_not_a_log_flood(chat_process: Any) -> None:
+    server, url = chat_process(env={"CHAT_PASSWORD": "open sesame"})
+    client = await RawClient.open(url, sio_connect=False)
+    for _ in range(3000):
+        client.send("40")
+    refusals = 0
+    with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+        async with asyncio.timeout(10):
+            while True:
+                refusals += (await client.receive()).startswith("44")
+    assert refusals <= chat.ChatServer.MAX_STRIKES, "the connection is closed after a few"
+    _, _, err = server.stop()
+    assert len(log_lines(err, "refused connection|closing a connection")) <= 2, err[-2000:]
+
+
+@pytest.mark.slow
+async def test_deeply_nested_polling_posts_are_refused_with_one_line(chat_process: Any, connect: Connect) -> None:
+    server, url = chat_process()
+    async with aiohttp.ClientSession() as http_client:
+        async with http_client.get(f"{url}/socket.io/?EIO=4&transport=polling") as response:
+            sid = json.loads((await response.text())[1:])["sid"]
+        for _ in range(100):
+            async with http_client.post(f"{url}/socket.io/?EIO=4&transport=polling&sid={sid}",
+                                        data="4" + "[" * 1100) as response:
+                assert response.status == 400
+    await assert_chat_still_works(url, connect)
+    _, _, err = server.stop()
+    assert "Traceback" not in err and "RecursionError" not in err
+    assert len(log_lines(err, "not Engine.IO")) == 1 and len(err) < 3000, err[-2000:]
+
+
+async def test_the_first_rate_limit_refusal_of_a_connection_is_logged(
+        start_chat: StartChat, connect: Connect, caplog: pytest.LogCaptureFixture) -> None:
+    url = await start_chat(rate=1, burst=1)
+    peer = await connect(url)
+    assert (await peer.say("one"))["ok"]
+    assert (await peer.say("two"))["code"] == "rate_limited"
+    assert [r for r in caplog.records if "rate_limited" in r.getMessage()], "the flood's first refusal is logged"
 
 
 async def test_join_is_rate_limited_per_connection_with_the_wait_in_the_refusal(
