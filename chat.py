@@ -2898,7 +2898,7 @@ def page_script() -> str:
     """The page's JavaScript, with name_key's look-alike table and invisible characters filled in.
 
     The page lower-cases, then looks each character up: the table holds, for every lower-case
-    character that Python's case folding changes (Cherokee folds to capitals, ß to ss, ς to σ) or
+    character that Python's case folding changes (Cherokee folds to capitals, ß to ss, final sigma to sigma) or
     that has a look-alike, what name_key makes of it."""
     table = {}
     for code in range(0x10000):  # every such character is in the BMP
