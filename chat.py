@@ -2985,7 +2985,8 @@ def check_polling_payload(body: bytes) -> str | None:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         return "a polling POST that is not UTF-8"
-    if not text or not all(valid_engine_packet(part) for part in text.split("\x1e")):
+    # "b": a binary packet in base64, handed on so that ChatServer refuses it and ends the session
+    if not text or not all(part[:1] == "b" or valid_engine_packet(part) for part in text.split("\x1e")):
         return "a polling POST that is not Engine.IO packets"
     return None
 
@@ -4549,10 +4550,11 @@ class EngineServer(engineio.AsyncServer):
 
     def release_long_poll(self, eio_sid: str) -> None:
         """python-engineio leaves a long-polling GET waiting for the ping timeout (about 45 s) after
-        the client says goodbye, holding a request and a socket: answer it now."""
+        the client says goodbye, holding a request and a socket: answer it now, with a NOOP (a valid
+        Engine.IO payload; a CLOSE that python-engineio queues next still follows it)."""
         sock = self.sockets.get(eio_sid)
         if sock is not None and not sock.upgraded:
-            sock.queue.put_nowait(None)
+            sock.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))
 
     async def disconnect(self, sid: str | None = None) -> None:
         for eio_sid in [sid] if sid is not None else list(self.sockets):

@@ -2854,6 +2854,64 @@ async def test_malformed_packets_are_dropped_with_a_chat_error(url: str, connect
     await assert_chat_still_works(url, connect)
 
 
+def engine_payload_is_valid(body: str) -> bool:
+    """Whether a long-polling response is an Engine.IO v4 payload: packets, each with its type."""
+    return bool(body) and all(part[:1] in "0123456" and part for part in body.split("\x1e"))
+
+
+async def polling_session(http_client: aiohttp.ClientSession, url: str) -> str:
+    async with http_client.get(f"{url}/socket.io/?EIO=4&transport=polling") as response:
+        sid = json.loads((await response.text())[1:])["sid"]
+    async with http_client.post(f"{url}/socket.io/?EIO=4&transport=polling&sid={sid}", data="40") as response:
+        assert response.status == 200
+    async with http_client.get(f"{url}/socket.io/?EIO=4&transport=polling&sid={sid}") as response:
+        assert (await response.text()).startswith("40")
+    return sid
+
+
+@pytest.mark.parametrize("sent", ["41", "451-[\"newmessage\",{\"_placeholder\":true,\"num\":0}]"],
+                         ids=["socket.io disconnect", "binary event"])
+async def test_every_polling_response_is_a_valid_engine_io_payload(url: str, sent: str) -> None:
+    async with aiohttp.ClientSession() as http_client:
+        sid = await polling_session(http_client, url)
+        poll = f"{url}/socket.io/?EIO=4&transport=polling&sid={sid}"
+        held = asyncio.create_task(http_client.get(poll))
+        await asyncio.sleep(0.2)  # the GET is waiting on the server (no event to await from outside)
+        async with http_client.post(poll, data=sent) as response:
+            assert response.status == 200
+        async with asyncio.timeout(5):
+            response = await held
+            body = await response.text()
+        assert response.status == 200 and engine_payload_is_valid(body), repr(body)
+        if sent.startswith("45"):
+            assert "1" in body.split("\x1e"), "a refused binary packet ends the session with a CLOSE"
+
+
+async def test_a_python_polling_client_that_sends_binary_is_disconnected_promptly(url: str, connect: Connect) -> None:
+    peer = await connect(url, transports=["polling"])
+    gone = asyncio.Event()
+    peer.sio.on("disconnect", lambda *args: gone.set())
+    await peer.sio.emit("newmessage", {"user": "Bin", "body": b"\x00\x01"})
+    await asyncio.wait_for(gone.wait(), 5)
+
+
+def test_a_refused_transport_is_logged_with_the_clients_setting_spelled_right(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def run() -> None:
+        stop = asyncio.Event()
+        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(chat.serve(chat.Settings(port=0), ready, stop))
+        url = await ready
+        async with aiohttp.ClientSession() as http_client, \
+                http_client.get(f"{url}/socket.io/?EIO=4&transport=carrier-pigeon") as response:
+            assert response.status == 400
+        stop.set()
+        await task
+
+    asyncio.run(run())
+    assert any("(clients need transports: ['polling', 'websocket'])" in r.getMessage() for r in caplog.records)
+
+
 async def test_an_oversized_polling_post_gets_413_before_its_body_is_read(url: str, connect: Connect) -> None:
     bystander = await connect(url)
     async with aiohttp.ClientSession() as http, http.get(f"{url}/socket.io/?EIO=4&transport=polling") as resp:
@@ -3189,7 +3247,7 @@ async def test_behind_the_readmes_nginx_the_page_connects_or_says_why_not(
                .replace("/etc/letsencrypt/live/chat.example.org/fullchain.pem", str(cert))
                .replace("/etc/letsencrypt/live/chat.example.org/privkey.pem", str(key))
                .replace("http://127.0.0.1:3000", f"http://127.0.0.1:{chat_port}")
-               .replace("proxy_set_header Host $http_host;", f"proxy_set_header Host {host_header};"))
+               .replace(" $http_host;", f" {host_header};"))  # Host and X-Forwarded-Host, as a person would
     unit_line = next(line for line in readme_blocks("Running on a Linode", "ini") if "--allow-host" in line)
     flags = shlex.split(unit_line.split("chat.py", 1)[1])
     flags = [f for f in flags if not f.startswith("/home/chat")]
