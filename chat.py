@@ -673,6 +673,8 @@ class Settings:
     transports: tuple[str, ...] = ("polling", "websocket")
     presence_grace: float = 3.0
     typing_timeout: float = 5.0
+    name_grace: float = 60.0
+    bot_replies: str = "all"
     redis: str | None = None
     presence_ttl: float = 15.0
     ping_interval: float = 25.0
@@ -769,6 +771,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bot-prompt", metavar="TEXT", help="openai: the system prompt (default: a friendly assistant)")
     p.add_argument("--bot-context", type=_positive_int, default=d.bot_context, metavar="K",
                    help="openai: how many recent messages of the room to send as context (default %(default)s)")
+    p.add_argument("--bot-replies", choices=("auto", "all", "mentions"), default=d.bot_replies,
+                   help="which messages the bot answers: all (the tutorial's, the default), mentions (those "
+                        "that address it, and private messages), or auto (all while one person is in the room, "
+                        "mentions when more are)")
+    p.add_argument("--name-grace", type=_non_negative_float, default=d.name_grace, metavar="SECONDS",
+                   help="a name stays held for its browser this long after its last connection leaves "
+                        "(default %(default)s)")
     p.add_argument("--bot-timeout", type=_positive_float, default=d.bot_timeout, metavar="SECONDS",
                    help="give up on a bot answer after this long (default %(default)s)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=d.log_level,
@@ -993,6 +1002,16 @@ def clean_user(value: Any, bot_name: str, who: str = "Your name") -> str:
     return name
 
 
+def mentions(body: str, name: str) -> bool:
+    """Whether `body` addresses `name`: an @name in it, or the name at its start ("ChatFriend, …")."""
+    key = name_key(name)
+    words = re.findall(r"(?:^|(?<=\s))@([^\s@,.:;!?]+(?:\s[^\s@,.:;!?]+)?)", body)  # not in an address
+    if any(name_key(word) == key or name_key(word.split()[0]) == key for word in words):
+        return True
+    start = re.match(r"\s*([^\s,.:;!?]+(?:\s[^\s,.:;!?]+)?)", body)
+    return bool(start) and key in (name_key(start.group(1)), name_key(start.group(1).split()[0]))
+
+
 def clean_body(value: Any, max_length: int) -> str:
     """Validate a message body: string, 1..max_length characters, newlines kept, other controls removed."""
     if not isinstance(value, str):
@@ -1062,6 +1081,8 @@ class Session:
     exempt: bool
     room: str = DEFAULT_ROOM
     user: str | None = None
+    browser: str = ""  # see clean_browser
+    held: str | None = None  # the name key this connection holds
     bucket: TokenBucket | None = None
     joins: TokenBucket = field(default_factory=lambda: TokenBucket(JOIN_RATE, JOIN_BURST))
     typings: TokenBucket = field(default_factory=lambda: TokenBucket(TYPING_RATE, TYPING_BURST))
@@ -1080,7 +1101,7 @@ class ChatHub:
     """
 
     def __init__(self, settings: Settings, store: Store, bot: Bot, board: Board | None = None,
-                 manager: socketio.AsyncManager | None = None) -> None:
+                 manager: socketio.AsyncManager | None = None, holds: NameHolds | None = None) -> None:
         self.settings = settings
         self.store = store
         self.bot = BotRunner(bot, settings)
@@ -1105,6 +1126,8 @@ class ChatHub:
             engineio_logger=False,
         )
         self.presence = Presence(self.sio, board or Board(), settings)
+        self.holds = holds or NameHolds(settings.name_grace)
+        self.private = PrivateMessages(self.sio, self.holds, settings)
         self.sessions: dict[str, Session] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started = time.monotonic()
@@ -1112,7 +1135,7 @@ class ChatHub:
         self.sio.on("connect", self.on_connect)
         self.sio.on("disconnect", self.on_disconnect)
         for event, handler in (("newmessage", self.on_newmessage), ("join", self.on_join),
-                               ("typing", self.on_typing)):
+                               ("typing", self.on_typing), ("private", self.on_private)):
             self.sio.on(event, self._guarded(event, handler))
         self.sio.on("*", self.on_unknown)
 
@@ -1131,6 +1154,8 @@ class ChatHub:
         if eio_sid:
             self.sio.eio.release_long_poll(eio_sid)
         self.admission.release(session)
+        if session.held is not None:
+            await self.holds.release(session.held, sid)
         await self.presence.set_typing(session, False)
         await self.presence.leave(session.room, session.user)
 
@@ -1154,7 +1179,7 @@ class ChatHub:
             await self.sio.enter_room(sid, room)
             session.room = room
             session.user = None
-        await self.presence.rename(session, user)
+        await self.speak_as(session, user)
         if since is None:
             history, complete = await self.store.recent(room, self.settings.history), True
         elif epoch is not None and epoch != self.store.epoch:
@@ -1191,7 +1216,7 @@ class ChatHub:
                                quiet=session.last_refusal != session.flood_started,  # the flood's first is logged
                                retry_after_ms=empty.wait_ms())
         room = session.room
-        await self.presence.rename(session, user)
+        await self.speak_as(session, user)
         msg, created = await self.store.append(room, user, body, "user", cid)
         if not created:  # a resend of a message already delivered: ack it again, show it once
             return {"ok": True, "id": msg.id, "ts": msg.ts, "duplicate": True}
@@ -1200,9 +1225,53 @@ class ChatHub:
         self.messages_sent += 1
         if session.user:
             await self.presence.set_typing(session, False)
-        if self.bot.enabled:
+        if self.bot.enabled and await self.bot_is_addressed(msg):
             self._spawn(self._answer(msg))
         return {"ok": True, "id": msg.id, "ts": msg.ts}
+
+    async def on_private(self, sid: str, *args: Any) -> dict[str, Any]:
+        """`private` {to, body}: to one person's connections and the sender's own, nowhere else;
+        to the bot, its answer comes back the same way."""
+        session = self.sessions[sid]
+        if not session.user:
+            raise InvalidInput("bad_user", "Join with a name before sending a private message.")
+        data = expect_object(args, "private")
+        empty = self.admission.over_message_rate(session)
+        if empty is not None:
+            raise InvalidInput("rate_limited", "You are sending messages too fast; slow down.",
+                               retry_after_ms=empty.wait_ms())
+        to, body, ts = await self.private.send(session.user, data)
+        if name_key(to) == name_key(self.settings.bot_name) and self.bot.enabled:
+            self._spawn(self._answer_privately(session.user, body, session.room))
+        return {"ok": True, "ts": ts}
+
+    async def speak_as(self, session: Session, user: str | None) -> None:
+        """The connection now uses `user` (or no name): it must hold the name (see NameHolds)."""
+        key = name_key(user) if user else None
+        if key != session.held:
+            if key is not None:
+                address = None if session.exempt else session.ip
+                refused = await self.holds.claim(key, session.browser, session.sid, address)
+                if refused == "name_taken":
+                    raise InvalidInput("name_taken", f"The name {user} is in use by someone else; please pick "
+                                                     "another.")
+                if refused:
+                    raise InvalidInput("too_many_names", "Too many names in use from your address.")
+                await self.sio.enter_room(session.sid, PrivateMessages.room_of(key))
+            if session.held is not None:
+                await self.holds.release(session.held, session.sid)
+                await self.sio.leave_room(session.sid, PrivateMessages.room_of(session.held))
+            session.held = key
+        await self.presence.rename(session, user)
+
+    async def bot_is_addressed(self, msg: Message) -> bool:
+        """Whether the bot answers this message (--bot-replies): always, when it is addressed
+        (`@ChatFriend …`, or a message starting with its name), or, with auto, also while the
+        sender is the only person in the room."""
+        mode = self.settings.bot_replies
+        if mode == "all" or mentions(msg.body, self.settings.bot_name):
+            return True
+        return mode == "auto" and len(await self.presence.board.members(msg.room)) <= 1
 
     async def on_typing(self, sid: str, *args: Any) -> None:
         """`typing` {typing: bool}: show or clear this person's typing indicator."""
@@ -1258,6 +1327,17 @@ class ChatHub:
             log.exception("the bot failed to answer message %d", msg.id)
             if remote:
                 await self.presence.set_bot_typing(room, False)
+
+    async def _answer_privately(self, user: str, body: str, room: str) -> None:
+        """The bot's answer to a private message, as private messages to the sender."""
+        try:
+            replies = await self.bot.answer(BotTurn(user, body, room, "", ()))
+            for text in replies or [f"{self.settings.bot_name} is unavailable right now."]:
+                await self.private.deliver(self.settings.bot_name, user, text, kind="bot")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the bot failed to answer a private message")
 
     # -- refusals: a reply to the sender, never a crash and never a broadcast
 
@@ -1482,7 +1562,8 @@ class Admission:
             raise socketio.exceptions.ConnectionRefusedError("too many connections from your address",
                                                              {"code": "too_many_connections"})
         self.per_ip[ip] += 1
-        return Session(sid=sid, ip=ip, exempt=exempt, bucket=TokenBucket(self.settings.rate, self.settings.burst))
+        return Session(sid=sid, ip=ip, exempt=exempt, bucket=TokenBucket(self.settings.rate, self.settings.burst),
+                       browser=clean_browser(auth, sid))
 
     def release(self, session: Session) -> None:
         """The connection has gone: it no longer counts against its address."""
@@ -1525,6 +1606,193 @@ class Admission:
             return True
         self.passwords.failed(group)
         return False
+
+
+# ---------------------------------------------------------------- people: names held, private messages
+
+
+BROWSER_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
+HOLDS_PER_ADDRESS = 20  # names one address may hold at once (its browsers' names, in use or in their grace)
+
+
+def clean_browser(auth: Any, sid: str) -> str:
+    """The browser a connection belongs to: the random key the page keeps in localStorage and sends
+    in the Socket.IO auth payload; a script that sends none is a browser of its own per connection."""
+    given = auth.get("browser") if isinstance(auth, dict) else None
+    return f"b:{given}" if isinstance(given, str) and BROWSER_RE.fullmatch(given) else f"c:{sid}"
+
+
+class NameHolds:
+    """Who may use which name. A name (by name_key) is held by the browser that uses it, while any
+    of that browser's connections does and for `grace` seconds after the last one leaves, so a
+    reload or a network blip does not hand it to someone else. This process's holds; RedisNameHolds
+    shares them between nodes."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.holder: dict[str, str] = {}  # name key -> browser
+        self.live: dict[str, set[str]] = {}  # name key -> sids using it here
+        self.until: dict[str, float] = {}  # name key -> when its grace ends (nobody using it)
+        self.by_address: dict[str, set[str]] = {}
+
+    def _expire(self, key: str) -> None:
+        if key in self.until and self.until[key] <= time.monotonic():
+            del self.until[key]
+            self.holder.pop(key, None)
+
+    def _free_for(self, key: str, browser: str) -> bool:
+        self._expire(key)
+        return self.holder.get(key, browser) == browser
+
+    async def claim(self, key: str, browser: str, sid: str, address: str | None) -> str | None:
+        """Start using a name: None, or why not ("name_taken": another browser holds it;
+        "too_many_names": this address holds HOLDS_PER_ADDRESS already)."""
+        if not self._free_for(key, browser):
+            return "name_taken"
+        if address is not None and key not in self.holder:
+            mine = self.by_address.setdefault(address, set())
+            for other in list(mine):
+                self._expire(other)
+                if other not in self.holder:
+                    mine.discard(other)
+            if len(mine) >= HOLDS_PER_ADDRESS:
+                return "too_many_names"
+            mine.add(key)
+        if len(self.until) > 10_000:  # bounded: forget holds whose grace is over
+            for other in list(self.until):
+                self._expire(other)
+        self.holder[key] = browser
+        self.live.setdefault(key, set()).add(sid)
+        self.until.pop(key, None)
+        return None
+
+    async def release(self, key: str, sid: str) -> None:
+        """A connection stops using a name; the last one starts its grace period."""
+        users = self.live.get(key)
+        if users is None:
+            return
+        users.discard(sid)
+        if not users:
+            del self.live[key]
+            self.until[key] = time.monotonic() + self.grace
+
+    async def online(self, key: str) -> bool:
+        """Whether some connection uses the name now."""
+        return bool(self.live.get(key))
+
+    async def refresh(self) -> None:
+        """Heartbeat (shared holds only)."""
+        return None
+
+    async def keep(self, every: float) -> None:
+        """Refresh the shared holds of the names used here, while this node runs."""
+        while True:
+            await asyncio.sleep(every)
+            await self.refresh()
+
+
+REDIS_CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+
+class RedisNameHolds(NameHolds):
+    """Names held across nodes: `chat:hold:KEY` names the browser (expiring unless refreshed by a
+    node that uses it), `chat:online:KEY` the nodes using it now (scored by when that expires)."""
+
+    def __init__(self, client: Any, health: RedisHealth, node: str, grace: float, ttl: float) -> None:
+        super().__init__(grace)
+        self.client = client
+        self.health = health
+        self.node = node
+        self.ttl = ttl
+        self._claim = client.register_script(REDIS_CLAIM)
+
+    async def _shared_claim(self, key: str, browser: str) -> bool:
+        keep = int(max(self.ttl, self.grace) * 1000)
+        expires = int((time.time() + self.ttl) * 1000)
+        return bool(await self.health.call(self._claim, [f"chat:hold:{key}", f"chat:online:{key}"],
+                                           [browser, keep, expires, self.node]))
+
+    async def claim(self, key: str, browser: str, sid: str, address: str | None) -> str | None:
+        try:
+            if not await self._shared_claim(key, browser):
+                return "name_taken"
+        except RedisDown:
+            pass  # this node's own holds decide until Redis is back
+        return await super().claim(key, browser, sid, address)
+
+    async def release(self, key: str, sid: str) -> None:
+        await super().release(key, sid)
+        if key in self.live:
+            return
+
+        async def let_go() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.zrem(f"chat:online:{key}", self.node)
+                pipe.pexpire(f"chat:hold:{key}", int(self.grace * 1000))
+                await pipe.execute()
+
+        with contextlib.suppress(RedisDown):
+            await self.health.call(let_go)
+
+    async def online(self, key: str) -> bool:
+        if await super().online(key):
+            return True
+        try:
+            return bool(await self.health.call(self.client.zcount, f"chat:online:{key}",
+                                               int(time.time() * 1000), "+inf"))
+        except RedisDown:
+            return False
+
+    async def refresh(self) -> None:
+        for key in list(self.live):
+            browser = self.holder.get(key)
+            if browser is not None:
+                with contextlib.suppress(RedisDown):
+                    await self._shared_claim(key, browser)
+
+
+class PrivateMessages:
+    """`private` {to, body}: a message to one person, wherever they are: it reaches only the
+    connections using that name and the sender's own, never a room, history or replay."""
+
+    def __init__(self, sio: socketio.AsyncServer, holds: NameHolds, settings: Settings) -> None:
+        self.sio = sio
+        self.holds = holds
+        self.settings = settings
+
+    @staticmethod
+    def room_of(key: str) -> str:
+        """The Socket.IO room of every connection using the name with this key."""
+        return f"name:{key}"
+
+    async def deliver(self, sender: str, to: str, body: str, kind: str = "user") -> int:
+        """Send to both people's connections; returns the time stamp."""
+        ts = now_ms()
+        payload = {"from": sender, "to": to, "body": body, "ts": ts, "kind": kind}
+        await self.sio.emit("private", payload, room=self.room_of(name_key(to)))
+        if name_key(sender) != name_key(to):
+            await self.sio.emit("private", payload, room=self.room_of(name_key(sender)))
+        return ts
+
+    async def send(self, sender: str, data: dict[str, Any]) -> tuple[str, str, int]:
+        """Check and deliver one private message from `sender`; returns (to, body, ts)."""
+        to = data.get("to")
+        if not isinstance(to, str) or not to.strip():
+            raise InvalidInput("bad_user", "Say who the message is for.")
+        to = " ".join(_strip_invisible(unicodedata.normalize("NFKC", to[: MAX_NAME * 4])).split())
+        body = clean_body(data.get("body"), self.settings.max_length)
+        to_bot = name_key(to) == name_key(self.settings.bot_name)
+        if not to_bot and not await self.holds.online(name_key(to)):
+            raise InvalidInput("not_online", f"{to[:MAX_NAME]} is not online.")
+        ts = await self.deliver(sender, self.settings.bot_name if to_bot else to, body)
+        return to, body, ts
 
 
 # ---------------------------------------------------------------- rooms: presence and typing
@@ -2912,6 +3180,15 @@ def page_script() -> str:
     return PAGE_JS.replace("/*NAME_FOLDING*/{ map: {}, invisible: '[]' }", folding)
 
 
+def bot_hint(settings: Settings) -> str:
+    """What the page's empty room says about the bot, as --bot-replies has it."""
+    if settings.bot == "off":
+        return ""
+    name = settings.bot_name
+    return {"all": f" {name} will answer.", "mentions": f" Mention @{name} to ask the bot.",
+            "auto": f" {name} answers while you are alone here; mention @{name} when others are."}[settings.bot_replies]
+
+
 def render_page(settings: Settings) -> str:
     """The HTML page, with the Socket.IO client script tag for the chosen source."""
     if settings.client_js:
@@ -2921,7 +3198,8 @@ def render_page(settings: Settings) -> str:
     return (PAGE_HTML.replace("{{CLIENT_SCRIPT}}", script)
             .replace("{{BOT_NAME}}", html.escape(settings.bot_name)).replace("{{VERSION}}", __version__)
             .replace("{{TRANSPORTS}}", ",".join(sorted(settings.transports, reverse=True)))
-            .replace("{{MAX_LENGTH}}", str(settings.max_length)))
+            .replace("{{MAX_LENGTH}}", str(settings.max_length))
+            .replace("{{BOT_HINT}}", html.escape(bot_hint(settings))))
 
 
 REQUEST_DEADLINE = 10.0  # seconds for a request's headers, and for a POST's body, to arrive
@@ -3200,7 +3478,7 @@ PAGE_HTML = """<!doctype html>
     <div class="chat-column">
       <section class="conversation" aria-label="Messages" tabindex="0">
         <div id="log" role="log" aria-label="Messages in this room"><ul id="messages" class="messages"></ul></div>
-        <p id="empty" class="empty">No messages yet. Say hello! {{BOT_NAME}} will answer.</p>
+        <p id="empty" class="empty">No messages yet. Say hello!{{BOT_HINT}} Type /help for commands.</p>
       </section>
       <div class="composer">
         <p id="typing" class="typing" aria-live="polite"></p>
@@ -3298,6 +3576,11 @@ h1 { font-size: 1.1rem; margin: 0; letter-spacing: .01em; }
 .message.mine { background: var(--mine); align-self: flex-end; }
 .message.bot { background: var(--bot); border-left: 4px solid var(--bot-edge); }
 .message.bot .meta { color: var(--bot-muted); }
+.message.private { border: 2px dashed var(--warn); }
+.message.private .state { color: var(--text); font-weight: 600; }
+.message.action .body { font-style: italic; }
+button.member { all: unset; cursor: pointer; border-radius: 4px; }
+button.member:hover, button.member:focus-visible { text-decoration: underline; outline: 2px solid var(--accent); }
 .message .meta { display: flex; flex-wrap: wrap; gap: 0 .5rem; align-items: baseline; font-size: .8rem; color: var(--muted); }
 .message .author { color: var(--text); font-size: .9rem; overflow-wrap: anywhere; min-width: 0; }
 .message .time { white-space: nowrap; }
@@ -3403,6 +3686,17 @@ PAGE_JS = r"""
     set(key, value) { try { sessionStorage.setItem(key, value); } catch { /* private mode */ } },
   };
 
+  // This browser, for the server's name holds: a random key made once and kept (never a secret
+  // the person chose; another browser cannot take a name this one is using).
+  const browserKey = () => {
+    let key = store.get('chat.browser');
+    if (!key || !/^[A-Za-z0-9_-]{16,64}$/.test(key)) {
+      const bytes = crypto.getRandomValues(new Uint8Array(18));
+      key = btoa(String.fromCharCode(...bytes)).replace(/\+/g, '-').replace(/\//g, '_');
+      store.set('chat.browser', key);
+    }
+    return key;
+  };
   const roomInUrl = () => (new URLSearchParams(location.search).get('room') || 'lobby').trim().toLowerCase();
   // ---- the page's state: everything that changes, in one place
 
@@ -3437,7 +3731,7 @@ PAGE_JS = r"""
   const socket = io({
     transports,
     tryAllTransports: true,
-    auth: (cb) => cb({ password: tabStore.get('chat.password') || undefined }),
+    auth: (cb) => cb({ password: tabStore.get('chat.password') || undefined, browser: browserKey() }),
   });
 
   // ---- rendering
@@ -3456,7 +3750,12 @@ PAGE_JS = r"""
     const time = li.querySelector('.time');
     time.textContent = timeText(ts);
     time.dateTime = new Date(ts).toISOString();
-    li.querySelector('.body').textContent = body;
+    if (body.startsWith('/me ')) {  // an action: "* Alice waves"
+      li.classList.add('action');
+      li.querySelector('.body').textContent = `* ${user} ${body.slice(4)}`;
+    } else {
+      li.querySelector('.body').textContent = body;
+    }
     return li;
   };
 
@@ -3504,7 +3803,17 @@ PAGE_JS = r"""
     state.memberNames = members;
     els.members.replaceChildren(...members.map((name) => {
       const li = document.createElement('li');
-      li.textContent = name;
+      const button = document.createElement('button');  // a private message to this person
+      button.type = 'button';
+      button.className = 'member';
+      button.textContent = name;
+      button.title = `Message ${name} privately`;
+      button.addEventListener('click', () => {
+        els.body.value = `/msg ${name.includes(' ') ? `"${name}"` : name} `;
+        els.body.focus();
+        autosize();
+      });
+      li.append(button);
       return li;
     }));
     els.memberCount.textContent = String(members.length);
@@ -3670,9 +3979,83 @@ PAGE_JS = r"""
     return user;
   };
 
+  // ---- slash commands: parsed here; the server checks what they send like anything else
+
+  const COMMANDS = {
+    '/help': 'this list',
+    '/me ACTION': 'say what you are doing: "/me waves" shows "* Alice waves"',
+    '/msg NAME TEXT': 'a private message: only NAME and you see it',
+    '/nick NAME': 'change your name',
+  };
+  const commandList = () => Object.entries(COMMANDS).map(([c, what]) => `${c}: ${what}`).join(' · ') +
+    ' · Start with // to send a message that begins with a slash.';
+
+  // A person's name as typed after a command: a "quoted name" (names may have spaces) or one word.
+  const splitName = (text) => {
+    const quoted = /^"([^"]+)"\s*([\s\S]*)$/.exec(text);
+    if (quoted) return [quoted[1], quoted[2]];
+    const [name, ...rest] = text.split(/\s+/);
+    return [name, rest.join(' ')];
+  };
+
+  const renderPrivate = (msg) => {
+    if (!msg || typeof msg.from !== 'string' || typeof msg.to !== 'string') return;
+    const fromMe = isMe(msg.from) || nameKey(msg.from) === nameKey(els.user.value.trim());
+    const li = makeItem(String(msg.from), String(msg.body), Number(msg.ts) || Date.now(),
+      ['user', 'private', ...(fromMe ? ['mine'] : []), ...(msg.kind === 'bot' ? ['bot'] : [])]);
+    li.querySelector('.state').textContent = fromMe ? `private, to ${msg.to}` : 'private, to you';
+    const stick = atBottom();
+    els.messages.insertBefore(li, firstPending());
+    els.empty.hidden = true;
+    if (stick || fromMe) scrollToEnd();
+  };
+
+  const sendPrivate = (user, to, text) => {
+    socket.timeout(SEND_TIMEOUT_MS).emit('private', { to, body: text }, (err, ack) => {
+      if (err || !ack || !ack.ok) {
+        showError(err ? 'The private message got no answer; try again.' : (ack && ack.error) || 'Not sent.');
+        if (!els.body.value) els.body.value = `/msg ${to.includes(' ') ? `"${to}"` : to} ${text}`;
+      }
+    });
+  };
+
+  // Returns the body to send as an ordinary message, or null when the command was handled here.
+  const runCommand = (user, body) => {
+    if (body.startsWith('//')) return body.slice(1);
+    if (!body.startsWith('/')) return body;
+    const [command] = body.split(/\s/, 1);
+    const rest = body.slice(command.length).trim();
+    if (command === '/me') {
+      if (rest) return body;
+      showError('Usage: /me ACTION');
+      return null;
+    }
+    if (command === '/help') {
+      renderSystem(commandList());
+    } else if (command === '/msg') {
+      const [to, text] = splitName(rest);
+      if (!to || !text) { showError('Usage: /msg NAME TEXT'); return null; }
+      if (!socket.connected || !state.joined) { showError('Not connected: the private message was not sent.'); return null; }
+      sendPrivate(user, to, text);
+    } else if (command === '/nick') {
+      const [name] = splitName(rest);
+      if (!name || !checkName(name)) { if (!name) showError('Usage: /nick NAME'); return null; }
+      els.user.value = name;
+      store.set('chat.name', name);
+      if (socket.connected) join();
+    } else {
+      showError(`Unknown command ${command.slice(0, 20)}. ${commandList()}`);
+      return null;
+    }
+    els.body.value = '';
+    autosize();
+    showCount();
+    return null;
+  };
+
   const send = () => {
     const typed = els.user.value.trim();
-    const body = els.body.value.trim();
+    let body = els.body.value.trim();
     if (!typed || !body) {
       showError(!typed && !body ? 'Please enter your name and a message.' :
         !typed ? 'Please enter your name.' : 'Please type a message.');
@@ -3681,6 +4064,9 @@ PAGE_JS = r"""
     }
     const user = checkName(typed);
     if (!user) return;
+    showError('');
+    body = runCommand(user, body);
+    if (body === null) return;
     if (bodyLength(body) > MAX_LENGTH) {  // refused here, with the text left in the box to shorten
       showError(`Your message is too long: ${bodyLength(body)} characters, at most ${MAX_LENGTH}.`);
       els.body.focus();
@@ -3722,7 +4108,7 @@ PAGE_JS = r"""
           setTimeout(() => { if (joining === state.room && socket.connected && !state.joined) join(withName); }, wait);
           return;
         }
-        if (user && ack && (ack.code === 'reserved_name' || ack.code === 'bad_user')) {
+        if (user && ack && ['reserved_name', 'bad_user', 'name_taken', 'too_many_names'].includes(ack.code)) {
           showError(ack.error);  // the name is refused: still join the room, without it
           join(false);
           return;
@@ -3858,6 +4244,7 @@ PAGE_JS = r"""
     if (msg && msg.room === state.room) { state.typingUsers = msg.users || []; renderTyping(); }
   });
   socket.on('chat_error', (msg) => showError(msg && msg.error));
+  socket.on('private', renderPrivate);
   window.addEventListener('offline', () => setStatus('offline', 'offline'));
   window.addEventListener('online', () => { if (!socket.connected) setStatus('reconnecting', 'reconnecting…'); });
 
@@ -4768,6 +5155,7 @@ class SharedState:
     store: RedisStore
     board: RedisBoard
     manager: RedisFanoutManager
+    holds: RedisNameHolds
 
     async def close(self) -> None:
         await self.health.close()
@@ -4788,7 +5176,8 @@ async def connect_redis(settings: Settings) -> SharedState:
     node = os.urandom(6).hex()
     store = RedisStore(client, health, settings.history, node)
     return SharedState(client, health, store, RedisBoard(client, health, node, settings.presence_ttl),
-                       RedisFanoutManager(settings.redis, health, claim_message=store.claim))
+                       RedisFanoutManager(settings.redis, health, claim_message=store.claim),
+                       RedisNameHolds(client, health, node, settings.name_grace, settings.presence_ttl))
 
 
 def machine_addresses() -> list[str]:
@@ -4910,7 +5299,7 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
     bot = make_bot(settings)
     await bot.open()
     hub = ChatHub(settings, store, bot, board=shared.board if shared else None,
-                  manager=shared.manager if shared else None)
+                  manager=shared.manager if shared else None, holds=shared.holds if shared else None)
     app = build_app(settings, hub)
     try:
         ssl_context = tls_context(settings)
@@ -4954,6 +5343,7 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
     if shared:
         background.append(asyncio.create_task(hub.heartbeat(settings.presence_ttl / 3)))
         background.append(asyncio.create_task(shared.store.hold_slot()))
+        background.append(asyncio.create_task(shared.holds.keep(settings.presence_ttl / 3)))
     try:
         await stop.wait()
     finally:

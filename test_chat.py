@@ -117,6 +117,7 @@ class Peer:
 
 
 StartChat = Callable[..., Awaitable[str]]
+ONE_BROWSER = "test-browser-0123456789"  # the browser key the connect fixture's clients share
 Connect = Callable[..., Awaitable[Peer]]
 
 
@@ -155,6 +156,11 @@ async def connect() -> AsyncIterator[Connect]:
     peers: list[Peer] = []
 
     async def make(server_url: str, transports: list[str] | None = None, **kwargs: Any) -> Peer:
+        # One browser, as far as names go, unless a test says otherwise: tests about other things
+        # let several clients speak as "Alice".
+        auth = kwargs.get("auth")
+        if auth is None or isinstance(auth, dict):
+            kwargs["auth"] = {"browser": ONE_BROWSER, **(auth or {})}
         peer = Peer(socketio.AsyncClient(reconnection=False))
         refusal: list[Any] = []
         peer.sio.on("connect_error", refusal.append)
@@ -908,6 +914,133 @@ def test_a_hang_up_stops_the_chat_like_ctrl_c() -> None:
     proc.proc.send_signal(signal.SIGHUP)  # ssh without -t, or a closed terminal
     assert proc.proc.wait(10) == 0
     assert "chat.py: stopped" in proc.stdout.rest()
+
+
+# ---------------------------------------------------------------- people: names held, private messages
+
+
+def browser_auth(name: str) -> dict[str, str]:
+    """The auth payload of a browser of its own (the page keeps such a key in localStorage)."""
+    return {"browser": f"test-browser-of-{name}"[:64].ljust(16, "x")}
+
+
+@pytest.mark.parametrize("spelling", ["Alice", "alice ", "ALICE", "Al\u200bice", "\u0410lice"])
+async def test_a_name_in_use_cannot_be_taken_by_another_browser(
+        start_chat: StartChat, connect: Connect, spelling: str) -> None:
+    url = await start_chat(rate=0)
+    alice = await connect(url, auth=browser_auth("alice"))
+    assert (await alice.join("lobby", user="Alice"))["ok"]
+    mallory = await connect(url, auth=browser_auth("mallory"))
+    refused = await mallory.join("elsewhere", user=spelling)
+    assert refused["ok"] is False and refused["code"] == "name_taken"
+    said = await mallory.say("I resign, pay Mallory", user=spelling)
+    assert said["code"] == "name_taken"
+    second_tab = await connect(url, auth=browser_auth("alice"))
+    assert (await second_tab.join("lobby", user="Alice"))["ok"], "the same browser's other tab may"
+
+
+async def test_a_name_is_held_through_its_grace_period_then_free(start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(rate=0, name_grace=0.5)
+    alice = await connect(url, auth=browser_auth("alice"))
+    await alice.join("lobby", user="Alice")
+    await alice.sio.disconnect()
+    bob = await connect(url, auth=browser_auth("bob"))
+    assert (await bob.join("lobby", user="Alice"))["code"] == "name_taken", "a reload must not lose the name"
+    back = await connect(url, auth=browser_auth("alice"))
+    assert (await back.join("lobby", user="Alice"))["ok"], "its own browser gets it back"
+    await back.sio.disconnect()
+    await asyncio.sleep(0.7)  # the grace period itself: nothing to await
+    assert (await bob.join("lobby", user="Alice"))["ok"]
+
+
+async def test_renaming_frees_the_old_name_after_the_grace(start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(rate=0, name_grace=0)
+    bob = await connect(url, auth=browser_auth("bob"))
+    await bob.join("lobby", user="Bob")
+    await bob.join("lobby", user="Bobby")
+    carol = await connect(url, auth=browser_auth("carol"))
+    assert (await carol.join("lobby", user="Bob"))["ok"]
+    assert (await carol.join("lobby", user="Bobby"))["code"] == "name_taken"
+
+
+async def test_a_private_message_reaches_only_the_person_and_the_sender(start_chat: StartChat,
+                                                                       connect: Connect) -> None:
+    url = await start_chat(rate=0, bot="off")
+    alice_1, alice_2 = await connect(url, auth=browser_auth("alice")), await connect(url, auth=browser_auth("alice"))
+    bob, carol = await connect(url, auth=browser_auth("bob")), await connect(url, auth=browser_auth("carol"))
+    dave = await connect(url, auth=browser_auth("dave"))
+    for peer, name, room in ((alice_1, "Alice", "lobby"), (alice_2, "Alice", "other"), (bob, "Bob", "lobby"),
+                             (carol, "Carol", "lobby"), (dave, "Dave", "other")):
+        assert (await peer.join(room, user=name))["ok"]
+    ack = await bob.sio.call("private", {"to": "alice", "body": "psst, surprise party for Bob"}, timeout=10)
+    assert ack["ok"] is True
+    for peer in (alice_1, alice_2, bob):
+        got = await peer.next("private")
+        assert (got["from"], got["to"], got["body"]) == ("Bob", "alice", "psst, surprise party for Bob")
+    await carol.say("marker", user="Carol")
+    await dave.say("marker", user="Dave")
+    await carol.next("newmessage")
+    await dave.next("newmessage")
+    assert carol.pending("private") == [] and dave.pending("private") == []
+    assert carol.pending("newmessage") == []
+    replay = await carol.join("lobby", since=0)
+    assert all("surprise" not in m["body"] for m in replay["history"]), "never in history"
+    missing = await bob.sio.call("private", {"to": "Zed", "body": "hello?"}, timeout=10)
+    assert missing["ok"] is False and missing["code"] == "not_online"
+
+
+async def test_a_private_message_to_the_bot_gets_a_private_answer(start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(rate=0)
+    bob, carol = await connect(url, auth=browser_auth("bob")), await connect(url, auth=browser_auth("carol"))
+    await bob.join("lobby", user="Bob")
+    await carol.join("lobby", user="Carol")
+    assert (await bob.sio.call("private", {"to": "ChatFriend", "body": "hello there"}, timeout=10))["ok"]
+    mine = await bob.next("private")
+    answer = await bob.next("private")
+    assert mine["body"] == "hello there" and answer["from"] == "ChatFriend" and answer["to"] == "Bob"
+    assert answer["body"] == "Hello, Bob!"
+    await carol.say("marker", user="Carol")
+    await carol.next("newmessage")
+    assert carol.pending("private") == []
+
+
+@pytest.mark.parametrize("mode", ["mentions", "auto"])
+async def test_the_bot_can_speak_only_when_spoken_to(start_chat: StartChat, connect: Connect, mode: str) -> None:
+    url = await start_chat(rate=0, bot_replies=mode)
+    ann, bob = await connect(url, auth=browser_auth("ann")), await connect(url, auth=browser_auth("bob"))
+    await ann.join("lobby", user="Ann")
+    if mode == "auto":
+        await ann.say("alone here, hello?", user="Ann")
+        alone = await ann.take("botmessage", 2)
+        assert alone[0]["body"] == "Hello, Ann!", "alone: the bot keeps you company"
+    await bob.join("lobby", user="Bob")
+    await ann.say("@Bob can you bring the snacks?", user="Ann")
+    await ann.say("@ChatFriend hello", user="Ann")
+    assert (await ann.next("botmessage"))["body"] == "Hello, Ann!", "the first reply is to the mention, not to Bob's"
+    assert (await ann.next("botmessage"))["body"] == "Did you have a question for us today?"
+    await ann.say("chatfriend, are you there?", user="Ann")
+    assert (await ann.next("botmessage"))["body"] == "We will be right with you to answer your question."
+
+
+def test_mentions_are_found_by_the_name_key() -> None:
+    for body in ("@ChatFriend hi", "hi @chatfriend!", "ChatFriend: help", "chat friend, hello", "@Chat Friend yo"):
+        assert chat.mentions(body, "ChatFriend"), body
+    for body in ("@Bob snacks?", "my chatfriendly neighbour", "email me@chatfriend.example"):
+        assert not chat.mentions(body, "ChatFriend"), body
+
+
+@pytest.mark.redis
+async def test_names_and_private_messages_work_across_nodes(nodes: Any, connect: Connect) -> None:
+    _, url_a = nodes("--bot", "off")
+    _, url_b = nodes("--bot", "off")
+    alice, bob = await connect(url_a, auth=browser_auth("alice")), await connect(url_b, auth=browser_auth("bob"))
+    assert (await alice.join("lobby", user="Alice"))["ok"]
+    mallory = await connect(url_b, auth=browser_auth("mallory"))
+    assert (await mallory.join("lobby", user="alice"))["code"] == "name_taken", "held on every node"
+    await bob.join("lobby", user="Bob")
+    assert (await bob.sio.call("private", {"to": "Alice", "body": "across nodes"}, timeout=10))["ok"]
+    assert (await alice.next("private"))["body"] == "across nodes"
+    assert (await bob.next("private"))["body"] == "across nodes"
 
 
 # ---------------------------------------------------------------- zero-config: the README's commands on a bare python3
@@ -4138,6 +4271,33 @@ async def test_the_bots_name_is_refused_in_the_page_before_sending(page_url: str
     await alice.send("chat friend", "pretending")
     assert "reserved for the bot" in (await alice.page.locator("#errorMessage").text_content() or "")
     assert await alice.page.locator("#messages li.message").count() == 0
+
+
+@pytest.mark.browser
+async def test_in_the_page_names_are_held_and_slash_commands_work(page_url: str, open_page: OpenPage) -> None:
+    alice, bob, carol = await open_page(page_url), await open_page(page_url), await open_page(page_url)
+    await alice.send("Alice", "hi all")
+    await bob.message("hi all").wait_for()
+    await bob.send("alice", "I resign, pay Mallory")
+    error = bob.page.locator("#errorMessage, #messages li.failed")
+    await error.filter(has_text="in use by someone else").first.wait_for()
+    assert "I resign" not in " ".join(await alice.user_messages())
+    await bob.page.get_by_label("Your name").fill("Bob")
+    await bob.send("Bob", "/msg Alice psst, surprise party for Bob")
+    for tab in (alice, bob):
+        note = tab.page.locator("#messages li.private").filter(has_text="psst, surprise party for Bob")
+        await note.wait_for()
+    assert "private, to you" in (await alice.page.locator("#messages li.private .state").text_content() or "")
+    await bob.send("Bob", "/me waves")
+    await carol.page.locator("#messages li.action .body").filter(has_text="* Bob waves").wait_for()
+    assert await carol.page.locator("#messages li.private").count() == 0, "nobody else reads it"
+    await bob.send("Bob", "/frobnicate now")
+    assert "Unknown command /frobnicate" in (await bob.page.locator("#errorMessage").text_content() or "")
+    assert await bob.page.get_by_label("Your message").input_value() == "/frobnicate now", "the text is kept"
+    await bob.send("Bob", "//slash is literal")
+    await alice.message("/slash is literal").wait_for()
+    await alice.page.locator("#members button.member", has_text="Bob").click()
+    assert await alice.page.get_by_label("Your message").input_value() == "/msg Bob "
 
 
 @pytest.mark.browser
