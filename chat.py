@@ -1269,7 +1269,11 @@ class ChatHub:
         (`@ChatFriend …`, or a message starting with its name), or, with auto, also while the
         sender is the only person in the room."""
         mode = self.settings.bot_replies
-        if mode == "all" or mentions(msg.body, self.settings.bot_name):
+        if mentions(msg.body, self.settings.bot_name):
+            return True
+        if msg.body.startswith("/me "):  # an action ("/me waves") is not said to anyone
+            return False
+        if mode == "all":
             return True
         return mode == "auto" and len(await self.presence.board.members(msg.room)) <= 1
 
@@ -3586,6 +3590,13 @@ button.member:hover, button.member:focus-visible { text-decoration: underline; o
 .message .time { white-space: nowrap; }
 .message .state { min-width: 0; overflow-wrap: anywhere; }
 .message .body { white-space: pre-wrap; overflow-wrap: anywhere; }
+.message .body a { color: var(--accent); text-decoration: underline; }
+.message.mine .body a, .message.bot .body a { color: inherit; }
+.message .body code { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: .92em;
+  background: rgb(127 127 127 / 0.16); border-radius: 4px; padding: 0 .25em; }
+.message .body pre { margin: .3rem 0; padding: .5rem .6rem; overflow-x: auto; white-space: pre;
+  background: rgb(127 127 127 / 0.16); border-radius: 6px; max-width: 100%; }
+.message .body pre code { background: none; padding: 0; }
 .message .state:not(:empty) { font-style: italic; }
 .message.failed { border-color: var(--error); }
 .message.failed .state { color: var(--error); }
@@ -3743,6 +3754,67 @@ PAGE_JS = r"""
   const scrollToEnd = () => { els.conversation.scrollTop = els.conversation.scrollHeight; };
   const timeText = (ts) => new Date(ts).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
 
+  // ---- rich text: the stored body stays the text typed; the page shows links, code and emphasis,
+  // built from elements and textContent only (never markup), so nothing typed can become script.
+
+  const element = (tag, text, attributes = {}) => {
+    const node = document.createElement(tag);
+    node.textContent = text;
+    for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
+    return node;
+  };
+  const URL_RE = /\bhttps?:\/\/[^\s<>"'`]+/g;
+  const linkOrText = (url) => {
+    const trimmed = url.replace(/[.,;:!?)\]}'"]+$/, '');  // "see https://x.org/a." ends before the dot
+    try {
+      const parsed = new URL(trimmed);
+      if (parsed.protocol === 'http:' || parsed.protocol === 'https:') {
+        return [element('a', trimmed, { href: parsed.href, rel: 'noopener noreferrer nofollow', target: '_blank' }),
+          url.slice(trimmed.length)];
+      }
+    } catch { /* not a URL after all */ }
+    return [url];
+  };
+  const EMPHASIS_RE = /(^|[\s(])([*_])([^*_\s](?:[^*_\n]*[^*_\s])?)\2(?=$|[\s).,!?;:])/g;
+  const inlineText = (text, into) => {  // links, then *bold* and _italic_ in what is left
+    let last = 0;
+    for (const match of text.matchAll(URL_RE)) {
+      emphasis(text.slice(last, match.index), into);
+      for (const part of linkOrText(match[0])) into.append(part);
+      last = match.index + match[0].length;
+    }
+    emphasis(text.slice(last), into);
+  };
+  const emphasis = (text, into) => {
+    let last = 0;
+    for (const match of text.matchAll(EMPHASIS_RE)) {
+      into.append(text.slice(last, match.index) + match[1]);
+      into.append(element(match[2] === '*' ? 'strong' : 'em', match[3]));
+      last = match.index + match[0].length;
+    }
+    into.append(text.slice(last));
+  };
+  const richText = (body) => {
+    const out = document.createDocumentFragment();
+    const blocks = body.split(/```/);  // odd parts are fenced code (an unclosed fence stays text)
+    blocks.forEach((part, index) => {
+      const fenced = index % 2 === 1 && index < blocks.length - 1;
+      if (fenced) {
+        const code = part.replace(/^[^\n]*\n/, (first) => (/^\w*\n$/.test(first) ? '' : first));  // ```lang
+        const pre = element('pre', '');
+        pre.append(element('code', code.replace(/\n$/, '')));
+        out.append(pre);
+        return;
+      }
+      const text = index % 2 === 1 ? '```' + part : part;
+      text.split(/(`[^`\n]+`)/).forEach((piece) => {
+        if (/^`[^`\n]+`$/.test(piece)) out.append(element('code', piece.slice(1, -1)));
+        else inlineText(piece, out);
+      });
+    });
+    return out;
+  };
+
   const makeItem = (user, body, ts, classes) => {
     const li = els.template.content.firstElementChild.cloneNode(true);
     li.classList.add(...classes);
@@ -3754,7 +3826,7 @@ PAGE_JS = r"""
       li.classList.add('action');
       li.querySelector('.body').textContent = `* ${user} ${body.slice(4)}`;
     } else {
-      li.querySelector('.body').textContent = body;
+      li.querySelector('.body').replaceChildren(richText(body));
     }
     return li;
   };
@@ -4050,6 +4122,10 @@ PAGE_JS = r"""
     els.body.value = '';
     autosize();
     showCount();
+    if (state.typingSentAt) {  // nothing was sent to the room: say the typing has stopped
+      state.typingSentAt = 0;
+      socket.emit('typing', { typing: false });
+    }
     return null;
   };
 

@@ -4274,6 +4274,66 @@ async def test_the_bots_name_is_refused_in_the_page_before_sending(page_url: str
 
 
 @pytest.mark.browser
+async def test_links_code_and_emphasis_render_as_elements_and_the_stored_body_stays_plain(
+        page_url: str, open_page: OpenPage, connect: Connect) -> None:
+    alice = await open_page(page_url)
+    script = await connect(page_url)
+    body = ("see https://example.org/tickets?id=42. and `x = 1`, *really* _soon_ "
+            "javascript:alert(1) ftp://files.example\n```py\nfor i in range(3):\n    print(i)\n```")
+    await alice.send("Alice", body)
+    item = alice.page.locator("#messages li.message").filter(has_text="tickets")
+    await item.locator("a").wait_for()
+    link = item.locator(".body a")
+    assert await link.count() == 1, "javascript: and ftp: stay text"
+    assert await link.get_attribute("href") == "https://example.org/tickets?id=42"
+    assert await link.get_attribute("rel") == "noopener noreferrer nofollow"
+    assert await link.get_attribute("target") == "_blank"
+    assert await item.locator(".body code").first.text_content() == "x = 1"
+    assert await item.locator(".body strong").text_content() == "really"
+    assert await item.locator(".body em").text_content() == "soon"
+    assert await item.locator(".body pre code").text_content() == "for i in range(3):\n    print(i)"
+    font = await item.locator(".body pre").evaluate("e => getComputedStyle(e).fontFamily")
+    assert "mono" in font.lower() or "consolas" in font.lower()
+    stored = [m["body"] for m in (await script.join("lobby"))["history"] if m["kind"] == "user"]
+    assert stored == [body], "scripts and the tutorial's page see exactly what was typed"
+
+
+HOSTILE_BODIES = [
+    '<img src=x onerror="alert(1)">', "<script>alert(1)</script>", "[x](javascript:alert(1))",
+    'https://example.org/"><img src=x onerror=alert(1)>', "https://example.org/<b>x</b>",
+    "javascript:alert(1)//https://example.org", "`<img src=x>`", "```<script>alert(1)</script>```",
+    "*<b>bold</b>*", "_<i onmouseover=alert(1)>x</i>_", "https://exa mple.org", "HTTPS://EXAMPLE.ORG/x",
+    "data:text/html,<script>alert(1)</script>", "https://example.org/?q=`code`*bold*_it_",
+    "```\n```", "``` unclosed", "*", "**", "_a_b_", "http://", "https://[::1]:3000/", "&lt;b&gt;",
+]
+
+
+@pytest.mark.browser
+async def test_hostile_bodies_render_only_the_allowed_elements_and_attributes(
+        start_chat: StartChat, open_page: OpenPage) -> None:
+    require(CLIENT_JS.is_file(), "the npm package socket.io-client")
+    url = await start_chat(client_js=CLIENT_JS, rate=0, bot="off")
+    tab = await open_page(url)
+    for body in HOSTILE_BODIES:
+        await tab.send("Alice", body)
+    async def all_sent() -> bool:
+        return await tab.page.locator("#messages li.message:not(.pending)").count() == len(HOSTILE_BODIES)
+
+    await wait_until(all_sent, timeout=30)
+    found = await tab.page.evaluate("""() => [...document.querySelectorAll('#messages li.message .body *')]
+        .map((e) => ({tag: e.tagName, attrs: [...e.attributes].map((a) => [a.name, a.value])}))""")
+    allowed = {"A": {"href", "rel", "target"}, "CODE": set(), "PRE": set(), "STRONG": set(), "EM": set()}
+    for node in found:
+        assert node["tag"] in allowed, node
+        assert {name for name, _ in node["attrs"]} <= allowed[node["tag"]], node
+        for name, value in node["attrs"]:
+            if name == "href":
+                assert re.match(r"https?://", value), value
+    texts = await tab.page.locator("#messages li.message .body").all_text_contents()
+    assert texts[0] == HOSTILE_BODIES[0] and texts[1] == HOSTILE_BODIES[1], "markup is shown as typed"
+
+
+@pytest.mark.browser
 async def test_in_the_page_names_are_held_and_slash_commands_work(page_url: str, open_page: OpenPage) -> None:
     alice, bob, carol = await open_page(page_url), await open_page(page_url), await open_page(page_url)
     await alice.send("Alice", "hi all")
