@@ -3482,6 +3482,7 @@ PAGE_HTML = """<!doctype html>
     <div class="chat-column">
       <section class="conversation" aria-label="Messages" tabindex="0">
         <div id="log" role="log" aria-label="Messages in this room"><ul id="messages" class="messages"></ul></div>
+        <button id="jump" type="button" class="jump" hidden>New messages below ↓</button>
         <p id="empty" class="empty">No messages yet. Say hello!{{BOT_HINT}} Type /help for commands.</p>
       </section>
       <div class="composer">
@@ -3600,7 +3601,13 @@ button.member:hover, button.member:focus-visible { text-decoration: underline; o
 .message .state:not(:empty) { font-style: italic; }
 .message.failed { border-color: var(--error); }
 .message.failed .state { color: var(--error); }
-.message .retry { font: inherit; font-size: .8rem; padding: 0 .4rem; margin-left: .3rem; }
+.message .meta button { font: inherit; font-size: .8rem; padding: 0 .4rem; margin-left: .3rem; }
+.message.failed .body { max-height: 6.5em; overflow: auto; }  /* never covers what arrives above it */
+.message.mentions-me { outline: 2px solid var(--warn); outline-offset: 1px; }
+.divider { align-self: stretch; text-align: center; color: var(--error); font-size: .75rem; font-weight: 600;
+  border-top: 1px solid var(--error); background: none; box-shadow: none; padding: .1rem 0 0; list-style: none; }
+.jump { position: sticky; bottom: .5rem; margin: 0 auto; display: block; box-shadow: var(--shadow); }
+.jump[hidden] { display: none; }
 .system { align-self: center; color: var(--system); font-size: .82rem; background: none; border: 0; box-shadow: none; padding: .1rem; }
 .empty { text-align: center; color: var(--muted); margin-top: 3rem; }
 .people { grid-area: people; border-left: 1px solid var(--border); background: var(--panel); padding: 1rem;
@@ -3624,6 +3631,7 @@ textarea { resize: none; max-height: 8rem; min-height: 2.5rem; }
 input:focus-visible, textarea:focus-visible, button:focus-visible { outline: 2px solid var(--accent); outline-offset: 1px; }
 button { background: var(--accent); color: var(--accent-text); border: 0; border-radius: 8px; padding: .55rem 1.1rem; font-weight: 600; cursor: pointer; }
 button:hover { filter: brightness(1.08); }
+button:disabled, input:disabled, textarea:disabled { opacity: .5; cursor: not-allowed; filter: none; }
 button.ghost { background: transparent; color: var(--accent); border: 1px solid var(--border); padding: .35rem .7rem; }
 .counter { position: absolute; right: .5rem; bottom: .35rem; font-size: .75rem; color: var(--muted);
   background: var(--panel); padding: 0 .25rem; border-radius: 4px; pointer-events: none; }
@@ -3659,7 +3667,7 @@ PAGE_JS = r"""
   const $ = (id) => document.getElementById(id);
   const els = {
     status: $('status'), banner: $('banner'), log: $('log'), messages: $('messages'), empty: $('empty'),
-    conversation: document.querySelector('.conversation'), members: $('members'),
+    conversation: document.querySelector('.conversation'), members: $('members'), jump: $('jump'),
     memberCount: $('member-count'), noMembers: $('no-members'), typing: $('typing'), form: $('message-form'),
     user: $('messageUser'), body: $('messageBody'), error: $('errorMessage'), counter: $('counter'),
     roomForm: $('room-form'), roomInput: $('room-input'), template: $('message-template'),
@@ -3727,6 +3735,9 @@ PAGE_JS = r"""
     typingUsers: [],              // who the page shows as typing
     typingSentAt: 0,              // when we last told the server we are typing
     transportFailures: 0,         // connection attempts failed in a row (2: ask the server why)
+    replaying: false,             // rendering a join's history (not news)
+    unread: 0,                    // messages from others that arrived while the page was hidden
+    unreadForMe: false,           // ... one of them mentioning this person
   };
   if (ROOM_RE.test(state.room) && new URLSearchParams(location.search).get('room') !== state.room && location.search) {
     history.replaceState(null, '', `?room=${encodeURIComponent(state.room)}`);  // /?room=Team is #team
@@ -3853,14 +3864,58 @@ PAGE_JS = r"""
     const mine = !isBot && Boolean(local || (msg.cid && myCids.has(msg.cid)));
     const classes = [isBot ? 'bot' : 'user'];
     if (mine) classes.push('mine');
+    const forMe = !mine && mentionsMe(String(msg.body));
+    if (forMe) classes.push('mentions-me');
     const li = makeItem(String(msg.user), String(msg.body), msg.ts, classes);
     if (local) {
       local.li.remove();
       settle(local);
     }
     state.rendered.set(msg.id, li);
+    const wasAtBottom = atBottom();
     insertInOrder(li, msg.id);
+    if (!mine && !state.replaying) noticeArrival(li, forMe, wasAtBottom);
   };
+
+  // ---- attention: what arrived while the person was not looking
+
+  // Whether a message calls this person by name: "@Name" (compared by the name key).
+  const mentionsMe = (body) => {
+    const me = state.joinedAs || els.user.value.trim();
+    if (!me) return false;
+    const key = nameKey(me);
+    return [...body.matchAll(/(?:^|\s)@([^\s@,.:;!?]+(?:\s[^\s@,.:;!?]+)?)/g)]
+      .some(([, word]) => nameKey(word) === key || nameKey(word.split(/\s/)[0]) === key);
+  };
+
+  const showTitle = () => {
+    const count = state.unread ? `(${state.unread}${state.unreadForMe ? ' @' : ''}) ` : '';
+    document.title = `${count}#${state.room} · chat.py`;
+  };
+
+  // A message from someone else: counted in the title while the page is hidden, the first one
+  // marked by a "new messages" line, and a "new messages below" button when scrolled up.
+  const noticeArrival = (li, forMe, wasAtBottom) => {
+    if (document.hidden) {
+      if (!state.unread) {
+        els.messages.querySelector('li.divider')?.remove();
+        const divider = document.createElement('li');
+        divider.className = 'divider';
+        divider.textContent = 'new messages';
+        els.messages.insertBefore(divider, li);
+      }
+      state.unread += 1;
+      state.unreadForMe = state.unreadForMe || forMe;
+      showTitle();
+    }
+    if (!wasAtBottom) els.jump.hidden = false;
+  };
+  document.addEventListener('visibilitychange', () => {
+    if (document.hidden) return;
+    state.unread = 0;
+    state.unreadForMe = false;
+    showTitle();
+  });
 
   const renderSystem = (text) => {
     const li = document.createElement('li');
@@ -3948,15 +4003,35 @@ PAGE_JS = r"""
   const markPending = (entry, text) => {
     entry.li.querySelector('.state').textContent = text;
     entry.li.classList.toggle('failed', entry.failed);
-    entry.li.querySelector('.retry')?.remove();
-    if (entry.failed) {
-      const retry = document.createElement('button');
-      retry.type = 'button';
-      retry.className = 'retry ghost';
-      retry.textContent = 'retry';
-      retry.addEventListener('click', () => retryEntry(entry));
-      entry.li.querySelector('.meta').append(retry);
+    for (const old of entry.li.querySelectorAll('.meta button')) old.remove();
+    if (entry.failed) {  // what to do with it: send again, take the text back to change it, or drop it
+      for (const [label, action] of [['retry', retryEntry], ['edit', editEntry], ['dismiss', dismissEntry]]) {
+        const button = document.createElement('button');
+        button.type = 'button';
+        button.className = `${label} ghost`;
+        button.textContent = label;
+        button.addEventListener('click', () => action(entry));
+        entry.li.querySelector('.meta').append(button);
+      }
     }
+  };
+
+  const dismissEntry = (entry) => {
+    settle(entry);
+    entry.li.remove();
+    els.empty.hidden = els.messages.childElementCount > 0;
+  };
+
+  const editEntry = (entry) => {  // back into the composer, unless something is being typed there
+    if (els.body.value.trim()) {
+      showError('Send or clear what you are typing first, then edit the failed message.');
+      return;
+    }
+    dismissEntry(entry);
+    els.body.value = entry.body;
+    autosize();
+    showCount();
+    els.body.focus();
   };
 
   const fail = (entry, reason) => {
@@ -4209,7 +4284,9 @@ PAGE_JS = r"""
       state.epoch = ack.epoch;
       state.joinedAs = ack.user || null;
       els.log.setAttribute('aria-busy', 'true');  // the history is not news: screen readers skip it
+      state.replaying = true;
       for (const msg of ack.history) renderMessage(msg);
+      state.replaying = false;
       els.log.setAttribute('aria-busy', 'false');
       if (since === undefined) scrollToEnd();
       renderMembers(ack.members || []);
@@ -4228,7 +4305,8 @@ PAGE_JS = r"""
     const left = state.room;
     state.room = next;
     if (push) history.pushState(null, '', `?room=${encodeURIComponent(state.room)}`);
-    document.title = `#${state.room} · chat.py`;
+    state.unread = 0;
+    showTitle();
     els.roomInput.value = state.room;
     els.messages.replaceChildren();
     state.rendered.clear();
@@ -4331,8 +4409,12 @@ PAGE_JS = r"""
     els.body.style.height = `${Math.min(els.body.scrollHeight + 2, 128)}px`;
   };
   els.form.addEventListener('submit', (event) => { event.preventDefault(); send(); });
+  els.jump.addEventListener('click', () => { scrollToEnd(); els.jump.hidden = true; });
+  els.conversation.addEventListener('scroll', () => { if (atBottom()) els.jump.hidden = true; });
+  // On a touch screen Enter is a new line (there is no Shift key) and the Send button sends.
+  const touch = window.matchMedia('(pointer: coarse)').matches;
   els.body.addEventListener('keydown', (event) => {
-    if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
+    if (event.key === 'Enter' && !event.shiftKey && !event.isComposing && !touch) {
       event.preventDefault();
       send();
     }
@@ -4364,7 +4446,13 @@ PAGE_JS = r"""
   });
   els.roomForm.addEventListener('submit', (event) => {
     event.preventDefault();
-    switchRoom(els.roomInput.value.trim().toLowerCase());
+    const typed = els.roomInput.value;
+    const room = typed.normalize('NFKC').toLowerCase().trim().replace(/[^a-z0-9_-]+/g, '-')
+      .replace(/^-+|-+$/g, '').slice(0, 32);  // "Team Room!" is #team-room
+    els.roomInput.setCustomValidity(room ? '' : 'Room names are letters, digits, - or _.');
+    if (!room) { els.roomInput.reportValidity(); return; }  // said next to the room box
+    els.roomInput.value = room;
+    switchRoom(room);
   });
   window.addEventListener('popstate', () => switchRoom(roomInUrl(), false));
   els.dialog.addEventListener('cancel', (event) => event.preventDefault());  // Escape: no way back but a reload
@@ -4374,7 +4462,7 @@ PAGE_JS = r"""
     setStatus('reconnecting', 'connecting…');
     socket.connect();
   });
-  if (window.matchMedia('(pointer: coarse)').matches) els.body.placeholder = 'Type a message…';  // no Shift key
+  if (touch) els.body.placeholder = 'Type a message… (Enter: new line)';
   autosize();  // tall enough for the placeholder in a narrow window, and again whenever the width changes
   window.addEventListener('resize', autosize);
   (els.user.value ? els.body : els.user).focus();

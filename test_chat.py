@@ -4334,6 +4334,94 @@ async def test_hostile_bodies_render_only_the_allowed_elements_and_attributes(
 
 
 @pytest.mark.browser
+async def test_the_composer_never_traps_text(page_url: str, open_page: OpenPage) -> None:
+    alice, bob = await open_page(page_url), await open_page(page_url)
+    long_text = "word " * 600  # 3,000 characters: over --max-length
+    await bob.page.get_by_label("Your name").fill("Bob")
+    await bob.page.get_by_label("Your message").fill(long_text)
+    counter = bob.page.locator("#counter")
+    assert await counter.is_visible() and (await counter.text_content() or "").startswith("2999 / 2000")
+    await bob.page.get_by_label("Your message").press("Enter")
+    assert "too long: 2999 characters, at most 2000" in (await bob.page.locator("#errorMessage").text_content() or "")
+    assert await bob.page.get_by_label("Your message").input_value() == long_text, "the text stays in the box"
+    assert await bob.page.locator("#messages li.message").count() == 0
+    await alice.send("Alice", "I am Alice")
+    await bob.message("I am Alice").wait_for()
+    await bob.send("alice", "first try")  # refused: the name is Alice's
+    failed = bob.page.locator("#messages li.failed")
+    await failed.wait_for()
+    await failed.get_by_role("button", name="edit").click()
+    assert await bob.page.get_by_label("Your message").input_value() == "first try"
+    assert await failed.count() == 0
+    await bob.send("alice", "second try")
+    await failed.wait_for()
+    await failed.get_by_role("button", name="dismiss").click()
+    assert await failed.count() == 0 and await bob.page.get_by_label("Your message").input_value() == ""
+
+
+@pytest.mark.browser
+async def test_on_a_touch_screen_enter_is_a_new_line_and_send_sends(page_url: str, open_page: OpenPage) -> None:
+    phone = await open_page(page_url, has_touch=True, is_mobile=True, viewport={"width": 390, "height": 844})
+    assert "Enter: new line" in (await phone.page.get_by_label("Your message").get_attribute("placeholder") or "")
+    await phone.page.get_by_label("Your name").fill("Pat")
+    box = phone.page.get_by_label("Your message")
+    await box.fill("line one")
+    await box.press("Enter")
+    await box.type("line two")
+    assert await box.input_value() == "line one\nline two"
+    await phone.page.get_by_role("button", name="Send").tap()
+    await phone.message("line one\nline two").wait_for()
+
+
+@pytest.mark.browser
+async def test_a_room_name_with_capitals_and_spaces_is_normalised(page_url: str, open_page: OpenPage) -> None:
+    tab = await open_page(page_url)
+    await tab.page.get_by_role("textbox", name="Room").fill("Team Room!")
+    await tab.page.get_by_role("button", name="Go").click()
+    await tab.page.wait_for_url("**/?room=team-room")
+    assert await tab.page.get_by_role("textbox", name="Room").input_value() == "team-room"
+
+
+@pytest.mark.browser
+async def test_what_arrives_while_away_is_counted_marked_and_reachable(
+        start_chat: StartChat, open_page: OpenPage, connect: Connect) -> None:
+    require(CLIENT_JS.is_file(), "the npm package socket.io-client")
+    page_url = await start_chat(client_js=CLIENT_JS, bot="off")
+    bob = await open_page(page_url)
+    await bob.send("Bob", "hello, I am Bob")
+    await bob.message("hello, I am Bob").wait_for()
+    await bob.page.evaluate("""() => {
+        Object.defineProperty(document, 'hidden', { configurable: true, get: () => true });
+        document.dispatchEvent(new Event('visibilitychange'));
+    }""")
+    ann = await connect(page_url, auth=browser_auth("ann"))
+    await ann.say("anyone around?", user="Ann")
+    await ann.say("@Bob can you bring the snacks?", user="Ann")
+    await bob.message("@Bob can you bring the snacks?").wait_for()
+    assert await bob.page.title() == "(2 @) #lobby · chat.py"
+    divider = bob.page.locator("#messages li.divider + li .body")
+    assert await divider.text_content() == "anyone around?", "the line sits above the first unread"
+    assert await bob.page.locator("#messages li.mentions-me").count() == 1
+    await bob.page.evaluate("""() => {
+        Object.defineProperty(document, 'hidden', { configurable: true, get: () => false });
+        document.dispatchEvent(new Event('visibilitychange'));
+    }""")
+    assert await bob.page.title() == "#lobby · chat.py"
+    senders = [await connect(page_url, auth=browser_auth(f"s{i}")) for i in range(3)]
+    for n, sender in enumerate(senders):
+        for i in range(8):
+            await sender.say(f"filler {n}.{i}", user=f"Sender{n}")
+    await bob.message("filler 2.7").wait_for()
+    await bob.page.locator(".conversation").evaluate("e => { e.scrollTop = 0; }")
+    await ann.say("the newest line", user="Ann")
+    jump = bob.page.get_by_role("button", name="New messages below")
+    await jump.wait_for()
+    await jump.click()
+    await bob.message("the newest line").wait_for()
+    assert await bob.message("the newest line").is_visible() and await jump.is_hidden()
+
+
+@pytest.mark.browser
 async def test_in_the_page_names_are_held_and_slash_commands_work(page_url: str, open_page: OpenPage) -> None:
     alice, bob, carol = await open_page(page_url), await open_page(page_url), await open_page(page_url)
     await alice.send("Alice", "hi all")
