@@ -3525,7 +3525,7 @@ PAGE_HTML = """<!doctype html>
 PAGE_CSS = """
 :root {
   --bg: #f4f6fb; --panel: #ffffff; --text: #1b1f2a; --muted: #5f6b7f; --border: #dde2ec;
-  --accent: #3b6df0; --accent-text: #ffffff; --mine: #e5edff; --bot: #d7e7ff; --bot-edge: #6f9cff;
+  --accent: #3b6df0; --accent-text: #ffffff; --mine: #e5edff; --bot: #f0e9ff; --bot-edge: #8a63d2;
   --bot-muted: #46536a;
   --system: #5f6b7f; --error: #c62828; --ok: #1e8e3e; --warn: #b26a00;
   --radius: 12px; --shadow: 0 1px 2px rgb(0 0 0 / 0.06), 0 2px 8px rgb(0 0 0 / 0.04);
@@ -3534,7 +3534,7 @@ PAGE_CSS = """
 @media (prefers-color-scheme: dark) {
   :root {
     --bg: #0f1218; --panel: #181c24; --text: #e7eaf0; --muted: #98a2b3; --border: #2a303c;
-    --accent: #6f94ff; --accent-text: #0b0e14; --mine: #1f2a44; --bot: #16294a; --bot-edge: #4f7df5;
+    --accent: #6f94ff; --accent-text: #0b0e14; --mine: #1f2a44; --bot: #2a2146; --bot-edge: #9a7cf0;
     --bot-muted: #a9b4c6;
     --system: #98a2b3; --error: #ff6b6b; --ok: #4cc27a; --warn: #f0b44c;
     --shadow: 0 1px 2px rgb(0 0 0 / 0.4);
@@ -3602,7 +3602,8 @@ button.member:hover, button.member:focus-visible { text-decoration: underline; o
 .message.failed { border-color: var(--error); }
 .message.failed .state { color: var(--error); }
 .message .meta button { font: inherit; font-size: .8rem; padding: 0 .4rem; margin-left: .3rem; }
-.message.failed .body { max-height: 6.5em; overflow: auto; }  /* never covers what arrives above it */
+.message.failed .body { max-height: 6.5em; overflow: auto; }
+.message.failed .meta button { color: var(--text); border-color: var(--muted); }  /* never covers what arrives above it */
 .message.mentions-me { outline: 2px solid var(--warn); outline-offset: 1px; }
 .divider { align-self: stretch; text-align: center; color: var(--error); font-size: .75rem; font-weight: 600;
   border-top: 1px solid var(--error); background: none; box-shadow: none; padding: .1rem 0 0; list-style: none; }

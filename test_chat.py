@@ -3880,6 +3880,8 @@ class BrowserPage:
     async def send(self, user: str, body: str, via: str = "enter") -> None:
         await self.page.get_by_label("Your name").fill(user)
         await self.page.get_by_label("Your message").fill(body)
+        if via == "enter" and await self.page.evaluate("matchMedia('(pointer: coarse)').matches"):
+            via = "button"  # on a touch screen Enter is a new line
         if via == "enter":
             await self.page.get_by_label("Your message").press("Enter")
         else:
@@ -4056,6 +4058,11 @@ async def test_the_page_has_no_serious_accessibility_violations(
     tab = await open_page(page_url, color_scheme=scheme, bypass_csp=True, **(PHONE if size == "phone" else DESKTOP))
     await tab.send("Alice", "Hello Bob!")
     await tab.page.locator("#messages li.bot").first.wait_for()
+    await other.send("Bob", "@Alice see https://example.org/x and `code`, *bold*\n```\nblock\n```")
+    await tab.send("Alice", "/msg Bob psst")
+    await tab.send("bob", "as Bob")  # refused: Bob's name; a failed message with its buttons
+    for shown in ("li.mentions-me a", "li.private", "li.failed button.dismiss"):
+        await tab.page.locator(f"#messages {shown}").first.wait_for()
     await tab.page.add_script_tag(path=str(AXE_JS))
     result = await tab.page.evaluate("axe.run(document, {resultTypes: ['violations']})")
     serious = [(v["id"], v["impact"], [n["target"] for n in v["nodes"]][:3]) for v in result["violations"]
@@ -4087,7 +4094,8 @@ async def test_on_a_phone_the_header_fits_and_the_online_list_shows(
     box = await status.bounding_box()
     assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, box
     assert await tab.page.evaluate("document.documentElement.scrollWidth") <= 390
-    assert await tab.page.get_by_label("Your message").get_attribute("placeholder") == "Type a message…"
+    assert await tab.page.get_by_label("Your message").get_attribute("placeholder") == \
+        "Type a message… (Enter: new line)"
 
 
 @pytest.mark.browser
