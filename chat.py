@@ -221,11 +221,24 @@ def untrusted(path: Path) -> str | None:
         return f"cannot check {path}: {exc.strerror or exc}"
     if info.st_uid != os.getuid():
         return f"{path} belongs to another user (uid {info.st_uid})"
-    if info.st_mode & 0o022:
+    if info.st_mode & 0o002 or (info.st_mode & 0o020 and not _own_group(info.st_gid)):
         return f"{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o}; chmod go-w it)"
     if parent.st_mode & 0o002 and not parent.st_mode & stat.S_ISVTX:
         return f"the directory above {path} is writable by everyone, so others could replace it"
     return None
+
+
+def _own_group(gid: int) -> bool:
+    """Whether a group is this user's personal group (Debian's user groups: same name, no other
+    members), so that its write bit lets nobody else in."""
+    import grp
+    import pwd
+
+    try:
+        group = grp.getgrgid(gid)
+        return group.gr_name == pwd.getpwuid(os.getuid()).pw_name and not set(group.gr_mem) - {group.gr_name}
+    except KeyError:
+        return False
 
 
 def own_directory(path: Path) -> Path:
@@ -472,11 +485,14 @@ def first_run(problem: str, argv: list[str]) -> int:
               "chat.py again", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    umask = os.umask(0o077)  # what the install creates is this user's alone
     try:
         env = ready_private_env(requirements)
     except FirstRunError as exc:
         print(f"chat.py: {exc}", file=sys.stderr)
         return 1
+    finally:
+        os.umask(umask)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     python = str(env_python(env))
     os.environ["CHAT_PRIVATE_ENV"] = str(env)
@@ -4876,7 +4892,10 @@ class ChatWebSocket(eio_aiohttp.WebSocket):
         if not isinstance(message.data, (str, bytes)):
             self.note_oversized(message.data)
             raise OSError()
-        return message.data if self.is_engine_packet(message.data) else None
+        if not self.is_engine_packet(message.data):
+            self.abort()  # ends the session now: a closing handshake would wait for a client that sends junk
+            return None
+        return message.data
 
     def note_oversized(self, error: Any) -> None:
         """A frame over the size limit: aiohttp has closed with 1009 (message too big), which the page

@@ -1293,6 +1293,25 @@ def env_dir_of(result: subprocess.CompletedProcess[str]) -> Path:
     return Path(re.search(r"first run: installing .* into (\S+) ", result.stderr).group(1))  # type: ignore[union-attr]
 
 
+def test_a_group_writable_cache_is_trusted_only_when_the_group_is_the_users_own(tmp_path: Path) -> None:
+    import grp
+    import pwd
+
+    own = tmp_path / "own"
+    own.mkdir()
+    own.chmod(0o775)  # Debian's user groups make 775 directories (umask 002)
+    me = pwd.getpwuid(os.getuid())
+    personal = grp.getgrgid(me.pw_gid)
+    if personal.gr_name != me.pw_name or os.getuid() != 0:
+        pytest.skip("needs root and a personal group to show both cases")
+    assert chat.untrusted(own) is None
+    shared = grp.getgrnam("staff") if "staff" in {g.gr_name for g in grp.getgrall()} else None
+    if shared is None:
+        pytest.skip("no shared group to try")
+    os.chown(own, 0, shared.gr_gid)
+    assert "is writable by other users" in (chat.untrusted(own) or "")
+
+
 def test_a_cache_directory_others_can_write_is_refused_with_the_reason(tmp_path: Path) -> None:
     envs = tmp_path / "shared"
     envs.mkdir()
@@ -3497,6 +3516,25 @@ async def upgraded_session(url: str, receive_buffer: int) -> tuple[asyncio.Strea
     assert await client.receive() == "3probe"
     client.send("5")  # upgraded
     return writer, reader
+
+
+async def test_a_junk_frame_on_an_upgraded_session_ends_its_membership_at_once(
+        start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(rate=0, bot="off", presence_grace=0.1)
+    watcher = await connect(url)
+    await watcher.join("lobby", user="Watcher")
+    tcp_writer, tcp_reader = await upgraded_session(url, 65536)
+    ghost = RawClient(tcp_reader, tcp_writer)
+    ghost.send('420["join",{"room":"lobby","user":"Ghost"}]')
+    while not (await ghost.receive()).startswith("430"):
+        pass
+    while "Ghost" not in (await watcher.next("presence"))["members"]:
+        pass
+    ghost.send("4" + "[" * 1100)  # Engine.IO would decode it as JSON and fail: the socket is closed
+    async with asyncio.timeout(3):  # not after a ping timeout
+        while "Ghost" in (await watcher.next("presence", timeout=3))["members"]:
+            pass
+    tcp_writer.close()
 
 
 @pytest.mark.slow
