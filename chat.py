@@ -2374,9 +2374,13 @@ if cid ~= '' then
   local found = redis.call('HGET', KEYS[3], cid)
   if found then return {0, found} end
 end
-local id = redis.call('INCR', KEYS[1])
-if id <= tonumber(ARGV[4]) then  -- Redis lost its counter (a restart without persistence): go on after ours
-  id = tonumber(ARGV[4]) + 1
+-- Ids from Redis are multiples of NODE_SLOTS; a node cut off from Redis uses the other residues.
+local step = tonumber(ARGV[8])
+local id = redis.call('INCRBY', KEYS[1], step)
+local floor = tonumber(ARGV[4])  -- the highest id this node has seen: Redis may have lost its counter
+if id <= floor then id = floor end
+if id % step ~= 0 or id <= floor then
+  id = id - id % step + step
   redis.call('SET', KEYS[1], id)
 end
 local msg = '{"id":' .. id .. ',' .. string.sub(ARGV[3], 2)
@@ -2402,8 +2406,7 @@ return {1, msg}
 """
 REDIS_CHANNEL = "chat.py"  # the pub/sub channel of every node's Socket.IO manager
 REDIS_STORE_HOST = "chat.py-store"  # the host_id of messages the store publishes: every node delivers them
-NODE_SLOTS = 64  # nodes that can number messages apart from each other during a Redis outage
-OUTAGE_GAP = 10_000  # ids skipped when an outage starts: calls sent before it may still be run by Redis
+NODE_SLOTS = 64  # Redis hands out multiples of 64; during an outage a node uses its own residue (1-63)
 REDIS_RAISE_IDS = """
 if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
 """
@@ -2458,14 +2461,15 @@ class DeliveryLedger:
 class RedisStore:
     """History and ids shared by every node through Redis.
 
-    One Lua script numbers a message (INCR), keeps it in the room's capped list and a window of
-    client ids (twice the history length) for de-duplication, and publishes it to every node, all
-    in one step, so that concurrent nodes cannot interleave and every node sees the messages in id
-    order. The counter never goes back below an id this node has seen (a Redis restarted without
-    persistence starts it over). While Redis is down, this node numbers and keeps messages in
-    memory, after the highest id it has seen plus a gap, and only ids in its own slot (one in
-    NODE_SLOTS, claimed in Redis at start), so two nodes in an outage never hand out the same id;
-    when Redis is back the shared counter is raised past them.
+    One Lua script numbers a message (the next multiple of NODE_SLOTS), keeps it in the room's
+    capped list and a window of client ids (twice the history length) for de-duplication, and
+    publishes it to every node, all in one step, so that concurrent nodes cannot interleave and
+    every node sees the messages in id order. The counter never goes back below an id this node
+    has seen (a Redis restarted without persistence starts it over). While Redis is down, this node
+    numbers and keeps messages in memory, after the highest id it has seen, using only ids whose
+    remainder by NODE_SLOTS is its own slot (1-63, claimed in Redis): two nodes in an outage never
+    hand out the same id, and neither collides with an id Redis hands out, even for a call that
+    Redis runs late after a pause. When Redis is back the shared counter is raised past them.
     """
 
     DELIVERY_WAIT = 2.0  # seconds an append waits for its message to come back through Redis
@@ -2479,7 +2483,6 @@ class RedisStore:
         self.local = MemoryStore(history)
         self.ledger = DeliveryLedger()
         self.highest_id = 0
-        self.outage_floor: int | None = None  # the lowest id this outage may use
         self.epoch = ""
         self._append = client.register_script(REDIS_APPEND)
         self._raise_ids = client.register_script(REDIS_RAISE_IDS)
@@ -2493,7 +2496,7 @@ class RedisStore:
 
     async def claim_slot(self) -> None:
         """Hold a numbering slot no other live node holds (refreshed by the heartbeat)."""
-        for slot in [self.slot, *range(NODE_SLOTS)]:
+        for slot in [self.slot, *range(1, NODE_SLOTS)] if self.slot else range(1, NODE_SLOTS):
             key = f"chat:node-slot:{slot}"
             if await self.client.set(key, self.node, nx=True, ex=60) or \
                     (await self.client.get(key) or b"").decode() == self.node:
@@ -2501,7 +2504,7 @@ class RedisStore:
                 self.slot = slot
                 return
         log.warning("more than %d chat.py nodes share this Redis: during an outage two of them may "
-                    "number messages alike", NODE_SLOTS)
+                    "number messages alike", NODE_SLOTS - 1)
 
     async def hold_slot(self, every: float = 20.0) -> None:
         """Keep this node's numbering slot while it runs."""
@@ -2529,14 +2532,11 @@ class RedisStore:
 
     async def _after_outage(self) -> None:
         await self._raise_ids(keys=["chat:ids"], args=[self.highest_id])
-        self.outage_floor = None
         await self.claim_slot()
 
     def next_outage_id(self) -> int:
-        """The id for a message numbered here during an outage: past the gap, in this node's slot."""
-        if self.outage_floor is None:
-            self.outage_floor = self.highest_id + OUTAGE_GAP
-        candidate = max(self.highest_id + 1, self.outage_floor)
+        """The id for a message numbered here during an outage: the next one in this node's slot."""
+        candidate = self.highest_id + 1
         return candidate + (self.slot - candidate) % NODE_SLOTS
 
     async def append(self, room: str, user: str, body: str, kind: str, cid: str | None) -> tuple[Message, bool]:
@@ -2551,7 +2551,8 @@ class RedisStore:
         before, after = json.dumps(envelope).split('"MSG"')
         try:
             created, raw = await self.health.call(self._append, keys, [
-                cid or "", self.history, json.dumps(fields), self.highest_id, before, after, REDIS_CHANNEL])
+                cid or "", self.history, json.dumps(fields), self.highest_id, before, after, REDIS_CHANNEL,
+                NODE_SLOTS])
         except RedisDown:
             self.local.continue_after(self.next_outage_id() - 1)
             message, created = await self.local.append(room, user, body, kind, cid)
