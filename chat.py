@@ -316,6 +316,19 @@ def pip_settings() -> tuple[str, str | None]:
     return index.rstrip("/") + "/", os.environ.get("PIP_CERT") or found.get("cert")
 
 
+def download(url: str, limit: int, accept: str = "*/*", timeout: float = 30.0,
+             context: ssl.SSLContext | None = None) -> bytes:
+    """GET `url` (stdlib only), refusing a body over `limit` bytes with a FirstRunError."""
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"Accept": accept, "User-Agent": f"chat.py/{__version__}"})
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+        body: bytes = response.read(limit + 1)
+    if len(body) > limit:
+        raise FirstRunError(f"{url} is larger than expected; not using it")
+    return body
+
+
 def fetch_pip_wheel(into: Path) -> Path:
     """Download the pinned pip wheel from the package index into `into`, checked against its sha256.
 
@@ -323,24 +336,15 @@ def fetch_pip_wheel(into: Path) -> Path:
     its own wheel to install itself into the new environment, so no root is needed.
     """
     import urllib.parse
-    import urllib.request
 
     version, digest = PIP_WHEEL
     filename = f"pip-{version}-py3-none-any.whl"
     index, cert = pip_settings()
     context = ssl.create_default_context(cafile=cert) if cert and os.path.isfile(cert) else None
     page_url = urllib.parse.urljoin(index, "pip/")
-
-    def get(url: str, limit: int, accept: str = "*/*") -> bytes:
-        request = urllib.request.Request(url, headers={"Accept": accept, "User-Agent": f"chat.py/{__version__}"})
-        with urllib.request.urlopen(request, timeout=30, context=context) as response:
-            body = response.read(limit + 1)
-        if len(body) > limit:
-            raise FirstRunError(f"{url} is larger than expected; not using it")
-        return body
-
     try:
-        page = get(page_url, 16 << 20, "application/vnd.pypi.simple.v1+json, text/html;q=0.1").decode("utf-8")
+        page = download(page_url, 16 << 20, "application/vnd.pypi.simple.v1+json, text/html;q=0.1",
+                        context=context).decode("utf-8")
         try:
             links = {f["filename"]: (f["url"], f.get("hashes", {}).get("sha256")) for f in json.loads(page)["files"]}
         except (ValueError, KeyError, TypeError):  # the HTML form of the simple index
@@ -353,7 +357,7 @@ def fetch_pip_wheel(into: Path) -> Path:
         if published and published != digest:
             raise FirstRunError(f"the package index {index} publishes sha256 {published} for {filename}, "
                                 f"but chat.py pins {digest}; not installing it")
-        wheel = get(urllib.parse.urljoin(page_url, href.split("#")[0]), 64 << 20)
+        wheel = download(urllib.parse.urljoin(page_url, href.split("#")[0]), 64 << 20, context=context)
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise FirstRunError(f"cannot download pip {version} from the package index {index} ({reason}); check the "
@@ -994,6 +998,11 @@ def name_key(name: str) -> str:
     return "".join(ch for ch in folded if not ch.isspace())
 
 
+def display_name(value: str) -> str:
+    """A name as it is shown and compared: NFKC, invisible characters removed, runs of spaces one."""
+    return " ".join(_strip_invisible(unicodedata.normalize("NFKC", value)).split())
+
+
 def clean_user(value: Any, bot_name: str, who: str = "Your name") -> str:
     """Validate a display name: string, 1-32 characters after NFKC, no control characters.
 
@@ -1004,7 +1013,7 @@ def clean_user(value: Any, bot_name: str, who: str = "Your name") -> str:
     if len(value) > MAX_NAME * 4:  # before NFKC, which can cost milliseconds on a long hostile string
         raise InvalidInput("bad_user", f"{who} is too long (at most {MAX_NAME} characters).")
     _check_encodable(value, "bad_user", who)
-    name = " ".join(_strip_invisible(unicodedata.normalize("NFKC", value)).split())
+    name = display_name(value)
     if not name:
         raise InvalidInput("bad_user", "Please enter your name.")
     if all(unicodedata.category(ch)[0] in "MZC" for ch in name):  # marks alone show nothing either
@@ -1019,13 +1028,15 @@ def clean_user(value: Any, bot_name: str, who: str = "Your name") -> str:
 
 
 def mentions(body: str, name: str) -> bool:
-    """Whether `body` addresses `name`: an @name in it, or the name at its start ("ChatFriend, …")."""
+    """Whether `body` addresses `name`: an @name in it, or the name at its start ("ChatFriend, …").
+
+    A candidate is one or two words (names may have a space); either the two or the first one may
+    be the name."""
     key = name_key(name)
-    words = re.findall(r"(?:^|(?<=\s))@([^\s@,.:;!?]+(?:\s[^\s@,.:;!?]+)?)", body)  # not in an address
-    if any(name_key(word) == key or name_key(word.split()[0]) == key for word in words):
-        return True
     start = re.match(r"\s*([^\s,.:;!?]+(?:\s[^\s,.:;!?]+)?)", body)
-    return bool(start) and key in (name_key(start.group(1)), name_key(start.group(1).split()[0]))
+    tagged = re.findall(r"(?:^|(?<=\s))@([^\s@,.:;!?]+(?:\s[^\s@,.:;!?]+)?)", body)  # not in an address
+    candidates = [*tagged, *([start.group(1)] if start else [])]
+    return any(key in (name_key(words), name_key(words.split()[0])) for words in candidates)
 
 
 def clean_body(value: Any, max_length: int) -> str:
@@ -1220,17 +1231,7 @@ class ChatHub:
         cid = clean_cid(data.get("cid"))
         if "room" in data and clean_room(data.get("room")) != session.room:
             raise InvalidInput("not_in_room", "That message was written in another room; join it to send it.")
-        empty = self.admission.over_message_rate(session)
-        if empty is not None:
-            assert session.flood_started is not None
-            flooding_for = time.monotonic() - session.flood_started
-            if flooding_for >= self.settings.flood_timeout and not session.kicked:
-                session.kicked = True
-                log.warning("disconnecting %s (%s): over the rate limit for %.0f s", sid, session.ip, flooding_for)
-                self._spawn(self.sio.disconnect(sid))
-            raise InvalidInput("rate_limited", "You are sending messages too fast; slow down.",
-                               quiet=session.last_refusal != session.flood_started,  # the flood's first is logged
-                               retry_after_ms=empty.wait_ms())
+        self._check_message_rate(session)
         room = session.room
         await self.speak_as(session, user)
         msg, created = await self.store.append(room, user, body, "user", cid)
@@ -1252,14 +1253,28 @@ class ChatHub:
         if not session.user:
             raise InvalidInput("bad_user", "Join with a name before sending a private message.")
         data = expect_object(args, "private")
-        empty = self.admission.over_message_rate(session)
-        if empty is not None:
-            raise InvalidInput("rate_limited", "You are sending messages too fast; slow down.",
-                               retry_after_ms=empty.wait_ms())
+        self._check_message_rate(session)
         to, body, ts = await self.private.send(session.user, data)
         if name_key(to) == name_key(self.settings.bot_name) and self.bot.enabled:
             self._spawn(self._answer_privately(session.user, body, session.room))
         return {"ok": True, "ts": ts}
+
+    def _check_message_rate(self, session: Session) -> None:
+        """Refuse a room or private message over the rate limit (with the wait); a connection still
+        over it after --flood-timeout is disconnected."""
+        empty = self.admission.over_message_rate(session)
+        if empty is None:
+            return
+        assert session.flood_started is not None
+        flooding_for = time.monotonic() - session.flood_started
+        if flooding_for >= self.settings.flood_timeout and not session.kicked:
+            session.kicked = True
+            log.warning("disconnecting %s (%s): over the rate limit for %.0f s", session.sid, session.ip,
+                        flooding_for)
+            self._spawn(self.sio.disconnect(session.sid))
+        raise InvalidInput("rate_limited", "You are sending messages too fast; slow down.",
+                           quiet=session.last_refusal != session.flood_started,  # the flood's first is logged
+                           retry_after_ms=empty.wait_ms())
 
     async def speak_as(self, session: Session, user: str | None) -> None:
         """The connection now uses `user` (or no name): it must hold the name (see NameHolds)."""
@@ -1806,7 +1821,7 @@ class PrivateMessages:
         to = data.get("to")
         if not isinstance(to, str) or not to.strip():
             raise InvalidInput("bad_user", "Say who the message is for.")
-        to = " ".join(_strip_invisible(unicodedata.normalize("NFKC", to[: MAX_NAME * 4])).split())
+        to = display_name(to[: MAX_NAME * 4])
         body = clean_body(data.get("body"), self.settings.max_length)
         to_bot = name_key(to) == name_key(self.settings.bot_name)
         if not to_bot and not await self.holds.online(name_key(to)):
@@ -3051,17 +3066,12 @@ class BrowserClient:
         return f"{registry.rstrip('/')}/socket.io-client/-/socket.io-client-{CLIENT_JS_VERSION}.tgz"
 
     def fetch(self) -> Path:
-        """Download, check and cache the client; OSError or ValueError say why not."""
+        """Download, check and cache the client; OSError, ValueError or FirstRunError say why not."""
         import io as bytes_io
         import tarfile
-        import urllib.request
 
         own_directory(self.root)
-        request = urllib.request.Request(self.tarball_url(), headers={"User-Agent": f"chat.py/{__version__}"})
-        with urllib.request.urlopen(request, timeout=self.TIMEOUT) as response:
-            tarball = response.read(self.LIMIT + 1)
-        if len(tarball) > self.LIMIT:
-            raise ValueError("the package is larger than expected")
+        tarball = download(self.tarball_url(), self.LIMIT, timeout=self.TIMEOUT)
         with tarfile.open(fileobj=bytes_io.BytesIO(tarball), mode="r:gz") as package:
             member = package.extractfile("package/dist/socket.io.min.js")  # read in memory, never extracted
             body = member.read(self.LIMIT) if member else b""
@@ -3619,8 +3629,8 @@ button.member:hover, button.member:focus-visible { text-decoration: underline; o
 .message.failed { border-color: var(--error); }
 .message.failed .state { color: var(--error); }
 .message .meta button { font: inherit; font-size: .8rem; padding: 0 .4rem; margin-left: .3rem; }
-.message.failed .body { max-height: 6.5em; overflow: auto; }
-.message.failed .meta button { color: var(--text); border-color: var(--muted); }  /* never covers what arrives above it */
+.message.failed .body { max-height: 6.5em; overflow: auto; }  /* never covers what arrives above it */
+.message.failed .meta button { color: var(--text); border-color: var(--muted); }
 .message.mentions-me { outline: 2px solid var(--warn); outline-offset: 1px; }
 .divider { align-self: stretch; text-align: center; color: var(--error); font-size: .75rem; font-weight: 600;
   border-top: 1px solid var(--error); background: none; box-shadow: none; padding: .1rem 0 0; list-style: none; }
@@ -3954,7 +3964,7 @@ PAGE_JS = r"""
       button.textContent = name;
       button.title = `Message ${name} privately`;
       button.addEventListener('click', () => {
-        els.body.value = `/msg ${name.includes(' ') ? `"${name}"` : name} `;
+        els.body.value = msgCommand(name);
         els.body.focus();
         autosize();
       });
@@ -4155,6 +4165,9 @@ PAGE_JS = r"""
   const commandList = () => Object.entries(COMMANDS).map(([c, what]) => `${c}: ${what}`).join(' · ') +
     ' · Start with // to send a message that begins with a slash.';
 
+  // "/msg NAME " (the name quoted when it has a space), ready for the text.
+  const msgCommand = (name, text = '') => `/msg ${name.includes(' ') ? `"${name}"` : name} ${text}`;
+
   // A person's name as typed after a command: a "quoted name" (names may have spaces) or one word.
   const splitName = (text) => {
     const quoted = /^"([^"]+)"\s*([\s\S]*)$/.exec(text);
@@ -4179,7 +4192,7 @@ PAGE_JS = r"""
     socket.timeout(SEND_TIMEOUT_MS).emit('private', { to, body: text }, (err, ack) => {
       if (err || !ack || !ack.ok) {
         showError(err ? 'The private message got no answer; try again.' : (ack && ack.error) || 'Not sent.');
-        if (!els.body.value) els.body.value = `/msg ${to.includes(' ') ? `"${to}"` : to} ${text}`;
+        if (!els.body.value) els.body.value = msgCommand(to, text);
       }
     });
   };
@@ -4512,8 +4525,14 @@ PAGE_JS = r"""
 # - engineio.async_drivers.aiohttp.WebSocket.__call__ (copied in ChatWebSocket to choose
 #   compression and serve the lean session) and wait() (junk frames end the connection).
 # - asyncio.Queue.get()/put() ending in get_nowait()/put_nowait(): the queues' bounds and bookkeeping.
-# - socketio.AsyncServer._engineio_server_class(), _handle_eio_message(eio_sid, data) and
-#   _handle_event_internal(server, sid, eio_sid, data, namespace, id): ChatServer.
+# - socketio.AsyncServer._engineio_server_class(), _handle_eio_message(eio_sid, data),
+#   _handle_event_internal(server, sid, eio_sid, data, namespace, id), _handle_connect(eio_sid,
+#   namespace, data), _handle_eio_disconnect(eio_sid, reason) and .environ[eio_sid]: ChatServer
+#   (refused connects count as strikes, and warnings name the client's address).
+# - the message format of socketio.AsyncPubSubManager ({"method": "emit", "data": [...], "room",
+#   "namespace", "host_id", ...}) and its _thread() handling every emit whose host_id is not its
+#   own: RedisStore's Lua script publishes each message in that format under REDIS_STORE_HOST, so
+#   that every node, the storing one included, delivers it from the channel in id order.
 # - socketio.AsyncRedisManager._publish(data), _redis_listen_with_retries(), _redis_connect() and
 #   .pubsub: RedisFanoutManager's outage handling.
 # - engineio.payload.Payload.max_decode_packets, a class attribute with no per-server option:

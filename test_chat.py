@@ -612,23 +612,25 @@ def client_tarball(body: bytes) -> bytes:
     return out.getvalue()
 
 
-class FakeRegistry:
-    """An npm registry on loopback with one tarball; counts the requests it answers."""
+class LoopbackFiles:
+    """A web server on loopback answering GET with fixed bodies by path (404 otherwise), recording
+    the paths asked for: a package index or npm registry for the tests."""
 
-    def __init__(self, tarball: bytes) -> None:
-        registry = self
+    def __init__(self, files: dict[str, bytes]) -> None:
+        served = self
         self.requests: list[str] = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                registry.requests.append(self.path)
-                if self.path != f"/socket.io-client/-/socket.io-client-{chat.CLIENT_JS_VERSION}.tgz":
+                served.requests.append(self.path)
+                body = files.get(self.path)
+                if body is None:
                     self.send_error(404)
                     return
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(tarball)))
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(tarball)
+                self.wfile.write(body)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -640,6 +642,11 @@ class FakeRegistry:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def fake_registry(tarball: bytes) -> LoopbackFiles:
+    """An npm registry with socket.io-client's tarball."""
+    return LoopbackFiles({f"/socket.io-client/-/socket.io-client-{chat.CLIENT_JS_VERSION}.tgz": tarball})
 
 
 def fetch(url: str) -> tuple[int, dict[str, str], bytes]:
@@ -670,7 +677,7 @@ def test_the_page_and_the_tutorials_path_are_served_the_cached_client_with_no_cd
 
 def test_the_client_is_fetched_once_from_the_registry_and_kept(tmp_path: Path) -> None:
     require(CLIENT_JS.is_file(), "socket.io-client in node_modules")
-    registry = FakeRegistry(client_tarball(CLIENT_JS.read_bytes()))
+    registry = fake_registry(client_tarball(CLIENT_JS.read_bytes()))
     env = {"CHAT_ENV_DIR": str(tmp_path / "cache"), "npm_config_registry": registry.url}
     try:
         for start in ("first", "second"):
@@ -689,7 +696,7 @@ def test_the_client_is_fetched_once_from_the_registry_and_kept(tmp_path: Path) -
 
 @pytest.mark.parametrize("served", ["a tampered client", "no registry"])
 def test_a_client_that_cannot_be_had_or_fails_its_hash_leaves_the_page_on_the_cdn(tmp_path: Path, served: str) -> None:
-    registry = FakeRegistry(client_tarball(b"/*! Socket.IO v4.8.3 */ window.io = () => steal();"))
+    registry = fake_registry(client_tarball(b"/*! Socket.IO v4.8.3 */ window.io = () => steal();"))
     env = {"CHAT_ENV_DIR": str(tmp_path / "cache"),
            "npm_config_registry": registry.url if served == "a tampered client" else f"http://127.0.0.1:{free_port()}/"}
     proc = ChatProcess("--port", "0", env=env)
@@ -989,6 +996,27 @@ async def test_a_private_message_reaches_only_the_person_and_the_sender(start_ch
     assert missing["ok"] is False and missing["code"] == "not_online"
 
 
+async def test_private_messages_share_the_rate_limit_and_the_flood_timeout(start_chat: StartChat,
+                                                                          connect: Connect) -> None:
+    url = await start_chat(rate=1, burst=2, flood_timeout=0.3, bot="off")
+    bob, ann = await connect(url, auth=browser_auth("bob")), await connect(url, auth=browser_auth("ann"))
+    await bob.join("lobby", user="Bob")
+    await ann.join("lobby", user="Ann")
+    gone = asyncio.Event()
+    bob.sio.on("disconnect", lambda *args: gone.set())
+    refused = []
+    async with asyncio.timeout(5):
+        while not gone.is_set():
+            try:
+                ack = await bob.sio.call("private", {"to": "Ann", "body": "spam"}, timeout=1)
+            except (socketio.exceptions.TimeoutError, socketio.exceptions.BadNamespaceError):
+                break  # disconnected while this one was on its way
+            refused += [ack] if not ack["ok"] else []
+            await asyncio.sleep(0.02)  # faster than one a second, for longer than the flood timeout
+        await gone.wait()
+    assert refused and all(r["code"] == "rate_limited" and r["retry_after_ms"] > 0 for r in refused)
+
+
 async def test_a_private_message_to_the_bot_gets_a_private_answer(start_chat: StartChat, connect: Connect) -> None:
     url = await start_chat(rate=0)
     bob, carol = await connect(url, auth=browser_auth("bob")), await connect(url, auth=browser_auth("carol"))
@@ -1201,45 +1229,14 @@ def test_readme_first_command_works_on_a_python3_without_ensurepip(tmp_path: Pat
     assert "first run" not in err
 
 
-class FakeIndex:
-    """A package index on loopback serving one pip wheel, in the simple API's JSON or HTML form."""
-
-    def __init__(self, wheel: bytes, published: str | None, form: str) -> None:
-        self.wheel, self.published, self.form = wheel, published, form
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/simple/"
-
-    def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
-        index = self
-        name = f"pip-{chat.PIP_WHEEL[0]}-py3-none-any.whl"
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path == "/simple/pip/":
-                    fragment = f"#sha256={index.published}" if index.published else ""
-                    body = (json.dumps({"files": [{"filename": name, "url": f"../../files/{name}",
-                                                   "hashes": {"sha256": index.published} if index.published
-                                                   else {}}]}) if index.form == "json" else
-                            f'<html><body><a href="../../files/{name}{fragment}">{name}</a></body></html>').encode()
-                elif self.path == f"/files/{name}":
-                    body = index.wheel
-                else:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        return Handler
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+def fake_index(wheel: bytes, published: str | None, form: str) -> LoopbackFiles:
+    """A package index serving one pip wheel, its simple page in the JSON or the HTML form."""
+    name = f"pip-{chat.PIP_WHEEL[0]}-py3-none-any.whl"
+    fragment = f"#sha256={published}" if published else ""
+    page = (json.dumps({"files": [{"filename": name, "url": f"../../files/{name}",
+                                   "hashes": {"sha256": published} if published else {}}]}) if form == "json" else
+            f'<html><body><a href="../../files/{name}{fragment}">{name}</a></body></html>')
+    return LoopbackFiles({"/simple/pip/": page.encode(), f"/files/{name}": wheel})
 
 
 @pytest.mark.parametrize("form", ["json", "html"])
@@ -1254,8 +1251,8 @@ def test_the_pip_wheel_is_taken_from_the_index_only_when_its_sha256_is_the_pinne
             (None, wheel, None),  # an index that publishes no hash: the pin alone decides
             ("0" * 64, wheel, "publishes sha256 " + "0" * 64),
             (pinned, b"something else", "does not match the sha256 chat.py pins")]:
-        index = FakeIndex(served, published, form)
-        monkeypatch.setenv("PIP_INDEX_URL", index.url)
+        index = fake_index(served, published, form)
+        monkeypatch.setenv("PIP_INDEX_URL", index.url + "simple/")
         into = tmp_path / f"{form}-{published}-{len(served)}"
         into.mkdir()
         try:
@@ -4804,6 +4801,13 @@ def test_every_library_internal_chat_py_relies_on_is_still_there() -> None:
     assert params(socketio.AsyncServer._handle_eio_message) == ["self", "eio_sid", "data"]
     assert params(socketio.AsyncServer._handle_event_internal) == [
         "self", "server", "sid", "eio_sid", "data", "namespace", "id"]
+    assert params(socketio.AsyncServer._handle_connect) == ["self", "eio_sid", "namespace", "data"]
+    assert params(socketio.AsyncServer._handle_eio_disconnect)[:2] == ["self", "eio_sid"]
+    assert "self.environ[eio_sid] = environ" in source(socketio.AsyncServer._handle_eio_connect)
+    from socketio import async_pubsub_manager
+    pubsub = async_pubsub_manager.AsyncPubSubManager
+    assert "data.get('host_id') != self.host_id" in source(pubsub._thread), "emits from other hosts are handled"
+    assert "message['data']" in source(pubsub._handle_emit) and "message.get('room')" in source(pubsub._handle_emit)
     assert params(socketio.AsyncRedisManager._publish) == ["self", "data"]
     assert params(socketio.AsyncRedisManager._redis_listen_with_retries) == ["self"]
     assert callable(socketio.AsyncRedisManager._redis_connect)
