@@ -687,6 +687,7 @@ class Settings:
     allow_origins: tuple[str, ...] = ()
     allow_hosts: tuple[str, ...] = ()
     password: str | None = field(default=None, repr=False)
+    admin_password: str | None = field(default=None, repr=False)  # CHAT_ADMIN_PASSWORD: moderators
     trust_proxy: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -911,7 +912,10 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     args.allow_origins = tuple(args.allow_origins)
     args.allow_hosts = tuple(h.lower().strip("[]") for h in args.allow_hosts)
     args.transports = tuple(args.transports.split(","))
-    given = vars(args)
+    admin_password = os.environ.get("CHAT_ADMIN_PASSWORD")  # never on the command line, where ps shows it
+    if admin_password is not None and not admin_password.strip():
+        parser.error("the CHAT_ADMIN_PASSWORD environment variable is empty; leave it unset for no moderators")
+    given = {**vars(args), "admin_password": admin_password}
     return Settings(**{f.name: given[f.name] for f in dataclasses.fields(Settings) if f.name in given})
 
 
@@ -1092,6 +1096,11 @@ def expect_object(args: tuple[Any, ...], what: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the chat hub: Socket.IO event handlers
 
+RECENT_PAGE = 50  # messages a join without `since` starts with (a replay after `since` sends up to --history)
+HISTORY_PAGE = 50  # messages per `history` page, at most
+SEARCH_RESULTS = 50  # messages a `search` returns, at most
+MAX_QUERY, MAX_QUERY_WORDS = 100, 8
+
 _ack_wanted: contextvars.ContextVar[bool] = contextvars.ContextVar("ack_wanted", default=False)
 
 # Names python-socketio treats specially: its lifecycle events, and "*", which it would hand to
@@ -1117,6 +1126,9 @@ class Session:
     last_refusal: float = 0.0
     kicked: bool = False
     typing_timer: asyncio.TimerHandle | None = None
+    moderator: bool = False
+    connected_at: float = field(default_factory=time.time)
+    commands: TokenBucket = field(default_factory=lambda: TokenBucket(COMMAND_RATE, COMMAND_BURST))
 
 
 class ChatHub:
@@ -1128,7 +1140,8 @@ class ChatHub:
     """
 
     def __init__(self, settings: Settings, store: Store, bot: Bot, board: Board | None = None,
-                 manager: socketio.AsyncManager | None = None, holds: NameHolds | None = None) -> None:
+                 manager: socketio.AsyncManager | None = None, holds: NameHolds | None = None,
+                 sanctions: Sanctions | None = None) -> None:
         self.settings = settings
         self.store = store
         self.bot = BotRunner(bot, settings)
@@ -1155,6 +1168,10 @@ class ChatHub:
         self.presence = Presence(self.sio, board or Board(), settings)
         self.holds = holds or NameHolds(settings.name_grace)
         self.private = PrivateMessages(self.sio, self.holds, settings)
+        self.sanctions = sanctions or Sanctions()
+        self.moderation = Moderation(settings, self.sanctions, self.sio, store, self.presence,
+                                     lambda: list(self.sessions.values()))
+        self.sanctions.on_change.append(self.enforce)
         self.sessions: dict[str, Session] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started = time.monotonic()
@@ -1162,16 +1179,25 @@ class ChatHub:
         self.sio.on("connect", self.on_connect)
         self.sio.on("disconnect", self.on_disconnect)
         for event, handler in (("newmessage", self.on_newmessage), ("join", self.on_join),
-                               ("typing", self.on_typing), ("private", self.on_private)):
+                               ("typing", self.on_typing), ("private", self.on_private),
+                               ("history", self.on_history), ("search", self.on_search),
+                               ("login", self.on_login), ("moderate", self.on_moderate)):
             self.sio.on(event, self._guarded(event, handler))
         self.sio.on("*", self.on_unknown)
 
     # -- the protocol (the README's event table)
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
-        """A new connection: admitted (password, address cap), then in the lobby until it joins a room."""
-        self.sessions[sid] = self.admission.admit(sid, environ, auth)
+        """A new connection: admitted (password, address cap, bans), then in the lobby until it joins a room."""
+        session = self.admission.admit(sid, environ, auth)
+        until = self.moderation.banned(session.browser, None if session.exempt else session.ip)
+        if until is not None:
+            self.admission.release(session)
+            raise socketio.exceptions.ConnectionRefusedError(
+                "banned", {"code": "banned", "until": None if until >= FOREVER else int(until * 1000)})
+        self.sessions[sid] = session
         await self.sio.enter_room(sid, DEFAULT_ROOM)
+        self.presence.count(session, True)
 
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
         session = self.sessions.pop(sid, None)
@@ -1184,6 +1210,7 @@ class ChatHub:
         if session.held is not None:
             await self.holds.release(session.held, sid)
         await self.presence.set_typing(session, False)
+        self.presence.count(session, False)
         await self.presence.leave(session.room, session.user)
 
     async def on_join(self, sid: str, *args: Any) -> dict[str, Any]:
@@ -1200,23 +1227,22 @@ class ChatHub:
         since = clean_since(data.get("since"))
         epoch = data.get("epoch")
         if room != session.room:
-            await self.presence.set_typing(session, False)
-            await self.presence.leave(session.room, session.user)
-            await self.sio.leave_room(sid, session.room)
-            await self.sio.enter_room(sid, room)
-            session.room = room
-            session.user = None
+            await self.presence.move(session, room)
         await self.speak_as(session, user)
+        page = min(self.settings.history, RECENT_PAGE)  # a new page scrolls back for more (`history`)
         if since is None:
-            history, complete = await self.store.recent(room, self.settings.history), True
+            history, complete = await self.store.recent(room, page), True
         elif epoch is not None and epoch != self.store.epoch:
             # `since` counts in another id sequence (the server restarted without --db): start afresh
-            history, complete = await self.store.recent(room, self.settings.history), False
+            history, complete = await self.store.recent(room, page), False
         else:
             history, complete = await self.store.since(room, since, self.settings.history)
+        deleted, cleared = await self.store.removed(room)
         return {"ok": True, "room": room, "user": user, "history": [m.wire() for m in history],
-                "complete": complete, "epoch": self.store.epoch, "members": await self.presence.board.members(room),
-                "typing": await self.presence.board.typing_users(room)}
+                "complete": complete, "epoch": self.store.epoch, **(await self.presence.board.roster(room)).wire(),
+                "typing": await self.presence.board.typing_users(room), "deleted": deleted, "cleared": cleared,
+                "moderator": session.moderator, "locked": self.sanctions.get("lock", room) is not None,
+                "slow": int(self.sanctions.get("slow", room) or 0)}
 
     async def on_newmessage(self, sid: str, *args: Any) -> dict[str, Any] | None:
         """`newmessage` {user, body, cid?, room?}: store, broadcast to the room, ack, then ask the bot.
@@ -1234,6 +1260,7 @@ class ChatHub:
         self._check_message_rate(session)
         room = session.room
         await self.speak_as(session, user)
+        self.moderation.check_post(session)
         msg, created = await self.store.append(room, user, body, "user", cid)
         if not created:  # a resend of a message already delivered: ack it again, show it once
             return {"ok": True, "id": msg.id, "ts": msg.ts, "duplicate": True}
@@ -1254,10 +1281,87 @@ class ChatHub:
             raise InvalidInput("bad_user", "Join with a name before sending a private message.")
         data = expect_object(args, "private")
         self._check_message_rate(session)
+        if session.held and self.sanctions.get("mute", session.held) is not None and not session.moderator:
+            raise InvalidInput("muted", "A moderator has muted you: your messages are not sent for now.")
         to, body, ts = await self.private.send(session.user, data)
         if name_key(to) == name_key(self.settings.bot_name) and self.bot.enabled:
             self._spawn(self._answer_privately(session.user, body, session.room))
         return {"ok": True, "ts": ts}
+
+    async def on_history(self, sid: str, *args: Any) -> dict[str, Any]:
+        """`history` {before, limit?}: a page of older messages in this room, for scrolling back."""
+        session = self.sessions[sid]
+        data = expect_object(args, "history")
+        before = clean_since(data.get("before"))
+        if before is None:
+            raise InvalidInput("bad_before", "'before' must be a message id.")
+        limit = data.get("limit", HISTORY_PAGE)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= HISTORY_PAGE:
+            raise InvalidInput("bad_limit", f"'limit' must be a whole number from 1 to {HISTORY_PAGE}.")
+        self._check_command_rate(session)
+        older = await self.store.before(session.room, before, limit + 1)
+        return {"ok": True, "room": session.room, "history": [m.wire() for m in older[-limit:]],
+                "more": len(older) > limit}
+
+    async def on_search(self, sid: str, *args: Any) -> dict[str, Any]:
+        """`search` {q}: the newest messages in this room with every word of `q` in them."""
+        session = self.sessions[sid]
+        query = expect_object(args, "search").get("q")
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidInput("bad_query", "Type the words to search for.")
+        if len(query) > MAX_QUERY or len(query.split()) > MAX_QUERY_WORDS:
+            raise InvalidInput("bad_query", f"Search for at most {MAX_QUERY_WORDS} words ({MAX_QUERY} characters).")
+        _check_encodable(query, "bad_query", "The search")
+        self._check_command_rate(session)
+        found = await self.store.search(session.room, search_words(query), SEARCH_RESULTS)
+        return {"ok": True, "room": session.room, "results": [m.wire() for m in found]}
+
+    async def on_login(self, sid: str, *args: Any) -> dict[str, Any]:
+        """`login` {password}: this connection becomes a moderator (CHAT_ADMIN_PASSWORD)."""
+        session = self.sessions[sid]
+        password = expect_object(args, "login").get("password")
+        self._check_command_rate(session)
+        self.moderation.login(session, password)
+        await self.presence.set_moderator(session)
+        return {"ok": True, "moderator": True}
+
+    async def on_moderate(self, sid: str, *args: Any) -> dict[str, Any]:
+        """`moderate` {action, name?, minutes?, reason?, seconds?, id?}: see Moderation."""
+        session = self.sessions[sid]
+        data = expect_object(args, "moderate")
+        self._check_command_rate(session)
+        return await self.moderation.run(session, data)
+
+    async def enforce(self) -> None:
+        """Apply what moderators decided (here or on another node) to this node's connections:
+        a kicked name's connections close, and a banned name's browser and address are banned too."""
+        for session in list(self.sessions.values()):
+            if session.kicked or session.held is None:
+                continue
+            ban = self.sanctions.get("ban", f"name:{session.held}")
+            kick = self.sanctions.get("kick", session.held)
+            if ban is not None:
+                await self._remove(session, "banned", "A moderator has banned you from this chat.")
+                until = self.sanctions.until("ban", f"name:{session.held}") or FOREVER
+                for key in (f"browser:{session.browser}", None if session.exempt else f"address:{session.ip}"):
+                    if key and self.sanctions.get("ban", key) is None:
+                        await self.sanctions.put("ban", key, session.held,
+                                                 None if until >= FOREVER else until - time.time())
+            elif kick is not None:
+                kicked_at, by, reason = json.loads(kick)
+                if kicked_at >= session.connected_at:
+                    await self._remove(session, "kicked", f"{by} removed you from the chat"
+                                       + (f": {reason.rstrip('.!?')}." if reason else "."))
+
+    async def _remove(self, session: Session, code: str, text: str) -> None:
+        session.kicked = True
+        await self.sio.emit("removed", {"code": code, "error": text}, to=session.sid)
+        self._spawn(self.sio.disconnect(session.sid))
+
+    def _check_command_rate(self, session: Session) -> None:
+        if not session.commands.take():
+            raise InvalidInput("rate_limited", "Too many commands; wait a moment.",
+                               retry_after_ms=session.commands.wait_ms())
 
     def _check_message_rate(self, session: Session) -> None:
         """Refuse a room or private message over the rate limit (with the wait); a connection still
@@ -1282,6 +1386,8 @@ class ChatHub:
         if key != session.held:
             if key is not None:
                 address = None if session.exempt else session.ip
+                if self.sanctions.get("ban", f"name:{key}") is not None:
+                    raise InvalidInput("banned", f"The name {user} is banned here.")
                 refused = await self.holds.claim(key, session.browser, session.sid, address)
                 if refused == "name_taken":
                     raise InvalidInput("name_taken", f"The name {user} is in use by someone else; please pick "
@@ -1446,6 +1552,7 @@ EXTRA_HANDSHAKES = 5  # Engine.IO sessions per address allowed beyond --max-per-
 PER_ADDRESS_FACTOR = 4
 JOIN_RATE, JOIN_BURST = 2.0, 5        # joins per second per connection (a page joins on connect and room switch)
 TYPING_RATE, TYPING_BURST = 2.0, 4    # typing changes relayed per second per connection; the rest are dropped
+COMMAND_RATE, COMMAND_BURST = 2.0, 10  # logins, moderator commands, history pages and searches per connection
 
 
 class AddressBuckets:
@@ -1643,7 +1750,7 @@ class Admission:
         return False
 
 
-# ---------------------------------------------------------------- people: names held, private messages
+# ---------------------------------------------------------------- people: names held and private messages
 
 
 BROWSER_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
@@ -1714,6 +1821,22 @@ class NameHolds:
     async def online(self, key: str) -> bool:
         """Whether some connection uses the name now."""
         return bool(self.live.get(key))
+
+    async def save(self, sanctions: Sanctions) -> None:
+        """At shutdown: keep every held name, for its grace period, across the restart (with --db)."""
+        if not isinstance(sanctions, SqliteSanctions):
+            return  # in memory nothing outlasts the process; with Redis the holds live there already
+        for key, browser in list(self.holder.items()):
+            self._expire(key)
+            if key in self.holder:
+                await sanctions.put("hold", key, browser, self.grace)
+
+    def restore(self, held: list[tuple[str, str, float]]) -> None:
+        """At start: the names held when the server stopped, each until its grace period ends."""
+        now_wall, now = time.time(), time.monotonic()
+        for key, browser, until in held:
+            self.holder[key] = browser
+            self.until[key] = now + (until - now_wall)
 
     async def refresh(self) -> None:
         """Heartbeat (shared holds only)."""
@@ -1830,7 +1953,388 @@ class PrivateMessages:
         return to, body, ts
 
 
+# ---------------------------------------------------------------- moderation: a host who can act
+
+FOREVER = 253402300799.0  # "until lifted": the last second of the year 9999, in epoch seconds
+SANCTIONS_KEPT = 10_000  # entries at most (bans, mutes, rooms, names held); expired ones are dropped first
+SANCTIONS_CHANNEL = "chat.py:sanctions"  # with --redis: a node that changed one tells the others
+
+
+class Sanctions:
+    """What outlasts a connection, as (kind, key) -> (value, until): bans, mutes, locked and slow rooms,
+    recent kicks and the names held over a restart. Checked from memory, so a check costs no round
+    trip; kept in the --db file (SqliteSanctions) or shared by every node (RedisSanctions).
+    `on_change` callbacks run whenever the entries change (here, or on another node)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, str], tuple[str, float]] = {}
+        self.on_change: list[Callable[[], Any]] = []
+
+    def get(self, kind: str, key: str) -> str | None:
+        """The value of a sanction in force, or None."""
+        entry = self.entries.get((kind, key))
+        if entry is None or entry[1] > time.time():
+            return entry[0] if entry else None
+        del self.entries[(kind, key)]
+        return None
+
+    def until(self, kind: str, key: str) -> float | None:
+        return self.entries[(kind, key)][1] if self.get(kind, key) is not None else None
+
+    def of_kind(self, kind: str) -> list[tuple[str, str, float]]:
+        """(key, value, until) of every entry of `kind` in force."""
+        now = time.time()
+        return [(k, v, u) for (kd, k), (v, u) in list(self.entries.items()) if kd == kind and u > now]
+
+    async def put(self, kind: str, key: str, value: str, seconds: float | None = None) -> None:
+        """Record a sanction, for `seconds` or (None) until it is lifted."""
+        if len(self.entries) >= SANCTIONS_KEPT:
+            self._prune()
+            if len(self.entries) >= SANCTIONS_KEPT:
+                raise InvalidInput("too_many", "Too many bans and mutes are in force; lift some first.")
+        until = min(time.time() + seconds, FOREVER) if seconds else FOREVER
+        self.entries[(kind, key)] = (value, until)
+        await self._saved(kind, key, value, until)
+        await self.changed()
+
+    async def remove(self, kind: str, key: str) -> bool:
+        """Lift a sanction; False if none was in force."""
+        found = self.get(kind, key) is not None
+        self.entries.pop((kind, key), None)
+        await self._removed(kind, key)
+        await self.changed()
+        return found
+
+    def _prune(self) -> None:
+        now = time.time()
+        for entry, (_, until) in list(self.entries.items()):
+            if until <= now:
+                del self.entries[entry]
+
+    async def changed(self) -> None:
+        for callback in self.on_change:
+            await callback()
+
+    async def open(self) -> None:
+        return None
+
+    async def watch(self) -> None:
+        """Follow other nodes' changes (shared sanctions only)."""
+        return None
+
+    async def _saved(self, kind: str, key: str, value: str, until: float) -> None:
+        return None
+
+    async def _removed(self, kind: str, key: str) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class SqliteSanctions(Sanctions):
+    """Sanctions kept in the --db file (its `sanctions` table), so that bans and held names survive a
+    restart. Writes are rare (a moderator's command), on a connection of their own."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def _run(self, sql: str, *params: Any) -> list[Any]:
+        def run() -> list[Any]:
+            assert self._db is not None
+            return self._db.execute(sql, params).fetchall()
+
+        async with self._lock:
+            try:
+                return await asyncio.to_thread(run)
+            except sqlite3.Error as exc:
+                raise StoreError(f"the database {self.path}: {exc}") from None
+
+    async def open(self) -> None:
+        def connect() -> sqlite3.Connection:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=5)
+            db.executescript(SQLITE_SCHEMA)  # the store has made it already; harmless when it has
+            return db
+
+        self._db = await asyncio.to_thread(connect)
+        await self._run("DELETE FROM sanctions WHERE until <= ?", time.time())
+        for kind, key, value, until in await self._run("SELECT kind, key, value, until FROM sanctions"):
+            self.entries[(kind, key)] = (value, until)
+
+    async def _saved(self, kind: str, key: str, value: str, until: float) -> None:
+        await self._run("INSERT OR REPLACE INTO sanctions (kind, key, value, until) VALUES (?, ?, ?, ?)",
+                        kind, key, value, until)
+
+    async def _removed(self, kind: str, key: str) -> None:
+        await self._run("DELETE FROM sanctions WHERE kind = ? AND key = ?", kind, key)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await asyncio.to_thread(self._db.close)
+            self._db = None
+
+
+class RedisSanctions(Sanctions):
+    """Sanctions shared by every node: the hash `chat:sanctions` (field "KIND\\0KEY", value
+    [value, until] in JSON). A node that changes one publishes on SANCTIONS_CHANNEL; every node
+    re-reads the hash then, and every few seconds in case it missed a word."""
+
+    RELOAD_EVERY = 5.0
+
+    def __init__(self, client: Any, health: RedisHealth) -> None:
+        super().__init__()
+        self.client = client
+        self.health = health
+
+    async def open(self) -> None:
+        await self.reload()
+
+    async def reload(self) -> None:
+        raw = await self.health.call(self.client.hgetall, "chat:sanctions")
+        now, fresh, stale = time.time(), {}, []
+        for field_name, data in raw.items():
+            kind, _, key = field_name.decode().partition("\0")
+            value, until = json.loads(data)
+            if until > now:
+                fresh[(kind, key)] = (value, until)
+            else:
+                stale.append(field_name)
+        if stale:
+            await self.health.call(self.client.hdel, "chat:sanctions", *stale)
+        if fresh != self.entries:
+            self.entries = fresh
+            await self.changed()
+
+    async def watch(self) -> None:
+        while True:
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.subscribe(SANCTIONS_CHANNEL)
+                while True:
+                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.RELOAD_EVERY)
+                    await self.reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis is away: this node keeps what it knows, and tries again
+                log.debug("following sanctions: %s", describe_error(exc))
+                await asyncio.sleep(1)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def _shared(self, write: Callable[[Any], None]) -> None:
+        async def run() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                write(pipe)
+                pipe.publish(SANCTIONS_CHANNEL, "changed")
+                await pipe.execute()
+
+        try:
+            await self.health.call(run)
+        except RedisDown:
+            raise StoreError("Redis is unreachable") from None
+
+    async def _saved(self, kind: str, key: str, value: str, until: float) -> None:
+        await self._shared(lambda pipe: pipe.hset("chat:sanctions", f"{kind}\0{key}", json.dumps([value, until])))
+
+    async def _removed(self, kind: str, key: str) -> None:
+        await self._shared(lambda pipe: pipe.hdel("chat:sanctions", f"{kind}\0{key}"))
+
+
+MODERATOR_ACTIONS = ("kick", "ban", "unban", "mute", "unmute", "delete", "clear", "lock", "unlock", "slow")
+MAX_MINUTES = 525_600  # a year: the longest ban or mute that can be given in minutes
+MAX_SLOW = 3600  # seconds: the longest interval /slow can set
+MAX_REASON = 200  # characters
+
+
+def minutes_text(seconds: float) -> str:
+    minutes = seconds / 60
+    return f"{minutes:g} minute{'' if minutes == 1 else 's'}"
+
+
+def clean_minutes(value: Any) -> float | None:
+    """Optional minutes for a ban or mute: None (until lifted) or 1 to MAX_MINUTES."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_MINUTES:
+        raise InvalidInput("bad_minutes", f"Minutes must be a number from 1 to {MAX_MINUTES}.")
+    return float(value) * 60
+
+
+def clean_reason(value: Any) -> str:
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str):
+        raise InvalidInput("bad_reason", "The reason must be text.")
+    _check_encodable(value, "bad_reason", "The reason")
+    return " ".join("".join(ch for ch in value if unicodedata.category(ch) != "Cc").split())[:MAX_REASON]
+
+
+def clean_target(value: Any) -> str:
+    """The name a moderator's command is about (any spelling its name key folds)."""
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME * 4:
+        raise InvalidInput("bad_user", "Say whose name the command is for.")
+    return display_name(value)[:MAX_NAME]
+
+
+class Moderation:
+    """The host's powers. CHAT_ADMIN_PASSWORD, given with `login`, makes a connection a moderator while
+    it is connected. Moderators kick, ban and mute people, delete messages (anyone may delete their
+    own), clear, lock and slow rooms (`moderate` {action, ...}); each is announced in the room and
+    logged. What outlasts a connection is kept in Sanctions; the hub enforces it (ChatHub.enforce)."""
+
+    def __init__(self, settings: Settings, sanctions: Sanctions, sio: socketio.AsyncServer, store: Store,
+                 presence: Presence, sessions: Callable[[], list[Session]]) -> None:
+        self.settings = settings
+        self.sessions = sessions  # this node's connections, to name a person as they call themselves
+        self.sanctions = sanctions
+        self.sio = sio
+        self.store = store
+        self.presence = presence
+        self.passwords = PasswordGuard()
+        self.last_post: dict[tuple[str, str], float] = {}  # (room, name key) -> when, in slow rooms
+
+    def login(self, session: Session, password: Any) -> None:
+        """Make the connection a moderator, or refuse: no password set, too many attempts, wrong."""
+        if self.settings.admin_password is None:
+            raise InvalidInput("no_moderators", "This chat has no moderators (CHAT_ADMIN_PASSWORD is not set).")
+        group = self.passwords.group(session.ip, self.settings.trust_proxy)
+        if not self.passwords.may_try(group):
+            raise InvalidInput("too_many_attempts", "Too many wrong moderator passwords from here; wait a minute.")
+        if not isinstance(password, str) or not hmac.compare_digest(
+                password.encode("utf-8", "replace"), self.settings.admin_password.encode()):
+            self.passwords.failed(group)
+            raise InvalidInput("wrong_password", "That moderator password is not right.")
+        session.moderator = True
+        log.info("moderation: %s (%s) logged in as a moderator", session.user or "someone", session.ip)
+
+    def banned(self, browser: str, address: str | None) -> float | None:
+        """Until when this browser or address is banned (None: it is not)."""
+        for key in (f"browser:{browser}", f"address:{address}" if address else None):
+            if key and self.sanctions.get("ban", key) is not None:
+                return self.sanctions.until("ban", key)
+        return None
+
+    def check_post(self, session: Session) -> None:
+        """Refuse a message from a muted person, into a locked room, or too soon in a slow room."""
+        if session.moderator:
+            return
+        if session.held and self.sanctions.get("mute", session.held) is not None:
+            raise InvalidInput("muted", "A moderator has muted you: your messages are not sent for now.")
+        if self.sanctions.get("lock", session.room) is not None:
+            raise InvalidInput("room_locked", f"#{session.room} is locked: only moderators may post for now.")
+        slow = self.sanctions.get("slow", session.room)
+        if slow is not None and session.held:
+            now, key = time.monotonic(), (session.room, session.held)
+            wait = self.last_post.get(key, -math.inf) + float(slow) - now
+            if wait > 0:
+                raise InvalidInput("slow_mode", f"#{session.room} is in slow mode: one message every {slow} "
+                                   "seconds.", retry_after_ms=math.ceil(wait * 1000))
+            if len(self.last_post) >= 10_000:
+                self.last_post.clear()
+            self.last_post[key] = now
+
+    async def run(self, session: Session, data: dict[str, Any]) -> dict[str, Any]:
+        """One `moderate` command: checked, done, announced and logged; returns the ack."""
+        action = data.get("action")
+        if action not in MODERATOR_ACTIONS:
+            raise InvalidInput("bad_action", f"Unknown action; one of: {', '.join(MODERATOR_ACTIONS)}.")
+        if action == "delete":
+            return await self.delete(session, data.get("id"))
+        if not session.moderator:
+            raise InvalidInput("not_allowed", "Only moderators can do that (/login first).")
+        room, by = session.room, session.user or "A moderator"
+        if action in ("clear", "lock", "unlock", "slow"):
+            text = await getattr(self, action)(room, data)
+            what = room
+        else:
+            target = clean_target(data.get("name"))
+            key = name_key(target)
+            target = next((s.user for s in self.sessions() if s.held == key and s.user), target)
+            text = await getattr(self, action)(key, target, by, data)
+            what = target
+        log.info("moderation: %s (%s) %s %s", by, session.ip, action, what)
+        await self.presence.announce(room, f"{by} {text}", "moderation", by)
+        return {"ok": True}
+
+    async def kick(self, key: str, target: str, by: str, data: dict[str, Any]) -> str:
+        reason = clean_reason(data.get("reason"))
+        await self.sanctions.put("kick", key, json.dumps([time.time(), by, reason]), 60)
+        return f"removed {target}" + (f": {reason}" if reason else "")
+
+    async def ban(self, key: str, target: str, by: str, data: dict[str, Any]) -> str:
+        seconds = clean_minutes(data.get("minutes"))
+        await self.sanctions.put("ban", f"name:{key}", key, seconds)
+        return f"banned {target}" + (f" for {minutes_text(seconds)}" if seconds else "")
+
+    async def unban(self, key: str, target: str, by: str, data: dict[str, Any]) -> str:
+        lifted = [k for k, v, _ in self.sanctions.of_kind("ban") if v == key]
+        if not lifted:
+            raise InvalidInput("not_found", f"{target} is not banned.")
+        for entry in lifted:
+            await self.sanctions.remove("ban", entry)
+        return f"lifted the ban on {target}"
+
+    async def mute(self, key: str, target: str, by: str, data: dict[str, Any]) -> str:
+        seconds = clean_minutes(data.get("minutes"))
+        await self.sanctions.put("mute", key, by, seconds)
+        return f"muted {target}" + (f" for {minutes_text(seconds)}" if seconds else "")
+
+    async def unmute(self, key: str, target: str, by: str, data: dict[str, Any]) -> str:
+        if not await self.sanctions.remove("mute", key):
+            raise InvalidInput("not_found", f"{target} is not muted.")
+        return f"unmuted {target}"
+
+    async def clear(self, room: str, data: dict[str, Any]) -> str:
+        upto = await self.store.clear(room)
+        await self.sio.emit("cleared", {"room": room, "upto": upto}, room=room)
+        return "cleared the room's history"
+
+    async def lock(self, room: str, data: dict[str, Any]) -> str:
+        await self.sanctions.put("lock", room, "locked")
+        return "locked the room: only moderators may post"
+
+    async def unlock(self, room: str, data: dict[str, Any]) -> str:
+        await self.sanctions.remove("lock", room)
+        return "unlocked the room"
+
+    async def slow(self, room: str, data: dict[str, Any]) -> str:
+        seconds = data.get("seconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, int) or not 0 <= seconds <= MAX_SLOW:
+            raise InvalidInput("bad_seconds", f"Seconds must be a whole number from 0 (off) to {MAX_SLOW}.")
+        if seconds == 0:
+            await self.sanctions.remove("slow", room)
+            return "turned slow mode off"
+        await self.sanctions.put("slow", room, str(seconds))
+        return f"set slow mode: one message every {seconds} seconds"
+
+    async def delete(self, session: Session, message_id: Any) -> dict[str, Any]:
+        """Delete a message in this room: a moderator any, anyone their own."""
+        if isinstance(message_id, bool) or not isinstance(message_id, int) or not 0 < message_id <= MAX_ID:
+            raise InvalidInput("bad_id", "Say which message: its id, a whole number.")
+        room = session.room
+        message = await self.store.get(room, message_id)
+        if message is None:
+            raise InvalidInput("not_found", "There is no such message in this room (it may be gone already).")
+        own = message.kind == "user" and session.held is not None and name_key(message.user) == session.held
+        if not (own or session.moderator):
+            raise InvalidInput("not_allowed", "You can delete only your own messages.")
+        await self.store.delete(room, message_id)
+        await self.sio.emit("deleted", {"room": room, "id": message_id}, room=room)
+        if not own:
+            by = session.user or "A moderator"
+            log.info("moderation: %s (%s) delete message %d by %s", by, session.ip, message_id, message.user)
+            await self.presence.announce(room, f"{by} deleted a message by {message.user}", "moderation", by)
+        return {"ok": True}
+
+
 # ---------------------------------------------------------------- rooms: presence and typing
+
+
+PRESENCE_DEBOUNCE = 0.25  # seconds: watchers coming and going are told to the room at most this often
 
 
 class Presence:
@@ -1844,8 +2348,9 @@ class Presence:
         self.sio = sio
         self.board = board
         self.settings = settings
-        self._last_members: dict[str, list[str]] = {}
+        self._last_roster: dict[str, Roster] = {}
         self._pending_leaves: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._soon: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def announce(self, room: str, text: str, kind: str, user: str) -> None:
@@ -1853,14 +2358,53 @@ class Presence:
         await self.sio.emit("system", {"room": room, "text": text, "kind": kind, "user": user, "ts": now_ms()},
                             room=room)
 
-    async def emit(self, room: str, members: list[str] | None = None, local_only: bool = False) -> None:
-        members = await self.board.members(room) if members is None else members
-        if members:
-            self._last_members[room] = members
+    async def emit(self, room: str, roster: Roster | None = None, local_only: bool = False) -> None:
+        roster = await self.board.roster(room) if roster is None else roster
+        if roster.members or roster.watching:
+            self._last_roster[room] = roster
         else:
-            self._last_members.pop(room, None)  # an empty room costs nothing
-        await self.sio.emit("presence", {"room": room, "members": members, "count": len(members)}, room=room,
-                            ignore_queue=local_only)
+            self._last_roster.pop(room, None)  # an empty room costs nothing
+        await self.sio.emit("presence", {"room": room, **roster.wire()}, room=room, ignore_queue=local_only)
+
+    @staticmethod
+    def badges(session: Session) -> list[str]:
+        """What a connection adds to its room's roster besides its name: WATCHING without a name,
+        a MODERATOR_BADGE for a moderator's name."""
+        if not session.user:
+            return [WATCHING]
+        return [MODERATOR_BADGE + session.user] if session.moderator else []
+
+    def count(self, session: Session, present: bool) -> None:
+        """Add (or take away) the connection's badges in its room; the room hears of it shortly."""
+        for badge in self.badges(session):
+            if present:
+                self.board.add(session.room, badge)
+            elif self.board.remove(session.room, badge) <= 0:
+                self.board.forget(session.room, badge)
+        if session.room not in self._soon:
+            self._soon[session.room] = asyncio.get_running_loop().call_later(
+                PRESENCE_DEBOUNCE, lambda room=session.room: self._spawn(self._emit_soon(room)))
+
+    async def _emit_soon(self, room: str) -> None:
+        self._soon.pop(room, None)
+        await self.board.publish(room)
+        await self.emit(room)
+
+    async def set_moderator(self, session: Session) -> None:
+        """The connection's person is a moderator now: their name gets the badge."""
+        self.count(session, False)
+        session.moderator = True
+        self.count(session, True)
+
+    async def move(self, session: Session, room: str) -> None:
+        """The connection leaves its room (and its name there) for `room`, where it has no name yet."""
+        await self.set_typing(session, False)
+        self.count(session, False)
+        await self.leave(session.room, session.user)
+        await self.sio.leave_room(session.sid, session.room)
+        await self.sio.enter_room(session.sid, room)
+        session.room, session.user = room, None
+        self.count(session, True)
 
     async def enter(self, room: str, user: str | None) -> None:
         if not user:
@@ -1890,20 +2434,36 @@ class Presence:
             return
         self.board.forget(room, user)
         await self.board.publish(room)
-        members = await self.board.members(room)
-        if user not in members:  # not still here through another node
+        roster = await self.board.roster(room)
+        if user not in roster.members:  # not still here through another node
             await self.announce(room, f"{user} left", "left", user)
-        await self.emit(room, members)
+        await self.emit(room, roster)
 
     async def rename(self, session: Session, user: str | None) -> None:
-        """The connection now speaks as `user` (or as nobody) in its room."""
+        """The connection now speaks as `user` (or as nobody) in its room. A person changing their name
+        is one line ("Bob is now Bobby") and one list update, never both names at once."""
         if user == session.user:
             return
-        old = session.user
+        old, room = session.user, session.room
         await self.set_typing(session, False)
+        self.count(session, False)
         session.user = user
-        await self.enter(session.room, user)
-        await self.leave(session.room, old)
+        self.count(session, True)
+        if not (old and user) or self.board.local_count(room, old) > 1:
+            await self.enter(room, user)
+            await self.leave(room, old)
+            return
+        known = await self.board.members(room)
+        self.board.remove(room, old)
+        self.board.forget(room, old)
+        self.board.add(room, user)
+        pending = self._pending_leaves.pop((room, user), None)
+        if pending is not None:
+            pending.cancel()
+        await self.board.publish(room)
+        if user not in known:
+            await self.announce(room, f"{old} is now {user}", "renamed", user)
+        await self.emit(room)
 
     async def set_typing(self, session: Session, typing: bool) -> None:
         """Show or clear a person's indicator; it clears itself after --typing-timeout of silence."""
@@ -1934,9 +2494,9 @@ class Presence:
             try:
                 await self.board.refresh()
                 for room in rooms():
-                    members = await self.board.members(room)
-                    if members != self._last_members.get(room, []):
-                        await self.emit(room, members, local_only=True)
+                    roster = await self.board.roster(room)
+                    if roster != self._last_roster.get(room, Roster([], 0, [])):
+                        await self.emit(room, roster, local_only=True)
             except Exception:
                 log.exception("presence heartbeat failed")
 
@@ -1946,10 +2506,41 @@ class Presence:
         task.add_done_callback(self._tasks.discard)
 
     def close(self) -> None:
-        for handle in self._pending_leaves.values():
+        for handle in [*self._pending_leaves.values(), *self._soon.values()]:
             handle.cancel()
         for task in list(self._tasks):
             task.cancel()
+
+
+WATCHING = "\0watching"  # roster entry: connections in the room without a name
+MODERATOR_BADGE = "\0moderator:"  # roster entry prefix: a name used by a moderator
+
+
+@dataclass(frozen=True)
+class Roster:
+    """Who is in a room: the names, how many watch without a name, which names are moderators'."""
+
+    members: list[str]
+    watching: int
+    moderators: list[str]
+
+    @classmethod
+    def of(cls, counts: Any) -> Roster:
+        """From (entry, count) pairs: names, and the WATCHING and MODERATOR_BADGE entries."""
+        names, moderators, watching = set(), set(), 0
+        for entry, count in counts:
+            if entry == WATCHING:
+                watching += max(count, 0)
+            elif entry.startswith(MODERATOR_BADGE):
+                if count > 0:
+                    moderators.add(entry[len(MODERATOR_BADGE):])
+            else:
+                names.add(entry)  # still listed at 0, while its grace period runs (Presence.leave)
+        return cls(sorted(names, key=str.casefold), watching, sorted(moderators & names, key=str.casefold))
+
+    def wire(self) -> dict[str, Any]:
+        return {"members": self.members, "count": len(self.members), "watching": self.watching,
+                "moderators": self.moderators}
 
 
 class Board:
@@ -1986,7 +2577,10 @@ class Board:
         return self.counts.get(room, collections.Counter())[user]
 
     async def members(self, room: str) -> list[str]:
-        return sorted(self.counts.get(room, {}), key=str.casefold)
+        return (await self.roster(room)).members
+
+    async def roster(self, room: str) -> Roster:
+        return Roster.of(self.counts.get(room, {}).items())
 
     async def publish(self, room: str) -> None:
         """Share this process's members of the room (nothing to do without Redis)."""
@@ -2098,22 +2692,22 @@ class RedisBoard(Board):
         with contextlib.suppress(RedisDown):
             await self.health.call(write)
 
-    async def members(self, room: str) -> list[str]:
-        async def read() -> list[str]:
+    async def roster(self, room: str) -> Roster:
+        async def read() -> Roster:
             nodes = await self.client.smembers(f"chat:presence-nodes:{room}")
-            names: set[str] = set()
+            counts: list[tuple[str, int]] = []
             for node in nodes:
                 node = node.decode() if isinstance(node, bytes) else node
-                found = await self.client.hkeys(self._key(room, node))
+                found = await self.client.hgetall(self._key(room, node))
                 if not found and node != self.node:
                     await self.client.srem(f"chat:presence-nodes:{room}", node)  # expired: that node died
-                names.update(n.decode() if isinstance(n, bytes) else n for n in found)
-            return sorted(names, key=str.casefold)
+                counts.extend((k.decode() if isinstance(k, bytes) else k, int(v)) for k, v in found.items())
+            return Roster.of(counts)
 
         try:
             return await self.health.call(read)
         except RedisDown:
-            return await super().members(room)
+            return await super().roster(room)
 
     async def set_typing(self, room: str, user: str, typing: bool, ttl: float) -> list[str] | None:
         key = f"chat:typing:{room}"
@@ -2176,7 +2770,44 @@ class Store(Protocol):
         if not, the hub broadcasts it."""
         ...
 
+    async def get(self, room: str, message_id: int) -> Message | None: ...
+
+    async def before(self, room: str, before_id: int, limit: int) -> list[Message]:
+        """Up to `limit` messages older than `before_id`, oldest first (walking back through history)."""
+        ...
+
+    async def search(self, room: str, words: list[str], limit: int) -> list[Message]:
+        """The newest `limit` messages of the room that contain every one of `words`, newest first."""
+        ...
+
+    async def delete(self, room: str, message_id: int) -> bool:
+        """Remove one message for good; False if the room has no such message."""
+        ...
+
+    async def clear(self, room: str) -> int:
+        """Remove the room's whole history; returns the id up to which it was cleared."""
+        ...
+
+    async def removed(self, room: str) -> tuple[list[int], int]:
+        """What was taken out of the room: the ids deleted lately (newest REMOVED_KEPT), and the id up to
+        which it was cleared, so that a page coming back removes them too."""
+        ...
+
     async def close(self) -> None: ...
+
+
+REMOVED_KEPT = 500  # deleted ids remembered per room, for pages that were away when it happened
+SEARCH_SCAN = 10_000  # messages a search without an index reads at most
+
+
+def search_words(text: str) -> list[str]:
+    """The words a search looks for, as compared (case-folded)."""
+    return [w.casefold() for w in text.split()]
+
+
+def matches(message: Message, words: list[str]) -> bool:
+    body = message.body.casefold()
+    return all(w in body for w in words)
 
 
 def replay_from_window(window: Any, after_id: int, evicted_upto: int,
@@ -2203,6 +2834,8 @@ class MemoryStore:
         self._cids: dict[str, dict[str, Message]] = {}
         self._evicted_upto: dict[str, int] = {}
         self._forgotten_upto = 0  # the newest id in any room whose history was dropped
+        self._deleted: dict[str, collections.deque[int]] = {}
+        self._cleared: dict[str, int] = {}
 
     async def open(self) -> None:
         return None
@@ -2246,6 +2879,8 @@ class MemoryStore:
         room, window = self._rooms.popitem(last=False)
         self._cids.pop(room, None)
         self._evicted_upto.pop(room, None)
+        self._deleted.pop(room, None)
+        self._cleared.pop(room, None)
         if window:
             self._forgotten_upto = max(self._forgotten_upto, window[-1].id)
 
@@ -2258,6 +2893,36 @@ class MemoryStore:
         # A room not kept here may have had its history dropped: replay cannot promise completeness.
         evicted = self._evicted_upto.get(room, 0) if window is not None else self._forgotten_upto
         return replay_from_window(window or (), after_id, evicted, limit)
+
+    async def get(self, room: str, message_id: int) -> Message | None:
+        return next((m for m in self._rooms.get(room, ()) if m.id == message_id), None)
+
+    async def before(self, room: str, before_id: int, limit: int) -> list[Message]:
+        return [m for m in self._rooms.get(room, ()) if m.id < before_id][-limit:]
+
+    async def search(self, room: str, words: list[str], limit: int) -> list[Message]:
+        return [m for m in reversed(self._rooms.get(room, ())) if matches(m, words)][:limit]
+
+    async def delete(self, room: str, message_id: int) -> bool:
+        message = await self.get(room, message_id)
+        if message is None:
+            return False
+        self._rooms[room].remove(message)
+        self._remember_removed(room, message_id)
+        return True
+
+    def _remember_removed(self, room: str, message_id: int) -> None:
+        self._deleted.setdefault(room, collections.deque(maxlen=REMOVED_KEPT)).append(message_id)
+
+    async def clear(self, room: str) -> int:
+        upto = self._next_id - 1
+        if room in self._rooms:
+            self._rooms[room].clear()
+        self._cleared[room] = upto
+        return upto
+
+    async def removed(self, room: str) -> tuple[list[int], int]:
+        return list(self._deleted.get(room, ())), self._cleared.get(room, 0)
 
     async def close(self) -> None:
         return None
@@ -2276,6 +2941,25 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_room_id ON messages (room, id);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_room_cid ON messages (room, cid) WHERE cid IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);  -- 'epoch': this file's id sequence
+CREATE TABLE IF NOT EXISTS removed (room TEXT NOT NULL, id INTEGER NOT NULL, PRIMARY KEY (room, id));  -- deleted
+CREATE TABLE IF NOT EXISTS sanctions (  -- bans, mutes, locked and slow rooms, names held (see Sanctions)
+    kind  TEXT NOT NULL,
+    key   TEXT NOT NULL,
+    value TEXT NOT NULL,
+    until REAL NOT NULL,                 -- epoch seconds
+    PRIMARY KEY (kind, key)
+);
+"""
+# Full-text search over bodies, kept in step with `messages` by triggers (where SQLite has FTS5).
+SQLITE_SEARCH_SCHEMA = """
+CREATE VIRTUAL TABLE messages_fts USING fts5(body, content='messages', content_rowid='id');
+CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
+    INSERT INTO messages_fts (rowid, body) VALUES (new.id, new.body);
+END;
+CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, body) VALUES ('delete', old.id, old.body);
+END;
+INSERT INTO messages_fts (messages_fts) VALUES ('rebuild');
 """
 
 
@@ -2295,6 +2979,7 @@ class SqliteStore:
         self._db: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self.epoch = ""
+        self.indexed = False  # whether search has SQLite's FTS5 index
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         try:
@@ -2328,6 +3013,14 @@ class SqliteStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SQLITE_SCHEMA)
+        self.indexed = bool(db.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages_fts'").fetchone())
+        if not self.indexed:
+            try:
+                db.executescript(f"BEGIN; {SQLITE_SEARCH_SCHEMA} COMMIT;")
+                self.indexed = True
+            except sqlite3.OperationalError:  # this SQLite has no FTS5: search reads the recent messages
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
         db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (new_epoch(),))
         self.epoch = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
         self._db = db
@@ -2369,6 +3062,67 @@ class SqliteStore:
 
     def delivered(self, message: Message) -> bool:
         return False  # the hub broadcasts what this store keeps
+
+    async def get(self, room: str, message_id: int) -> Message | None:
+        rows = await self._run(self._select, f"{self.COLUMNS} WHERE room = ? AND id = ?", room, message_id)
+        return rows[0] if rows else None
+
+    async def before(self, room: str, before_id: int, limit: int) -> list[Message]:
+        rows = await self._run(self._select, f"{self.COLUMNS} WHERE room = ? AND id < ? ORDER BY id DESC LIMIT ?",
+                               room, before_id, limit)
+        return rows[::-1]
+
+    def _search(self, room: str, words: list[str], limit: int) -> list[Message]:
+        if self.indexed:
+            query = " ".join('"' + w.replace('"', '""') + '"*' for w in words)  # every word, as a prefix
+            try:
+                found = self._select(f"{self.COLUMNS} WHERE room = ? AND id IN (SELECT rowid FROM messages_fts "
+                                     "WHERE messages_fts MATCH ?) ORDER BY id DESC LIMIT ?", room, query, limit * 4)
+                # the index matches whole words; the words must also be in the text as typed
+                return [m for m in found if matches(m, words)][:limit]
+            except sqlite3.OperationalError:  # a query the index cannot read (say, only punctuation)
+                pass
+        recent = self._select(f"{self.COLUMNS} WHERE room = ? ORDER BY id DESC LIMIT ?", room, SEARCH_SCAN)
+        return [m for m in recent if matches(m, words)][:limit]
+
+    async def search(self, room: str, words: list[str], limit: int) -> list[Message]:
+        return await self._run(self._search, room, words, limit)
+
+    def _delete(self, room: str, message_id: int) -> bool:
+        assert self._db is not None
+        with self._db:  # one transaction: BEGIN here, COMMIT (or ROLLBACK) on leaving
+            self._db.execute("BEGIN")
+            gone = self._db.execute("DELETE FROM messages WHERE room = ? AND id = ?", (room, message_id)).rowcount
+            if gone:
+                self._db.execute("INSERT OR IGNORE INTO removed (room, id) VALUES (?, ?)", (room, message_id))
+                self._db.execute("DELETE FROM removed WHERE room = ? AND id NOT IN (SELECT id FROM removed "
+                                 "WHERE room = ? ORDER BY id DESC LIMIT ?)", (room, room, REMOVED_KEPT))
+        return bool(gone)
+
+    async def delete(self, room: str, message_id: int) -> bool:
+        return await self._run(self._delete, room, message_id)
+
+    def _clear(self, room: str) -> int:
+        assert self._db is not None
+        with self._db:
+            self._db.execute("BEGIN")
+            upto = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'messages'"
+                                    ).fetchone()[0]
+            self._db.execute("DELETE FROM messages WHERE room = ?", (room,))
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"cleared:{room}", upto))
+        return int(upto)
+
+    async def clear(self, room: str) -> int:
+        return await self._run(self._clear, room)
+
+    def _removed(self, room: str) -> tuple[list[int], int]:
+        assert self._db is not None
+        ids = [r[0] for r in self._db.execute("SELECT id FROM removed WHERE room = ? ORDER BY id", (room,))]
+        cleared = self._db.execute("SELECT value FROM meta WHERE key = ?", (f"cleared:{room}",)).fetchone()
+        return ids, int(cleared[0]) if cleared else 0
+
+    async def removed(self, room: str) -> tuple[list[int], int]:
+        return await self._run(self._removed, room)
 
     async def close(self) -> None:
         if self._db is not None:
@@ -2422,6 +3176,23 @@ return {1, msg}
 REDIS_CHANNEL = "chat.py"  # the pub/sub channel of every node's Socket.IO manager
 REDIS_STORE_HOST = "chat.py-store"  # the host_id of messages the store publishes: every node delivers them
 NODE_SLOTS = 64  # Redis hands out multiples of 64; during an outage a node uses its own residue (1-63)
+REDIS_DELETE = """
+for _, raw in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if cjson.decode(raw)['id'] == tonumber(ARGV[1]) then
+    redis.call('LREM', KEYS[1], 1, raw)
+    redis.call('ZADD', KEYS[2], ARGV[1], ARGV[1])
+    redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[2]) + 1))
+    return 1
+  end
+end
+return 0
+"""
+REDIS_CLEAR = """
+local upto = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(ARGV[1]))
+redis.call('DEL', KEYS[2])
+redis.call('SET', KEYS[3], upto)
+return upto
+"""
 REDIS_RAISE_IDS = """
 if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
 """
@@ -2501,6 +3272,8 @@ class RedisStore:
         self.epoch = ""
         self._append = client.register_script(REDIS_APPEND)
         self._raise_ids = client.register_script(REDIS_RAISE_IDS)
+        self._delete = client.register_script(REDIS_DELETE)
+        self._clear = client.register_script(REDIS_CLEAR)
         health.on_recovery.append(self._after_outage)
 
     async def open(self) -> None:
@@ -2601,6 +3374,50 @@ class RedisStore:
         except RedisDown:
             return await self.local.since(room, after_id, limit)
         return replay_from_window(window, after_id, evicted, limit)
+
+    async def _kept(self, room: str) -> list[Message]:
+        try:
+            return (await self._window(room))[0]
+        except RedisDown:
+            return await self.local.recent(room, self.history)
+
+    async def get(self, room: str, message_id: int) -> Message | None:
+        return next((m for m in await self._kept(room) if m.id == message_id), None)
+
+    async def before(self, room: str, before_id: int, limit: int) -> list[Message]:
+        return [m for m in await self._kept(room) if m.id < before_id][-limit:]
+
+    async def search(self, room: str, words: list[str], limit: int) -> list[Message]:
+        return [m for m in reversed(await self._kept(room)) if matches(m, words)][:limit]
+
+    async def _changing(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self.health.call(script, keys, args)
+        except RedisDown:
+            raise StoreError("Redis is unreachable") from None
+
+    async def delete(self, room: str, message_id: int) -> bool:
+        gone = await self._changing(self._delete, [f"chat:history:{room}", f"chat:removed:{room}"],
+                                    [message_id, REMOVED_KEPT])
+        return bool(gone) or await self.local.delete(room, message_id)
+
+    async def clear(self, room: str) -> int:
+        await self.local.clear(room)
+        return int(await self._changing(self._clear, ["chat:ids", f"chat:history:{room}", f"chat:cleared:{room}"],
+                                        [self.highest_id]))
+
+    async def removed(self, room: str) -> tuple[list[int], int]:
+        async def read() -> tuple[list[Any], Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.zrange(f"chat:removed:{room}", 0, -1)
+                pipe.get(f"chat:cleared:{room}")
+                return await pipe.execute()
+
+        try:
+            ids, cleared = await self.health.call(read)
+        except RedisDown:
+            return await self.local.removed(room)
+        return [int(i) for i in ids], int(cleared or 0)
 
 
 # ---------------------------------------------------------------- bots
@@ -3497,6 +4314,21 @@ PAGE_HTML = """<!doctype html>
              maxlength="32" title="1-32 letters, digits, - or _">
       <button type="submit" class="ghost">Go</button>
     </form>
+    <form id="search-form" class="search" role="search" novalidate>
+      <label for="search-input" class="sr-only">Search this room</label>
+      <input id="search-input" type="search" placeholder="Search" maxlength="100" autocomplete="off">
+    </form>
+    <details id="alerts" class="alerts">
+      <summary title="Notifications and sound"><svg class="bell" viewBox="0 0 24 24" aria-hidden="true"><path d="M12 3a6 6 0 0 0-6 6v3.6L4.3 15.4A1 1 0 0 0 5.2 17h13.6a1 1 0 0 0 .9-1.6L18 12.6V9a6 6 0 0 0-6-6Zm-2.6 15.5a2.7 2.7 0 0 0 5.2 0Z"/></svg><span class="sr-only">Notifications</span></summary>
+      <fieldset class="alerts-menu">
+        <legend>Notify me while away</legend>
+        <label><input type="radio" name="notify" value="off" checked> never</label>
+        <label><input type="radio" name="notify" value="mentions"> mentions and private messages</label>
+        <label><input type="radio" name="notify" value="all"> every message</label>
+        <label><input type="checkbox" id="sound"> with a sound</label>
+        <p id="alerts-note" class="note"></p>
+      </fieldset>
+    </details>
     <p id="status" class="status" role="status" data-state="connecting">connecting…</p>
   </header>
   <div id="banner" class="banner" role="alert" hidden></div>
@@ -3505,8 +4337,14 @@ PAGE_HTML = """<!doctype html>
       <h2 id="people-title">Online <span id="member-count" class="count">0</span></h2>
       <ul id="members"></ul>
       <p id="no-members" class="no-members">Nobody with a name yet.</p>
+      <p id="watching" class="no-members" hidden></p>
     </aside>
     <div class="chat-column">
+      <section id="search-results" class="search-results" aria-labelledby="search-title" hidden>
+        <div class="search-head"><h2 id="search-title">Search</h2>
+          <button id="search-close" type="button" class="ghost">Close</button></div>
+        <ol id="search-list"></ol>
+      </section>
       <section class="conversation" aria-label="Messages" tabindex="0">
         <div id="log" role="log" aria-label="Messages in this room"><ul id="messages" class="messages"></ul></div>
         <button id="jump" type="button" class="jump" hidden>New messages below ↓</button>
@@ -3514,6 +4352,7 @@ PAGE_HTML = """<!doctype html>
       </section>
       <div class="composer">
         <p id="typing" class="typing" aria-live="polite"></p>
+        <div id="suggest" class="suggest" aria-label="Names" hidden></div>
         <form id="message-form" aria-label="Send a message" novalidate>
           <div class="field name-field">
             <label for="messageUser">Your name</label>
@@ -3538,6 +4377,16 @@ PAGE_HTML = """<!doctype html>
       <input id="password-input" type="password" autocomplete="current-password" required>
       <p id="password-error" class="error" role="alert"></p>
       <button type="submit">Join</button>
+    </form>
+  </dialog>
+  <dialog id="login-dialog" aria-labelledby="login-title">
+    <form id="login-form" method="dialog">
+      <h2 id="login-title">Moderator login</h2>
+      <label for="login-input">Moderator password</label>
+      <input id="login-input" type="password" autocomplete="current-password" required>
+      <p id="login-error" class="error" role="alert"></p>
+      <div class="dialog-buttons"><button id="login-cancel" type="button" class="ghost">Cancel</button>
+        <button type="submit">Log in</button></div>
     </form>
   </dialog>
   <template id="message-template">
@@ -3670,7 +4519,46 @@ dialog { border: 1px solid var(--border); border-radius: var(--radius); backgrou
 dialog::backdrop { background: rgb(0 0 0 / .5); }
 dialog form { display: flex; flex-direction: column; gap: .5rem; min-width: 16rem; }
 dialog h2 { margin: 0 0 .5rem; font-size: 1.1rem; }
+.sr-only { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); white-space: nowrap; }
+.search input { width: 9rem; padding: .35rem .6rem; }
+.alerts { position: relative; }
+.alerts summary { list-style: none; cursor: pointer; padding: .25rem .45rem; border: 1px solid var(--border);
+  border-radius: 8px; }
+.alerts summary::-webkit-details-marker { display: none; }
+.bell { width: 1.1rem; height: 1.1rem; fill: var(--muted); vertical-align: -.2rem; }
+.alerts[open] .bell, .alerts.on .bell { fill: var(--accent); }
+.alerts-menu { position: absolute; right: 0; top: 2.2rem; z-index: 5; background: var(--panel); border: 1px solid var(--border);
+  border-radius: var(--radius); box-shadow: var(--shadow); padding: .6rem .8rem; margin: 0; min-width: 16rem;
+  display: flex; flex-direction: column; gap: .3rem; font-size: .9rem; }
+.alerts-menu legend { font-weight: 600; font-size: .85rem; padding: 0; float: left; margin-bottom: .2rem; }
+.alerts-menu input { width: auto; margin-right: .4rem; }
+.note { color: var(--muted); font-size: .8rem; margin: 0; }
+.note:empty { display: none; }
+.search-results { background: var(--panel); border-bottom: 1px solid var(--border); max-height: 45%; overflow-y: auto;
+  padding: .5rem 1rem; flex: none; }
+.search-head { display: flex; align-items: center; justify-content: space-between; max-width: 52rem; margin: 0 auto; }
+.search-results h2 { font-size: .9rem; margin: 0; color: var(--muted); }
+.search-results ol { list-style: none; margin: .3rem auto 0; padding: 0; max-width: 52rem; }
+.search-results li button { all: unset; display: block; width: 100%; cursor: pointer; padding: .3rem .4rem;
+  border-radius: 6px; overflow-wrap: anywhere; }
+.search-results li button:hover, .search-results li button:focus-visible { background: var(--bg);
+  outline: 2px solid var(--accent); }
+.search-results .hit-meta { color: var(--muted); font-size: .8rem; margin-right: .5rem; }
+.message.found { outline: 3px solid var(--accent); outline-offset: 1px; }
+.message.deleted .body { color: var(--muted); font-style: italic; }
+.badge { font-size: .7rem; font-weight: 700; text-transform: uppercase; letter-spacing: .04em; color: var(--accent-text);
+  background: var(--ok); border-radius: 4px; padding: 0 .3rem; margin-left: .35rem; vertical-align: .1rem; }
+@media (prefers-color-scheme: light) { .badge { background: #17692f; color: #fff; } }
+.message .meta button.delete { color: var(--muted); border-color: transparent; opacity: .75; }
+.message .meta button.delete:hover, .message .meta button.delete:focus-visible { opacity: 1; color: var(--error); }
+.suggest { display: flex; gap: .4rem; flex-wrap: wrap; max-width: 52rem; margin: 0 auto .3rem; }
+.suggest button { padding: .2rem .6rem; font-weight: 500; }
+.suggest button[aria-selected="true"] { outline: 2px solid var(--text); }
+.older { align-self: center; color: var(--muted); font-size: .8rem; list-style: none; }
+.dialog-buttons { display: flex; gap: .5rem; justify-content: flex-end; }
 @media (max-width: 700px) {
+  .search input { width: 5rem; }
+  .alerts-menu { position: fixed; left: .5rem; right: .5rem; top: 3rem; min-width: 0; }
   .layout { grid-template-columns: 1fr; grid-template-rows: auto 1fr; grid-template-areas: "people" "chat"; }
   .people { border-left: 0; border-bottom: 1px solid var(--border); padding: .35rem .75rem; display: flex;
     align-items: center; gap: .6rem; overflow-x: auto; white-space: nowrap; }
@@ -3701,6 +4589,12 @@ PAGE_JS = r"""
     roomForm: $('room-form'), roomInput: $('room-input'), template: $('message-template'),
     dialog: $('password-dialog'), passwordForm: $('password-form'),
     passwordInput: $('password-input'), passwordError: $('password-error'),
+    watching: $('watching'), suggest: $('suggest'),
+    searchForm: $('search-form'), searchInput: $('search-input'), searchResults: $('search-results'),
+    searchTitle: $('search-title'), searchList: $('search-list'), searchClose: $('search-close'),
+    alerts: $('alerts'), sound: $('sound'), alertsNote: $('alerts-note'),
+    loginDialog: $('login-dialog'), loginForm: $('login-form'), loginInput: $('login-input'),
+    loginError: $('login-error'), loginCancel: $('login-cancel'),
   };
 
   const showBanner = (text, kind = 'error') => {
@@ -3766,6 +4660,12 @@ PAGE_JS = r"""
     replaying: false,             // rendering a join's history (not news)
     unread: 0,                    // messages from others that arrived while the page was hidden
     unreadForMe: false,           // ... one of them mentioning this person
+    moderator: false,             // this connection is a moderator (/login)
+    removed: false,               // a moderator removed this page: it does not reconnect
+    olderDone: false,             // the room has nothing older than what is shown
+    loadingOlder: false,          // a `history` page is on its way
+    moderatorNames: [],           // who in the room is a moderator (a badge in the list)
+    completion: null,             // @name completion: {start, matches, index}
   };
   if (ROOM_RE.test(state.room) && new URLSearchParams(location.search).get('room') !== state.room && location.search) {
     history.replaceState(null, '', `?room=${encodeURIComponent(state.room)}`);  // /?room=Team is #team
@@ -3883,6 +4783,37 @@ PAGE_JS = r"""
   };
   const firstPending = () => els.messages.querySelector('li.pending');
 
+  // ---- deleting: anyone their own messages, a moderator any; gone from every page, kept as a line
+
+  const mayDelete = (li) => li.dataset.kind === 'user' && (state.moderator ||
+    (Boolean(state.joinedAs) && nameKey(li.dataset.user || '') === nameKey(state.joinedAs)));
+  const offerDelete = (li) => {
+    li.querySelector('.meta button.delete')?.remove();
+    if (!li.dataset.id || li.classList.contains('deleted') || !mayDelete(li)) return;
+    const button = document.createElement('button');
+    button.type = 'button';
+    button.className = 'delete ghost';
+    button.textContent = 'delete';
+    button.setAttribute('aria-label', `Delete message ${li.dataset.id}`);
+    button.addEventListener('click', () => moderate({ action: 'delete', id: Number(li.dataset.id) }));
+    li.querySelector('.meta').append(button);
+  };
+  const offerDeletes = () => { for (const li of els.messages.querySelectorAll('li[data-id]')) offerDelete(li); };
+  const markDeleted = (id) => {
+    const li = state.rendered.get(id);
+    if (!li || li.classList.contains('deleted')) return;
+    li.classList.add('deleted');
+    li.classList.remove('mentions-me');
+    li.querySelector('.body').textContent = 'message deleted';
+    li.querySelector('.meta button.delete')?.remove();
+  };
+  const removeUpTo = (upto) => {
+    for (const [id, li] of state.rendered) {
+      if (id <= upto) { li.remove(); state.rendered.delete(id); }
+    }
+    els.empty.hidden = els.messages.childElementCount > 0;
+  };
+
   const renderMessage = (msg) => {
     if (!msg || typeof msg.id !== 'number' || (msg.room && msg.room !== state.room)) return;
     state.lastSeen.set(state.room, Math.max(state.lastSeen.get(state.room) || 0, msg.id));
@@ -3895,6 +4826,8 @@ PAGE_JS = r"""
     const forMe = !mine && mentionsMe(String(msg.body));
     if (forMe) classes.push('mentions-me');
     const li = makeItem(String(msg.user), String(msg.body), msg.ts, classes);
+    li.dataset.user = String(msg.user);
+    li.dataset.kind = isBot ? 'bot' : 'user';
     if (local) {
       local.li.remove();
       settle(local);
@@ -3902,7 +4835,8 @@ PAGE_JS = r"""
     state.rendered.set(msg.id, li);
     const wasAtBottom = atBottom();
     insertInOrder(li, msg.id);
-    if (!mine && !state.replaying) noticeArrival(li, forMe, wasAtBottom);
+    offerDelete(li);
+    if (!mine && !state.replaying) noticeArrival(li, forMe, wasAtBottom, `${msg.user} in #${state.room}`, String(msg.body));
   };
 
   // ---- attention: what arrived while the person was not looking
@@ -3923,7 +4857,8 @@ PAGE_JS = r"""
 
   // A message from someone else: counted in the title while the page is hidden, the first one
   // marked by a "new messages" line, and a "new messages below" button when scrolled up.
-  const noticeArrival = (li, forMe, wasAtBottom) => {
+  const noticeArrival = (li, forMe, wasAtBottom, title, body) => {
+    alertIfAway(forMe, title, body);
     if (document.hidden) {
       if (!state.unread) {
         els.messages.querySelector('li.divider')?.remove();
@@ -3954,8 +4889,10 @@ PAGE_JS = r"""
     if (stick) scrollToEnd();
   };
 
-  const renderMembers = (members) => {
+  const renderMembers = (roster) => {
+    const members = roster.members || [];
     state.memberNames = members;
+    state.moderatorNames = roster.moderators || [];
     els.members.replaceChildren(...members.map((name) => {
       const li = document.createElement('li');
       const button = document.createElement('button');  // a private message to this person
@@ -3969,10 +4906,14 @@ PAGE_JS = r"""
         autosize();
       });
       li.append(button);
+      if (state.moderatorNames.includes(name)) li.append(element('span', 'mod', { class: 'badge', title: 'moderator' }));
       return li;
     }));
     els.memberCount.textContent = String(members.length);
-    els.noMembers.hidden = members.length > 0;
+    const watching = Number(roster.watching) || 0;
+    els.noMembers.hidden = members.length > 0 || watching > 0;
+    els.watching.hidden = watching === 0;
+    els.watching.textContent = `${watching} watching${members.length ? '' : ' (no name yet)'}`;
   };
 
   // "X joined" is news only about someone else the page did not already list: never about this
@@ -4087,8 +5028,10 @@ PAGE_JS = r"""
     markPending(entry, '');
     entry.li.classList.remove('pending');
     entry.li.classList.add('sent');
+    Object.assign(entry.li.dataset, { user: entry.user, kind: 'user' });
     state.rendered.set(ack.id, entry.li);
     insertInOrder(entry.li, ack.id);
+    offerDelete(entry.li);
   };
 
   const pump = () => {
@@ -4116,10 +5059,10 @@ PAGE_JS = r"""
         }
         if (ack && ack.ok) {
           delivered(entry, ack);
-        } else if (ack && ack.code === 'rate_limited') {
+        } else if (ack && (ack.code === 'rate_limited' || ack.code === 'slow_mode')) {
           entry.tries -= 1;  // waiting is not failing
-          markPending(entry, 'waiting…');
-          const wait = Math.min(Math.max(Number(ack.retry_after_ms) || 1000, 50), 10000);
+          markPending(entry, ack.code === 'slow_mode' ? 'slow mode: waiting…' : 'waiting…');
+          const wait = Math.min(Math.max(Number(ack.retry_after_ms) || 1000, 50), 3600000);
           state.waitTimer = setTimeout(() => { state.waitTimer = 0; pump(); }, wait);
           return;
         } else if (ack && ack.code === 'not_in_room') {
@@ -4161,9 +5104,43 @@ PAGE_JS = r"""
     '/me ACTION': 'say what you are doing: "/me waves" shows "* Alice waves"',
     '/msg NAME TEXT': 'a private message: only NAME and you see it',
     '/nick NAME': 'change your name',
+    '/search WORDS': 'find messages in this room',
+    '/login': 'become a moderator (asks for the moderator password)',
   };
-  const commandList = () => Object.entries(COMMANDS).map(([c, what]) => `${c}: ${what}`).join(' · ') +
-    ' · Start with // to send a message that begins with a slash.';
+  const MODERATOR_COMMANDS = {
+    '/kick NAME [REASON]': 'remove someone', '/ban NAME [MINUTES]': 'remove and keep out (no minutes: until /unban)',
+    '/unban NAME': 'lift a ban', '/mute NAME [MINUTES]': 'stop their messages', '/unmute NAME': 'let them speak again',
+    '/delete ID': 'delete a message (or its delete button)', '/clear': "remove the room's history",
+    '/lock': 'only moderators may post', '/unlock': 'everyone may post again', '/slow SECONDS': 'one message per person per interval (0: off)',
+  };
+  const commandList = () => Object.entries({ ...COMMANDS, ...(state.moderator ? MODERATOR_COMMANDS : {}) })
+    .map(([c, what]) => `${c}: ${what}`).join(' · ') + ' · Start with // to send a message that begins with a slash.';
+
+  // `moderate` and `login`: the server checks everything again and answers with a code.
+  const moderate = (command) => {
+    socket.timeout(SEND_TIMEOUT_MS).emit('moderate', command, (err, ack) => {
+      if (err) showError('The server did not answer; try again.');
+      else if (!ack || !ack.ok) showError((ack && ack.error) || 'Refused.');
+    });
+  };
+  const login = (password, quietly = false) => {
+    socket.timeout(SEND_TIMEOUT_MS).emit('login', { password }, (err, ack) => {
+      if (!err && ack && ack.ok) {
+        state.moderator = true;
+        tabStore.set('chat.moderator', password);  // this tab logs in again after a reconnect
+        if (els.loginDialog.open) els.loginDialog.close();
+        if (!quietly) renderSystem('You are a moderator now. /help lists the moderator commands.');
+        offerDeletes();
+        return;
+      }
+      if (quietly) { tabStore.set('chat.moderator', ''); return; }
+      els.loginError.textContent = err ? 'The server did not answer; try again.' : (ack && ack.error) || 'Refused.';
+      if (!els.loginDialog.open) els.loginDialog.showModal();
+      els.loginInput.focus();
+    });
+  };
+  // Whole minutes or seconds after a command's name, or undefined; NaN when something else is there.
+  const wholeNumber = (text) => (text === '' ? undefined : /^\d+$/.test(text) ? Number(text) : NaN);
 
   // "/msg NAME " (the name quoted when it has a space), ready for the text.
   const msgCommand = (name, text = '') => `/msg ${name.includes(' ') ? `"${name}"` : name} ${text}`;
@@ -4186,6 +5163,7 @@ PAGE_JS = r"""
     els.messages.insertBefore(li, firstPending());
     els.empty.hidden = true;
     if (stick || fromMe) scrollToEnd();
+    if (!fromMe) noticeArrival(li, true, stick, `${msg.from} (private)`, String(msg.body));
   };
 
   const sendPrivate = (user, to, text) => {
@@ -4215,6 +5193,29 @@ PAGE_JS = r"""
       if (!to || !text) { showError('Usage: /msg NAME TEXT'); return null; }
       if (!socket.connected || !state.joined) { showError('Not connected: the private message was not sent.'); return null; }
       sendPrivate(user, to, text);
+    } else if (command === '/search') {
+      if (!rest) { showError('Usage: /search WORDS'); return null; }
+      els.searchInput.value = rest;
+      search(rest);
+    } else if (command === '/login') {
+      if (rest) login(rest);
+      else { els.loginError.textContent = ''; els.loginDialog.showModal(); els.loginInput.focus(); }
+    } else if (['/kick', '/ban', '/mute', '/unban', '/unmute'].includes(command)) {
+      const [name, more] = splitName(rest);
+      if (!name) { showError(`Usage: ${Object.keys(MODERATOR_COMMANDS).find((c) => c.startsWith(command + ' '))}`); return null; }
+      const order = { action: command.slice(1), name };
+      if (command === '/kick') order.reason = more || undefined;
+      if (command === '/ban' || command === '/mute') {
+        order.minutes = wholeNumber(more.trim());
+        if (Number.isNaN(order.minutes)) { showError(`Usage: ${command} NAME [MINUTES]`); return null; }
+      }
+      moderate(order);
+    } else if (['/clear', '/lock', '/unlock'].includes(command)) {
+      moderate({ action: command.slice(1) });
+    } else if (command === '/slow' || command === '/delete') {
+      const number = wholeNumber(rest);
+      if (number === undefined || Number.isNaN(number)) { showError(`Usage: ${command} ${command === '/slow' ? 'SECONDS' : 'ID'}`); return null; }
+      moderate(command === '/slow' ? { action: 'slow', seconds: number } : { action: 'delete', id: number });
     } else if (command === '/nick') {
       const [name] = splitName(rest);
       if (!name || !checkName(name)) { if (!name) showError('Usage: /nick NAME'); return null; }
@@ -4268,9 +5269,175 @@ PAGE_JS = r"""
     els.body.value = '';
     autosize();
     showCount();
+    showSuggestions();
     els.body.focus();
     state.typingSentAt = 0;
     pump();
+  };
+
+  // ---- older history and search: `history` {before} pages back; `search` {q} finds messages
+
+  const HISTORY_PAGE = 50;
+  const oldestShown = () => Math.min(...[...state.rendered.keys()].filter((id) => id > 0), Infinity);
+
+  // One page of older messages above what is shown; resolves false when there is nothing older.
+  const loadOlder = () => new Promise((resolve) => {
+    const before = oldestShown();
+    if (state.olderDone || state.loadingOlder || !state.joined || before === Infinity) { resolve(false); return; }
+    state.loadingOlder = true;
+    const room = state.room;
+    socket.timeout(SEND_TIMEOUT_MS).emit('history', { before, limit: HISTORY_PAGE }, (err, ack) => {
+      state.loadingOlder = false;
+      if (room !== state.room) { resolve(false); return; }
+      if (err || !ack || !ack.ok) {
+        if (ack && ack.error) showError(ack.error);
+        resolve(false);
+        return;
+      }
+      const c = els.conversation;
+      const fromBottom = c.scrollHeight - c.scrollTop;  // keep what the person is reading in place
+      state.replaying = true;
+      for (const msg of ack.history) renderMessage(msg);
+      state.replaying = false;
+      c.scrollTop = c.scrollHeight - fromBottom;
+      if (!ack.more) {
+        state.olderDone = true;
+        if (!els.messages.querySelector('li.older')) {
+          els.messages.prepend(element('li', 'This is the beginning of the history kept for this room.', { class: 'older' }));
+        }
+      }
+      resolve(ack.history.length > 0);
+    });
+  });
+  els.conversation.addEventListener('scroll', () => { if (els.conversation.scrollTop < 80) loadOlder(); });
+
+  const closeSearch = () => {
+    els.searchResults.hidden = true;
+    els.searchList.replaceChildren();
+  };
+
+  // Shows one message in context: loads older pages until it is on the page (a bounded number).
+  const showInContext = async (id) => {
+    for (let pages = 0; !state.rendered.has(id) && pages < 40; pages += 1) {
+      if (!(await loadOlder())) break;
+    }
+    const li = state.rendered.get(id);
+    if (!li) { showError('That message is no longer in the history.'); return; }
+    for (const old of els.messages.querySelectorAll('li.found')) old.classList.remove('found');
+    li.classList.add('found');
+    li.scrollIntoView({ block: 'center' });
+  };
+
+  const search = (query) => {
+    const room = state.room;
+    if (!socket.connected || !state.joined) { showError('Not connected: cannot search now.'); return; }
+    socket.timeout(SEND_TIMEOUT_MS).emit('search', { q: query }, (err, ack) => {
+      if (room !== state.room) return;
+      if (err || !ack || !ack.ok) { showError(err ? 'The search got no answer; try again.' : (ack && ack.error) || 'Refused.'); return; }
+      showError('');
+      els.searchResults.hidden = false;
+      els.searchTitle.textContent = ack.results.length
+        ? `${ack.results.length === 50 ? 'The newest 50' : ack.results.length} found for “${query}” in #${room}`
+        : `Nothing found for “${query}” in #${room}`;
+      els.searchList.replaceChildren(...ack.results.map((msg) => {
+        const li = document.createElement('li');
+        const button = document.createElement('button');
+        button.type = 'button';
+        const when = new Date(msg.ts).toLocaleString([], { dateStyle: 'short', timeStyle: 'short' });
+        button.append(element('span', `${msg.user} · ${when}`, { class: 'hit-meta' }), String(msg.body).slice(0, 300));
+        button.addEventListener('click', () => showInContext(msg.id));
+        li.append(button);
+        return li;
+      }));
+    });
+  };
+  els.searchForm.addEventListener('submit', (event) => {
+    event.preventDefault();
+    const query = els.searchInput.value.trim();
+    if (query) search(query); else closeSearch();
+  });
+  els.searchClose.addEventListener('click', closeSearch);
+
+  // ---- notifications and sound, both opt-in; the choice is kept in this browser
+
+  const alertChoice = () => store.get('chat.notify') || 'off';
+  const notifyChoice = (value) => {
+    for (const radio of els.alerts.querySelectorAll('input[name="notify"]')) radio.checked = radio.value === value;
+    els.alerts.classList.toggle('on', value !== 'off');
+  };
+  notifyChoice(alertChoice());
+  els.sound.checked = store.get('chat.sound') === 'on';
+  for (const radio of els.alerts.querySelectorAll('input[name="notify"]')) {
+    radio.addEventListener('change', async () => {
+      els.alertsNote.textContent = '';
+      if (radio.value !== 'off' && 'Notification' in window && Notification.permission !== 'granted') {
+        const answer = await Notification.requestPermission();  // asked only now, after this click
+        if (answer !== 'granted') {
+          els.alertsNote.textContent = 'The browser did not allow notifications for this page.';
+          notifyChoice('off');
+          store.set('chat.notify', 'off');
+          return;
+        }
+      }
+      store.set('chat.notify', radio.value);
+      notifyChoice(radio.value);
+    });
+  }
+  els.sound.addEventListener('change', () => store.set('chat.sound', els.sound.checked ? 'on' : 'off'));
+  let audio = null;
+  const beep = () => {
+    try {
+      audio = audio || new AudioContext();
+      const tone = audio.createOscillator();
+      const gain = audio.createGain();
+      tone.frequency.value = 880;
+      gain.gain.setValueAtTime(0.08, audio.currentTime);
+      gain.gain.exponentialRampToValueAtTime(0.0001, audio.currentTime + 0.25);
+      tone.connect(gain).connect(audio.destination);
+      tone.start();
+      tone.stop(audio.currentTime + 0.25);
+    } catch { /* no audio here */ }
+  };
+  // A message that arrived while the person is away: a notification and a sound, if they asked.
+  const alertIfAway = (forMe, title, body) => {
+    if (!document.hidden && document.hasFocus()) return;
+    const choice = alertChoice();
+    if (choice === 'off' || (choice === 'mentions' && !forMe)) return;
+    if (els.sound.checked) beep();
+    if ('Notification' in window && Notification.permission === 'granted') {
+      const note = new Notification(title, { body: body.slice(0, 200), tag: `chat-${state.room}` });
+      note.onclick = () => { window.focus(); note.close(); };
+    }
+  };
+
+  // ---- @name completion: Tab, or a tap on a name in the list that opens on @
+
+  const completing = () => {
+    const upto = els.body.value.slice(0, els.body.selectionStart);
+    const match = /(?:^|\s)@([^\s@]*)$/.exec(upto);
+    if (!match) return null;
+    const key = nameKey(match[1]);
+    const names = state.memberNames.filter((n) => nameKey(n).startsWith(key) && !isMe(n));
+    return names.length ? { start: upto.length - match[1].length, end: upto.length, names } : null;
+  };
+  const complete = (name) => {
+    const found = completing();
+    if (!found) return;
+    const text = els.body.value;
+    els.body.value = `${text.slice(0, found.start)}${name} ${text.slice(found.end)}`;
+    const caret = found.start + name.length + 1;
+    els.body.setSelectionRange(caret, caret);
+    els.body.focus();
+    showSuggestions();
+  };
+  const showSuggestions = () => {
+    const found = completing();
+    els.suggest.hidden = !found;
+    els.suggest.replaceChildren(...(found ? found.names.slice(0, 8) : []).map((name) => {
+      const button = element('button', `@${name}`, { type: 'button', class: 'ghost' });
+      button.addEventListener('click', () => complete(name));
+      return button;
+    }));
   };
 
   // ---- joining rooms
@@ -4320,7 +5487,14 @@ PAGE_JS = r"""
       state.replaying = false;
       els.log.setAttribute('aria-busy', 'false');
       if (since === undefined) scrollToEnd();
-      renderMembers(ack.members || []);
+      for (const id of ack.deleted || []) markDeleted(id);
+      if (ack.cleared) removeUpTo(ack.cleared);
+      state.moderator = Boolean(ack.moderator);
+      if (!state.moderator && tabStore.get('chat.moderator')) login(tabStore.get('chat.moderator'), true);
+      offerDeletes();
+      renderMembers(ack);
+      if (ack.locked) renderSystem(`#${state.room} is locked: only moderators may post.`);
+      if (ack.slow) renderSystem(`#${state.room} is in slow mode: one message every ${ack.slow} seconds.`);
       state.typingUsers = ack.typing || [];
       renderTyping();
       pump();
@@ -4347,12 +5521,16 @@ PAGE_JS = r"""
     // The one in flight is still awaited, but no longer holds up this room's messages.
     const awaited = state.inFlight;
     state.inFlight = null;
+    clearTimeout(state.waitTimer);  // a wait the last room asked for (slow mode) does not hold up this one
+    state.waitTimer = 0;
+    state.olderDone = false;
+    closeSearch();
     for (const entry of state.outbox) {
       if (entry.room === left && entry !== awaited && !entry.failed) fail(entry, `not sent: you left #${left}`);
       else if (entry.room === state.room || entry.failed) els.messages.append(entry.li);
     }
     if (els.messages.childElementCount) els.empty.hidden = true;
-    renderMembers([]);
+    renderMembers({});
     state.typingUsers = [];
     renderTyping();
     showError('');
@@ -4372,14 +5550,17 @@ PAGE_JS = r"""
     if (state.inFlight) state.inFlight.attempt = null;  // its ack will not come: the entry is sent again after the next join
     state.inFlight = null;
     for (const entry of state.outbox) if (!entry.failed) markPending(entry, 'queued');
+    if (state.removed) return;  // said by the 'removed' handler
     if (reason === 'io client disconnect') setStatus('offline', 'offline');
-    else setStatus('reconnecting', 'reconnecting…');
+    else if (reason === 'io server disconnect') {  // the client does not reconnect after this by itself
+      setStatus('offline', 'disconnected');
+      showBanner('The server closed this connection. Reload the page to reconnect.');
+    } else setStatus('reconnecting', 'reconnecting…');
   });
   socket.io.on('reconnect_attempt', () => {
     if (navigator.onLine === false) setStatus('offline', 'offline');
     else setStatus('reconnecting', 'reconnecting…');
   });
-  socket.io.on('reconnect_failed', () => setStatus('offline', 'offline'));
   const PASSWORD_PROBLEMS = {
     password_needed: '',
     wrong_password: 'That password is not right. Please try again.',
@@ -4396,6 +5577,10 @@ PAGE_JS = r"""
     } else if (code === 'too_many_connections') {
       setStatus('error', 'refused');
       showBanner('Too many connections from your address. Close some chat tabs, then reload.');
+    } else if (code === 'banned') {
+      setStatus('error', 'banned');
+      const until = Number(err.data.until);
+      showBanner(`A moderator has banned you from this chat${until ? ` until ${new Date(until).toLocaleString()}` : ''}.`);
     } else if (socket.active) {
       setStatus('reconnecting', 'reconnecting…');
       state.transportFailures += 1;
@@ -4424,7 +5609,17 @@ PAGE_JS = r"""
   socket.on('newmessage', renderMessage);
   socket.on('botmessage', renderMessage);
   socket.on('system', renderNotice);
-  socket.on('presence', (msg) => { if (msg && msg.room === state.room) renderMembers(msg.members || []); });
+  socket.on('presence', (msg) => { if (msg && msg.room === state.room) renderMembers(msg); });
+  socket.on('deleted', (msg) => { if (msg && msg.room === state.room) markDeleted(msg.id); });
+  socket.on('cleared', (msg) => { if (msg && msg.room === state.room) removeUpTo(Number(msg.upto) || 0); });
+  // A moderator removed (or banned) this page: say so, and do not come back by ourselves.
+  socket.on('removed', (msg) => {
+    state.removed = true;
+    setStatus('error', msg && msg.code === 'banned' ? 'banned' : 'removed');
+    showBanner(`${(msg && msg.error) || 'A moderator removed you.'} Reload the page to come back${
+      msg && msg.code === 'banned' ? ' once the ban is over' : ''}.`);
+    for (const control of els.form.querySelectorAll('input, textarea, button')) control.disabled = true;
+  });
   socket.on('typing', (msg) => {
     if (msg && msg.room === state.room) { state.typingUsers = msg.users || []; renderTyping(); }
   });
@@ -4445,6 +5640,11 @@ PAGE_JS = r"""
   // On a touch screen Enter is a new line (there is no Shift key) and the Send button sends.
   const touch = window.matchMedia('(pointer: coarse)').matches;
   els.body.addEventListener('keydown', (event) => {
+    if (event.key === 'Tab' && !event.shiftKey && completing()) {  // @Al + Tab: @Alice
+      event.preventDefault();
+      complete(completing().names[0]);
+      return;
+    }
     if (event.key === 'Enter' && !event.shiftKey && !event.isComposing && !touch) {
       event.preventDefault();
       send();
@@ -4460,6 +5660,7 @@ PAGE_JS = r"""
   els.body.addEventListener('input', () => {
     autosize();
     showCount();
+    showSuggestions();
     if (!socket.connected || !els.user.value.trim()) return;
     const now = Date.now();
     if (els.body.value && now - state.typingSentAt > 2000) {
@@ -4487,6 +5688,12 @@ PAGE_JS = r"""
   });
   window.addEventListener('popstate', () => switchRoom(roomInUrl(), false));
   els.dialog.addEventListener('cancel', (event) => event.preventDefault());  // Escape: no way back but a reload
+  els.loginForm.addEventListener('submit', (event) => {
+    event.preventDefault();
+    login(els.loginInput.value);
+    els.loginInput.value = '';
+  });
+  els.loginCancel.addEventListener('click', () => els.loginDialog.close());
   els.passwordForm.addEventListener('submit', () => {
     tabStore.set('chat.password', els.passwordInput.value);
     els.passwordInput.value = '';
@@ -5350,6 +6557,15 @@ def make_store(settings: Settings) -> Store:
     return MemoryStore(settings.history)
 
 
+def make_sanctions(settings: Settings, shared: SharedState | None) -> Sanctions:
+    """Where bans, mutes and held names are kept: Redis, the --db file, or memory."""
+    if shared is not None:
+        return RedisSanctions(shared.client, shared.health)
+    if settings.db is not None:
+        return SqliteSanctions(settings.db)
+    return Sanctions()
+
+
 @dataclass
 class SharedState:
     """The Redis-backed parts of one node: store, presence board and Socket.IO manager."""
@@ -5500,10 +6716,17 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
         raise StartupError(str(exc)) from None
     except (sqlite3.Error, OSError) as exc:
         raise StartupError(f"cannot open the database {settings.db}: {exc}") from None
+    sanctions = make_sanctions(settings, shared)
+    try:
+        await sanctions.open()
+    except (StoreError, RedisDown) as exc:
+        raise StartupError(f"cannot read the bans and mutes: {exc or 'Redis is unreachable'}") from None
     bot = make_bot(settings)
     await bot.open()
     hub = ChatHub(settings, store, bot, board=shared.board if shared else None,
-                  manager=shared.manager if shared else None, holds=shared.holds if shared else None)
+                  manager=shared.manager if shared else None, holds=shared.holds if shared else None,
+                  sanctions=sanctions)
+    hub.holds.restore(sanctions.of_kind("hold"))
     app = build_app(settings, hub)
     try:
         ssl_context = tls_context(settings)
@@ -5544,6 +6767,7 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
     asyncio.get_running_loop().set_exception_handler(SocketShortage(hub.sio.eio.problems, open_files).handle)
     background = [asyncio.create_task(warn_if_bot_unreachable(bot, settings)),
                   asyncio.create_task(ConnectionWatch(runner, app, hub.sio.eio.problems, open_files, capacity).run())]
+    background.append(asyncio.create_task(sanctions.watch()))
     if shared:
         background.append(asyncio.create_task(hub.heartbeat(settings.presence_ttl / 3)))
         background.append(asyncio.create_task(shared.store.hold_slot()))
@@ -5557,6 +6781,9 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
         await runner.cleanup()
         await bot.close()
         await store.close()
+        with contextlib.suppress(StoreError):
+            await hub.holds.save(sanctions)
+        await sanctions.close()
         if shared:
             await shared.close()
 

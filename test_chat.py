@@ -1071,6 +1071,320 @@ async def test_names_and_private_messages_work_across_nodes(nodes: Any, connect:
     assert (await bob.next("private"))["body"] == "across nodes"
 
 
+# ---------------------------------------------------------------- moderation: a host who can act
+
+ADMIN = "moderator-password-for-tests"
+
+
+async def room_of_three(start_chat: StartChat, connect: Connect, **settings: Any) -> tuple[Peer, Peer, Peer]:
+    """A moderator (Mod, logged in), Bob and Carol in the lobby of a fresh chat."""
+    url = await start_chat(rate=0, bot="off", admin_password=ADMIN, **settings)
+    mod, bob, carol = [await connect(url, auth=browser_auth(n)) for n in ("mod", "bob", "carol")]
+    for peer, name in ((mod, "Mod"), (bob, "Bob"), (carol, "Carol")):
+        assert (await peer.join("lobby", user=name))["ok"]
+    assert (await mod.sio.call("login", {"password": ADMIN}, timeout=10)) == {"ok": True, "moderator": True}
+    return mod, bob, carol
+
+
+async def moderate(peer: Peer, action: str, **fields: Any) -> dict[str, Any]:
+    return await peer.sio.call("moderate", {"action": action, **fields}, timeout=10)
+
+
+async def until_removed(peer: Peer) -> dict[str, Any]:
+    """The page's notice of removal, then the server closing the connection."""
+    notice = await peer.next("removed")
+    async with asyncio.timeout(5):
+        while peer.sio.connected:
+            await asyncio.sleep(0.02)
+    return notice
+
+
+async def test_a_moderator_logs_in_with_the_password_from_the_environment_and_wears_a_badge(
+        start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(rate=0, bot="off", admin_password=ADMIN)
+    mod, bob = await connect(url, auth=browser_auth("mod")), await connect(url, auth=browser_auth("bob"))
+    await mod.join("lobby", user="Mod")
+    await bob.join("lobby", user="Bob")
+    wrong = await mod.sio.call("login", {"password": "guess"}, timeout=10)
+    assert (wrong["ok"], wrong["code"]) == (False, "wrong_password")
+    assert (await mod.sio.call("login", {"password": ADMIN}, timeout=10))["ok"]
+    while (roster := await bob.next("presence"))["moderators"] != ["Mod"]:
+        pass
+    assert roster["members"] == ["Bob", "Mod"]
+    assert (await bob.join("lobby", user="Bob"))["moderators"] == ["Mod"]
+    without = await start_chat(rate=0, bot="off")
+    nobody = await connect(without)
+    assert (await nobody.sio.call("login", {"password": ADMIN}, timeout=10))["code"] == "no_moderators"
+
+
+async def test_moderator_passwords_are_limited_like_the_chat_password(start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(rate=0, bot="off", admin_password=ADMIN, trust_proxy=True)
+    guesser = await connect(url, headers={"X-Forwarded-For": "203.0.113.9"})
+    codes = []
+    for i in range(7):
+        await asyncio.sleep(0.5)  # under the command rate: only the password limit speaks
+        codes.append((await guesser.sio.call("login", {"password": f"guess {i}"}, timeout=10))["code"])
+    assert codes == ["wrong_password"] * 5 + ["too_many_attempts"] * 2
+
+
+async def test_a_non_moderator_is_refused_every_moderator_command(start_chat: StartChat, connect: Connect) -> None:
+    mod, bob, carol = await room_of_three(start_chat, connect)
+    sent = await mod.say("by the moderator", user="Mod")
+    for action, fields in (("kick", {"name": "Carol"}), ("ban", {"name": "Carol"}), ("mute", {"name": "Carol"}),
+                           ("unban", {"name": "Carol"}), ("unmute", {"name": "Carol"}), ("clear", {}),
+                           ("lock", {}), ("unlock", {}), ("slow", {"seconds": 5}), ("delete", {"id": sent["id"]})):
+        refused = await moderate(bob, action, **fields)
+        assert (refused["ok"], refused["code"]) == (False, "not_allowed"), action
+        await asyncio.sleep(0.5)  # within the command rate
+    assert carol.sio.connected and (await carol.say("still here", user="Carol"))["ok"]
+
+
+async def test_kick_closes_every_connection_of_the_name_and_says_why(start_chat: StartChat, connect: Connect) -> None:
+    mod, bob, carol = await room_of_three(start_chat, connect)
+    url = mod.sio.connection_url
+    bob_elsewhere = await connect(url, auth=browser_auth("bob"))
+    await bob_elsewhere.join("other", user="Bob")
+    assert (await moderate(mod, "kick", name="bob", reason="enough spam"))["ok"]
+    for tab in (bob, bob_elsewhere):
+        notice = await until_removed(tab)
+        assert notice["code"] == "kicked" and "enough spam" in notice["error"]
+    while (line := await carol.next("system"))["kind"] != "moderation":
+        pass
+    assert line["text"] == "Mod removed Bob: enough spam"
+    assert carol.sio.connected
+    back = await connect(url, auth=browser_auth("bob"))
+    assert (await back.join("lobby", user="Bob"))["ok"], "a kick is not a ban: coming back is allowed"
+
+
+async def test_ban_keeps_the_browser_and_the_name_out_until_it_ends(start_chat: StartChat, connect: Connect) -> None:
+    mod, bob, carol = await room_of_three(start_chat, connect)
+    url = mod.sio.connection_url
+    assert (await moderate(mod, "ban", name="Bob", minutes=0.02))["ok"]  # 1.2 s
+    assert (await until_removed(bob))["code"] == "banned"
+    assert carol.sio.connected, "only the banned person is removed"
+    with pytest.raises(socketio.exceptions.ConnectionError, match="banned"):
+        await connect(url, auth=browser_auth("bob"))
+    other_browser = await connect(url, auth=browser_auth("bob's phone"))
+    assert (await other_browser.join("lobby", user="BOB"))["code"] == "banned", "nor under the banned name"
+    await asyncio.sleep(1.3)  # the ban's own length: nothing to await
+    assert (await (await connect(url, auth=browser_auth("bob"))).join("lobby", user="Bob"))["ok"]
+
+
+async def test_a_ban_covers_the_address_the_proxy_names_and_can_be_lifted(start_chat: StartChat,
+                                                                         connect: Connect) -> None:
+    url = await start_chat(rate=0, bot="off", admin_password=ADMIN, trust_proxy=True)
+
+    async def person(name: str, address: str) -> Peer:
+        return await connect(url, auth=browser_auth(name), headers={"X-Forwarded-For": address})
+
+    mod = await person("mod", "198.51.100.1")
+    await mod.join("lobby", user="Mod")
+    await mod.sio.call("login", {"password": ADMIN}, timeout=10)
+    spammer = await person("spammer", "203.0.113.66")
+    await spammer.join("lobby", user="Spammer")
+    assert (await moderate(mod, "ban", name="Spammer"))["ok"]
+    await until_removed(spammer)
+    with pytest.raises(socketio.exceptions.ConnectionError, match="banned"):
+        await person("new browser", "203.0.113.66")
+    assert (await person("neighbour", "203.0.113.67")).sio.connected, "another address is not banned"
+    await asyncio.sleep(0.5)
+    assert (await moderate(mod, "unban", name="spammer"))["ok"]
+    assert (await person("spammer", "203.0.113.66")).sio.connected
+
+
+async def test_mute_refuses_messages_with_muted_until_unmuted(start_chat: StartChat, connect: Connect) -> None:
+    mod, bob, carol = await room_of_three(start_chat, connect)
+    assert (await moderate(mod, "mute", name="Bob", minutes=10))["ok"]
+    refused = await bob.say("let me speak", user="Bob")
+    assert (refused["ok"], refused["code"]) == (False, "muted")
+    assert (await bob.sio.call("private", {"to": "Carol", "body": "psst"}, timeout=10))["code"] == "muted"
+    await asyncio.sleep(0.5)
+    assert (await moderate(mod, "unmute", name="Bob"))["ok"]
+    assert (await bob.say("thank you", user="Bob"))["ok"]
+    assert (await carol.say("nobody else was muted", user="Carol"))["ok"]
+    assert (await moderate(mod, "mute", name="Bob", minutes=-1))["code"] == "bad_minutes"
+
+
+async def test_a_deleted_message_leaves_every_page_and_the_history(start_chat: StartChat, connect: Connect) -> None:
+    mod, bob, carol = await room_of_three(start_chat, connect)
+    spam = await bob.say("SPAM", user="Bob")
+    mine = await carol.say("oops, wrong room", user="Carol")
+    assert (await moderate(bob, "delete", id=mine["id"]))["code"] == "not_allowed", "not someone else's"
+    assert (await moderate(carol, "delete", id=mine["id"]))["ok"], "one's own, yes"
+    assert (await moderate(mod, "delete", id=spam["id"]))["ok"]
+    for peer in (mod, bob, carol):
+        assert [d["id"] for d in await peer.take("deleted", 2)] == [mine["id"], spam["id"]]
+    rejoined = await (await connect(mod.sio.connection_url)).join("lobby")
+    assert rejoined["history"] == [] and rejoined["deleted"] == [mine["id"], spam["id"]]
+    assert (await moderate(mod, "delete", id=spam["id"]))["code"] == "not_found"
+
+
+async def test_clear_lock_and_slow_mode(start_chat: StartChat, connect: Connect) -> None:
+    mod, bob, carol = await room_of_three(start_chat, connect)
+    await bob.say("one", user="Bob")
+    last = await bob.say("two", user="Bob")
+    assert (await moderate(mod, "clear"))["ok"]
+    assert (await carol.next("cleared"))["upto"] >= last["id"]
+    assert (await carol.join("lobby", user="Carol"))["history"] == []
+    await asyncio.sleep(0.5)
+    assert (await moderate(mod, "lock"))["ok"]
+    assert (await bob.say("hello?", user="Bob"))["code"] == "room_locked"
+    assert (await mod.say("the room is locked for a minute", user="Mod"))["ok"], "moderators may post"
+    assert (await carol.join("lobby", user="Carol"))["locked"] is True
+    await asyncio.sleep(0.5)
+    assert (await moderate(mod, "unlock"))["ok"]
+    await asyncio.sleep(0.5)
+    assert (await moderate(mod, "slow", seconds=30))["ok"]
+    assert (await bob.say("first", user="Bob"))["ok"]
+    again = await bob.say("second", user="Bob")
+    assert again["code"] == "slow_mode" and 29_000 < again["retry_after_ms"] <= 30_000
+    assert (await carol.say("each person has their own interval", user="Carol"))["ok"]
+
+
+@pytest.mark.slow
+async def test_bans_deletions_and_held_names_survive_a_restart_with_db(tmp_path: Path, connect: Connect) -> None:
+    db, port = tmp_path / "chat.db", free_port()
+    env = {"CHAT_ADMIN_PASSWORD": ADMIN}
+    first = ChatProcess("--port", str(port), "--db", str(db), "--rate", "0", "--bot", "off", env=env)
+    try:
+        url = first.wait_ready()
+        mod, bob = await connect(url, auth=browser_auth("mod")), await connect(url, auth=browser_auth("bob"))
+        alice = await connect(url, auth=browser_auth("alice"))
+        for peer, name in ((mod, "Mod"), (bob, "Bob"), (alice, "Alice")):
+            await peer.join("lobby", user=name)
+        await mod.sio.call("login", {"password": ADMIN}, timeout=10)
+        spam = await bob.say("SPAM", user="Bob")
+        await alice.say("kept", user="Alice")
+        assert (await moderate(mod, "delete", id=spam["id"]))["ok"]
+        assert (await moderate(mod, "ban", name="Bob"))["ok"]
+        await until_removed(bob)
+    finally:
+        assert first.stop()[0] == 0
+    second = ChatProcess("--port", str(port), "--db", str(db), "--rate", "0", "--bot", "off", env=env)
+    try:
+        url = second.wait_ready()
+        with pytest.raises(socketio.exceptions.ConnectionError, match="banned"):
+            await connect(url, auth=browser_auth("bob"))
+        mallory = await connect(url, auth=browser_auth("mallory"))
+        assert (await mallory.join("lobby", user="Alice"))["code"] == "name_taken", "held across the restart"
+        ack = await (await connect(url, auth=browser_auth("alice"))).join("lobby", user="Alice")
+        assert ack["ok"] and [m["body"] for m in ack["history"]] == ["kept"] and spam["id"] in ack["deleted"]
+    finally:
+        assert second.stop()[0] == 0
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM messages WHERE body = 'SPAM'").fetchone()[0] == 0
+
+
+@pytest.mark.redis
+async def test_moderation_reaches_every_node(nodes: Any, connect: Connect) -> None:
+    _, url_a = nodes("--bot", "off", env={"CHAT_ADMIN_PASSWORD": ADMIN})
+    _, url_b = nodes("--bot", "off", env={"CHAT_ADMIN_PASSWORD": ADMIN})
+    mod, bob = await connect(url_a, auth=browser_auth("mod")), await connect(url_b, auth=browser_auth("bob"))
+    carol = await connect(url_b, auth=browser_auth("carol"))
+    for peer, name in ((mod, "Mod"), (bob, "Bob"), (carol, "Carol")):
+        await peer.join("lobby", user=name)
+    await mod.sio.call("login", {"password": ADMIN}, timeout=10)
+    spam = await bob.say("SPAM on node B", user="Bob")
+    assert (await moderate(mod, "delete", id=spam["id"]))["ok"]
+    assert (await carol.next("deleted"))["id"] == spam["id"]
+    assert (await (await connect(url_b)).join("lobby"))["history"] == [], "gone from the shared history"
+    assert (await moderate(mod, "mute", name="Carol"))["ok"]
+    async with asyncio.timeout(10):  # the other node hears of it through Redis
+        while (await carol.say("muted?", user="Carol"))["ok"]:
+            await asyncio.sleep(0.1)
+    assert (await moderate(mod, "ban", name="Bob"))["ok"]
+    assert (await until_removed(bob))["code"] == "banned"
+    with pytest.raises(socketio.exceptions.ConnectionError, match="banned"):
+        await connect(url_a, auth=browser_auth("bob"))
+
+
+# ---------------------------------------------------------------- presence: watchers and renames
+
+
+async def test_pages_without_a_name_are_counted_as_watching(url: str, connect: Connect) -> None:
+    watchers = [await connect(url, auth=browser_auth(f"w{i}")) for i in range(3)]
+    ann = await connect(url, auth=browser_auth("ann"))
+    ack = await ann.join("lobby", user="Ann")
+    assert (ack["members"], ack["watching"]) == (["Ann"], 3)
+    await watchers[0].sio.disconnect()
+    while (roster := await ann.next("presence"))["watching"] != 2:
+        pass
+    assert roster["members"] == ["Ann"]
+
+
+async def test_a_rename_is_one_line_and_one_list(start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(rate=0, bot="off", presence_grace=30)
+    bob, carol = await connect(url, auth=browser_auth("bob")), await connect(url, auth=browser_auth("carol"))
+    await bob.join("lobby", user="Bob")
+    await carol.join("lobby", user="Carol")
+    carol.pending("presence"), carol.pending("system")
+    await bob.join("lobby", user="Bobby")
+    line = await carol.next("system")
+    assert (line["kind"], line["text"]) == ("renamed", "Bob is now Bobby")
+    while (roster := await carol.next("presence"))["members"] != ["Bobby", "Carol"]:
+        assert "Bob" not in roster["members"] or "Bobby" not in roster["members"], "never both names"
+    await carol.say("marker", user="Carol")
+    await carol.next("newmessage")
+    assert carol.pending("system") == []
+
+
+# ---------------------------------------------------------------- reading: older history and search
+
+
+@pytest.mark.parametrize("backend", ["memory", "db"])
+async def test_older_messages_load_page_by_page_past_the_first_page(start_chat: StartChat, connect: Connect,
+                                                                    tmp_path: Path, backend: str) -> None:
+    db = {"db": tmp_path / "h.db"} if backend == "db" else {}
+    url = await start_chat(rate=0, bot="off", history=120 if backend == "memory" else 20, **db)
+    peer = await connect(url)
+    ids = [(await peer.say(f"line {i}"))["id"] for i in range(110)]
+    first = await (await connect(url)).join("lobby")
+    assert [m["id"] for m in first["history"]] == ids[-chat.RECENT_PAGE:] if backend == "memory" else ids[-20:]
+    seen, before = [m["id"] for m in first["history"]], first["history"][0]["id"]
+    while True:
+        page = await peer.sio.call("history", {"before": before, "limit": 30}, timeout=10)
+        assert page["ok"] and len(page["history"]) <= 30
+        seen = [m["id"] for m in page["history"]] + seen
+        if not page["more"]:
+            break
+        before = page["history"][0]["id"]
+        await asyncio.sleep(0.5)  # within the request rate
+    assert seen == ids, "every message, each once, in order"
+    too_big = await peer.sio.call("history", {"before": before, "limit": 500}, timeout=10)
+    assert too_big["code"] == "bad_limit"
+
+
+@pytest.mark.parametrize("backend", ["memory", "db"])
+async def test_search_finds_the_rooms_messages_with_every_word(start_chat: StartChat, connect: Connect,
+                                                               tmp_path: Path, backend: str) -> None:
+    db = {"db": tmp_path / "s.db"} if backend == "db" else {}
+    url = await start_chat(rate=0, bot="off", **db)
+    peer = await connect(url)
+    await peer.say("the tickets are at https://example.org/tickets?id=42")
+    await peer.say("Tickets sold out")
+    await peer.say("nothing to see")
+    other = await connect(url)
+    await other.join("elsewhere")
+    await other.say("tickets in another room")
+    found = await peer.sio.call("search", {"q": "TICKETS"}, timeout=10)
+    assert [m["body"] for m in found["results"]] == ["Tickets sold out",
+                                                     "the tickets are at https://example.org/tickets?id=42"]
+    assert [m["body"] for m in (await peer.sio.call("search", {"q": "sold tick"}, timeout=10))["results"]] == [
+        "Tickets sold out"]
+    assert (await peer.sio.call("search", {"q": "x" * 101}, timeout=10))["code"] == "bad_query"
+    assert (await peer.sio.call("search", {"q": 42}, timeout=10))["code"] == "bad_query"
+    if backend == "db":
+        with sqlite3.connect(tmp_path / "s.db") as conn:
+            assert conn.execute("SELECT count(*) FROM messages_fts WHERE messages_fts MATCH 'tickets'").fetchone()[0] == 3
+
+
+async def test_searches_and_history_pages_are_rate_limited(url: str, connect: Connect) -> None:
+    peer = await connect(url)
+    answers = [await peer.sio.call("search", {"q": "anything"}, timeout=10) for _ in range(chat.COMMAND_BURST + 1)]
+    assert [a["ok"] for a in answers] == [True] * chat.COMMAND_BURST + [False]
+    assert answers[-1]["code"] == "rate_limited" and answers[-1]["retry_after_ms"] > 0
+
+
 # ---------------------------------------------------------------- zero-config: the README's commands on a bare python3
 
 SYSTEM_PYTHON = Path("/usr/bin/python3")
@@ -2329,8 +2643,8 @@ def redis_server() -> Any:
 def nodes(redis_server: RedisServer, chat_process: Any) -> Any:
     """Start chat.py processes that share the test's Redis; returns a function that starts one more."""
 
-    def start(*extra: str) -> tuple[ChatProcess, str]:
-        return chat_process("--redis", redis_server.url, "--presence-ttl", "1.5", "--rate", "0", *extra)
+    def start(*extra: str, **kwargs: Any) -> tuple[ChatProcess, str]:
+        return chat_process("--redis", redis_server.url, "--presence-ttl", "1.5", "--rate", "0", *extra, **kwargs)
 
     return start
 
@@ -4876,3 +5190,112 @@ async def test_a_websocket_connection_gets_its_packets_in_order_with_one_write_p
     queue.put_nowait(eio_packet.Packet(eio_packet.PING))
     await asyncio.sleep(0)
     assert written[-1] == chat.websocket_frame(b"1"), "nothing after the end"
+
+
+@pytest.mark.browser
+async def test_in_the_page_a_moderator_logs_in_deletes_and_removes_a_spammer(
+        start_chat: StartChat, open_page: OpenPage) -> None:
+    require(CLIENT_JS.is_file(), "the npm package socket.io-client")
+    page_url = await start_chat(client_js=CLIENT_JS, bot="off", admin_password=ADMIN)
+    host, spammer, friend = await open_page(page_url), await open_page(page_url), await open_page(page_url)
+    await host.send("Host", "welcome")
+    await spammer.send("Spammer", "SPAM SPAM")
+    await friend.send("Friend", "/kick Spammer")
+    assert "Only moderators" in (await friend.page.locator("#errorMessage").text_content() or "")
+    await host.send("Host", "/login")
+    await host.page.get_by_label("Moderator password").fill(ADMIN)
+    await host.page.get_by_role("button", name="Log in").click()
+    await host.page.locator("#messages li.system").filter(has_text="You are a moderator now").wait_for()
+    await friend.page.locator("#members li").filter(has_text="Host").locator(".badge").wait_for()
+    spam = host.page.locator("#messages li.message").filter(has_text="SPAM SPAM")
+    await spam.get_by_role("button", name=re.compile("Delete message")).click()
+    placeholder = friend.page.locator("#messages li.deleted .body")
+    await placeholder.wait_for()
+    assert await placeholder.text_content() == "message deleted"
+    assert await friend.page.locator("#messages li").filter(has_text="SPAM SPAM").count() == 0
+    assert await friend.page.locator("#messages li.message").filter(has_text="welcome").get_by_role(
+        "button", name=re.compile("Delete")).count() == 0, "not someone else's message"
+    await host.send("Host", "/kick Spammer enough")
+    banner = spammer.page.locator("#banner")
+    await banner.filter(has_text="Host removed you from the chat: enough.").wait_for()
+    assert await spammer.page.get_by_role("button", name="Send").is_disabled()
+    await friend.page.locator("#messages li.system").filter(has_text="Host removed Spammer: enough").wait_for()
+
+
+NOTIFICATIONS_RECORDED = """() => {
+    window.shown = [];
+    window.Notification = class { constructor(title, options) { window.shown.push([title, options.body]); }
+                                  static permission = 'granted';
+                                  static requestPermission() { return Promise.resolve('granted'); } };
+    Object.defineProperty(document, 'hidden', { configurable: true, get: () => window.away === true });
+}"""
+
+
+@pytest.mark.browser
+async def test_notifications_are_opt_in_and_by_default_only_for_mentions_and_private_messages(
+        start_chat: StartChat, open_page: OpenPage, connect: Connect) -> None:
+    require(CLIENT_JS.is_file(), "the npm package socket.io-client")
+    page_url = await start_chat(client_js=CLIENT_JS, bot="off")
+    bob = await open_page(page_url, before=lambda page: page.add_init_script(script=f"({NOTIFICATIONS_RECORDED})()"))
+    await bob.send("Bob", "hello")
+    ann = await connect(page_url, auth=browser_auth("ann"))
+    await ann.join("lobby", user="Ann")
+    await bob.page.evaluate("window.away = true")
+    await ann.say("before opting in, @Bob", user="Ann")
+    await bob.message("before opting in, @Bob").wait_for()
+    assert await bob.page.evaluate("window.shown") == [], "nothing until the person asks"
+    await bob.page.locator("#alerts summary").click()
+    await bob.page.get_by_label("mentions and private messages").check()
+    assert await bob.page.evaluate("localStorage.getItem('chat.notify')") == "mentions"
+    await ann.say("an ordinary line", user="Ann")
+    await ann.say("@Bob your turn", user="Ann")
+    await ann.sio.call("private", {"to": "Bob", "body": "just for you"}, timeout=10)
+    await bob.page.locator("#messages li.private").wait_for()
+    assert await bob.page.evaluate("window.shown") == [["Ann in #lobby", "@Bob your turn"],
+                                                       ["Ann (private)", "just for you"]]
+
+
+@pytest.mark.browser
+async def test_names_complete_with_tab_and_from_the_list_that_opens_on_at(
+        start_chat: StartChat, open_page: OpenPage, connect: Connect) -> None:
+    require(CLIENT_JS.is_file(), "the npm package socket.io-client")
+    page_url = await start_chat(client_js=CLIENT_JS, bot="off")
+    for name in ("Alexandra", "Bob"):
+        await (await connect(page_url, auth=browser_auth(name))).join("lobby", user=name)
+    carol = await open_page(page_url)
+    await carol.send("Carol", "hi")
+    box = carol.page.get_by_label("Your message")
+    await box.fill("")
+    await box.type("thanks @al")
+    await box.press("Tab")
+    assert await box.input_value() == "thanks @Alexandra "
+    await box.type("and @")
+    suggestion = carol.page.locator("#suggest").get_by_role("button", name="@Bob")
+    await suggestion.click()
+    assert await box.input_value() == "thanks @Alexandra and @Bob "
+    assert await carol.page.locator("#suggest").is_hidden()
+
+
+@pytest.mark.browser
+async def test_scrolling_up_loads_older_messages_and_search_shows_a_hit_in_context(
+        start_chat: StartChat, open_page: OpenPage, connect: Connect) -> None:
+    require(CLIENT_JS.is_file(), "the npm package socket.io-client")
+    page_url = await start_chat(client_js=CLIENT_JS, bot="off", rate=0, history=200)
+    writer = await connect(page_url)
+    for i in range(120):
+        await writer.say(f"line {i}" + (" about the tickets" if i == 3 else ""))
+    reader = await open_page(page_url)
+    await reader.message("line 119").wait_for()
+    assert await reader.page.locator("#messages li.message").count() == chat.RECENT_PAGE
+    await reader.page.locator(".conversation").evaluate("e => { e.scrollTop = 0; }")
+    await reader.message("line 69").wait_for()
+    await reader.page.get_by_label("Search this room").fill("tickets")
+    await reader.page.get_by_label("Search this room").press("Enter")
+    hit = reader.page.locator("#search-list li button")
+    await hit.filter(has_text="line 3 about the tickets").wait_for()
+    assert await hit.count() == 1 and "Alice" in (await hit.text_content() or "")
+    await hit.click()
+    found = reader.page.locator("#messages li.found")
+    await found.filter(has_text="line 3 about the tickets").wait_for()
+    assert await found.is_visible()
+    assert await reader.page.locator("#messages li.message").count() == 120, "every page loaded once"
