@@ -4557,8 +4557,10 @@ dialog h2 { margin: 0 0 .5rem; font-size: 1.1rem; }
 .older { align-self: center; color: var(--muted); font-size: .8rem; list-style: none; }
 .dialog-buttons { display: flex; gap: .5rem; justify-content: flex-end; }
 @media (max-width: 700px) {
-  .search input { width: 5rem; }
-  .alerts-menu { position: fixed; left: .5rem; right: .5rem; top: 3rem; min-width: 0; }
+  .search { order: 5; flex: 1 1 60%; }  /* a second row: search and the bell */
+  .search input { width: 100%; }
+  .alerts { order: 6; }
+  .alerts-menu { position: fixed; left: .5rem; right: .5rem; top: 5.5rem; min-width: 0; }
   .layout { grid-template-columns: 1fr; grid-template-rows: auto 1fr; grid-template-areas: "people" "chat"; }
   .people { border-left: 0; border-bottom: 1px solid var(--border); padding: .35rem .75rem; display: flex;
     align-items: center; gap: .6rem; overflow-x: auto; white-space: nowrap; }
@@ -4566,7 +4568,7 @@ dialog h2 { margin: 0 0 .5rem; font-size: 1.1rem; }
   .people ul { display: flex; gap: .8rem; }
   .people li { overflow-wrap: normal; font-size: .9rem; }
   .no-members { font-size: .8rem; white-space: normal; }
-  .topbar { gap: .5rem; flex-wrap: nowrap; padding: .5rem .75rem; }
+  .topbar { gap: .5rem; flex-wrap: wrap; row-gap: .4rem; padding: .5rem .75rem; }
   .brand h1 { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
   .room label { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
   .room { margin-left: auto; }
@@ -4911,9 +4913,9 @@ PAGE_JS = r"""
     }));
     els.memberCount.textContent = String(members.length);
     const watching = Number(roster.watching) || 0;
-    els.noMembers.hidden = members.length > 0 || watching > 0;
+    els.noMembers.hidden = members.length > 0;
     els.watching.hidden = watching === 0;
-    els.watching.textContent = `${watching} watching${members.length ? '' : ' (no name yet)'}`;
+    els.watching.textContent = `${watching} watching`;  // pages open without a name, this one too
   };
 
   // "X joined" is news only about someone else the page did not already list: never about this
@@ -5058,6 +5060,10 @@ PAGE_JS = r"""
           return;
         }
         if (ack && ack.ok) {
+          if (entry.room === state.room && state.joinedAs !== entry.user) {
+            state.joinedAs = entry.user;  // the server now holds this name for this page
+            offerDeletes();
+          }
           delivered(entry, ack);
         } else if (ack && (ack.code === 'rate_limited' || ack.code === 'slow_mode')) {
           entry.tries -= 1;  // waiting is not failing
@@ -5480,7 +5486,7 @@ PAGE_JS = r"""
         renderSystem('Some earlier messages may be missing: you were away longer than the history keeps.');
       }
       state.epoch = ack.epoch;
-      state.joinedAs = ack.user || null;
+      state.joinedAs = ack.user || null;  // (offerDeletes below follows it)
       els.log.setAttribute('aria-busy', 'true');  // the history is not news: screen readers skip it
       state.replaying = true;
       for (const msg of ack.history) renderMessage(msg);

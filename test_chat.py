@@ -4409,9 +4409,16 @@ async def test_the_page_has_no_serious_accessibility_violations(
     await tab.page.locator("#messages li.bot").first.wait_for()
     await other.send("Bob", "@Alice see https://example.org/x and `code`, *bold*\n```\nblock\n```")
     await tab.send("Alice", "/msg Bob psst")
+    own = tab.page.locator("#messages li.message.mine").filter(has_text="Hello Bob!")
+    await own.get_by_role("button", name=re.compile("Delete")).click()
+    await tab.page.locator("#messages li.deleted").wait_for()
     await tab.send("bob", "as Bob")  # refused: Bob's name; a failed message with its buttons
     for shown in ("li.mentions-me a", "li.private", "li.failed button.dismiss"):
         await tab.page.locator(f"#messages {shown}").first.wait_for()
+    await tab.page.get_by_label("Search this room").fill("anyone")
+    await tab.page.get_by_label("Search this room").press("Enter")
+    await tab.page.locator("#search-list li").first.wait_for()
+    await tab.page.locator("#alerts summary").click()
     await tab.page.add_script_tag(path=str(AXE_JS))
     result = await tab.page.evaluate("axe.run(document, {resultTypes: ['violations']})")
     serious = [(v["id"], v["impact"], [n["target"] for n in v["nodes"]][:3]) for v in result["violations"]
