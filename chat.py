@@ -4568,6 +4568,7 @@ dialog h2 { margin: 0 0 .5rem; font-size: 1.1rem; }
   .people ul { display: flex; gap: .8rem; }
   .people li { overflow-wrap: normal; font-size: .9rem; }
   .no-members { font-size: .8rem; white-space: normal; }
+  #watching { white-space: nowrap; flex: none; }
   .topbar { gap: .5rem; flex-wrap: wrap; row-gap: .4rem; padding: .5rem .75rem; }
   .brand h1 { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
   .room label { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
