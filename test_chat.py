@@ -5306,3 +5306,99 @@ async def test_scrolling_up_loads_older_messages_and_search_shows_a_hit_in_conte
     await found.filter(has_text="line 3 about the tickets").wait_for()
     assert await found.is_visible()
     assert await reader.page.locator("#messages li.message").count() == 120, "every page loaded once"
+
+
+@pytest.mark.browser
+async def test_in_the_page_ban_mute_lock_slow_and_clear_say_what_happened(
+        start_chat: StartChat, open_page: OpenPage) -> None:
+    require(CLIENT_JS.is_file(), "the npm package socket.io-client")
+    page_url = await start_chat(client_js=CLIENT_JS, bot="off", admin_password=ADMIN)
+    host, guest, troll = await open_page(page_url), await open_page(page_url), await open_page(page_url)
+    await host.send("Host", f"/login {ADMIN}")
+    await host.page.locator("#messages li.system").filter(has_text="You are a moderator now").wait_for()
+    await guest.send("Guest", "hello")
+    await troll.send("Troll", "first")
+    await host.send("Host", "/mute Guest")
+    await guest.page.locator("#messages li.system").filter(has_text="Host muted Guest").wait_for()
+    await guest.send("Guest", "am I muted?")
+    await guest.page.locator("#messages li.failed").filter(has_text="A moderator has muted you").wait_for()
+    await host.send("Host", "/unmute Guest")
+    await host.send("Host", "/lock")
+    await guest.page.locator("#messages li.system").filter(has_text="Host locked the room").wait_for()
+    await guest.send("Guest", "locked?")
+    await guest.page.locator("#messages li.failed").filter(has_text="is locked").wait_for()
+    await host.send("Host", "/unlock")
+    await host.send("Host", "/slow 2")
+    await guest.page.locator("#messages li.system").filter(has_text="slow mode").wait_for()
+    await guest.send("Guest", "slow one")
+    await guest.message("slow one").wait_for()
+    await guest.send("Guest", "slow two")
+    await guest.page.locator("#messages li.pending .state").filter(has_text="slow mode: waiting").wait_for()
+    await host.message("slow two").wait_for(timeout=10000)  # sent by the page once allowed
+    await host.send("Host", "/clear")
+    await guest.page.locator("#messages li.system").filter(has_text="cleared the room's history").wait_for()
+    assert await guest.page.locator("#messages li.message:not(.failed)").count() == 0
+    await host.send("Host", "/ban Troll 10")
+    await troll.page.locator("#banner").filter(has_text="A moderator has banned you").wait_for()
+    troll.expected_network_errors = True
+    await troll.page.reload()
+    await troll.page.locator("#banner").filter(has_text=re.compile("banned you from this chat until")).wait_for()
+    assert await troll.page.locator("#status").text_content() == "banned"
+
+
+@pytest.mark.browser
+async def test_the_sound_plays_only_when_chosen(start_chat: StartChat, open_page: OpenPage, connect: Connect) -> None:
+    require(CLIENT_JS.is_file(), "the npm package socket.io-client")
+    page_url = await start_chat(client_js=CLIENT_JS, bot="off")
+    recorded = NOTIFICATIONS_RECORDED.replace("window.shown = [];", """window.shown = []; window.beeps = 0;
+        window.AudioContext = class { constructor() { this.currentTime = 0; this.destination = {}; }
+          createOscillator() { return { frequency: {}, connect: (g) => g, start: () => { window.beeps += 1; },
+                                        stop: () => {} }; }
+          createGain() { return { gain: { setValueAtTime() {}, exponentialRampToValueAtTime() {} },
+                                  connect: (d) => d }; } };""")
+    bob = await open_page(page_url, before=lambda page: page.add_init_script(script=f"({recorded})()"))
+    await bob.send("Bob", "hello")
+    ann = await connect(page_url, auth=browser_auth("ann"))
+    await ann.join("lobby", user="Ann")
+    await bob.page.locator("#alerts summary").click()
+    await bob.page.get_by_label("every message").check()
+    await bob.page.evaluate("window.away = true")
+    await ann.say("no sound asked for", user="Ann")
+    await bob.message("no sound asked for").wait_for()
+    assert await bob.page.evaluate("[window.beeps, window.shown.length]") == [0, 1]
+    await bob.page.get_by_label("with a sound").check()
+    await ann.say("now with a sound", user="Ann")
+    await bob.message("now with a sound").wait_for()
+    assert await bob.page.evaluate("window.beeps") == 1
+    assert await bob.page.evaluate("localStorage.getItem('chat.sound')") == "on"
+
+
+async def test_search_without_fts5_reads_the_recent_messages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(chat, "SQLITE_SEARCH_SCHEMA", "CREATE VIRTUAL TABLE messages_fts USING no_such_module(body);")
+    store = chat.SqliteStore(tmp_path / "plain.db", history=10)
+    await store.open()
+    try:
+        assert store.indexed is False
+        await store.append("r", "Ann", "Tickets sold out", "user", None)
+        await store.append("r", "Ann", "nothing here", "user", None)
+        assert [m.body for m in await store.search("r", chat.search_words("tickets"), 10)] == ["Tickets sold out"]
+    finally:
+        await store.close()
+
+
+@pytest.mark.redis
+async def test_older_pages_search_and_deletes_with_redis(nodes: Any, connect: Connect) -> None:
+    _, url_a = nodes("--bot", "off", "--history", "80")
+    _, url_b = nodes("--bot", "off", "--history", "80")
+    writer = await connect(url_a)
+    ids = [(await writer.say(f"line {i}" + (" tickets" if i == 7 else "")))["id"] for i in range(70)]
+    reader = await connect(url_b)
+    first = await reader.join("lobby")
+    assert [m["id"] for m in first["history"]] == ids[-chat.RECENT_PAGE:]
+    page = await reader.sio.call("history", {"before": first["history"][0]["id"]}, timeout=10)
+    assert [m["id"] for m in page["history"]] == ids[:-chat.RECENT_PAGE] and page["more"] is False
+    found = await reader.sio.call("search", {"q": "tickets"}, timeout=10)
+    assert [m["id"] for m in found["results"]] == [ids[7]]
+    assert (await moderate(writer, "delete", id=ids[7]))["ok"], "one's own message"
+    assert (await reader.next("deleted"))["id"] == ids[7]
+    assert (await reader.sio.call("search", {"q": "tickets"}, timeout=10))["results"] == []
