@@ -584,6 +584,24 @@ class ClientWarnings:
         log.warning(template + (f" (and {held} more like it in the last 10 s)" if held else ""), *args)
 
 
+class Tasks:
+    """Background tasks, referenced until they finish (the event loop keeps only weak references to
+    them), and cancelled together at shutdown."""
+
+    def __init__(self) -> None:
+        self._running: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return task
+
+    def cancel(self) -> None:
+        for task in list(self._running):
+            task.cancel()
+
+
 class TokenBucket:
     """Allows `rate` events per second with bursts of up to `burst`; rate 0 allows everything."""
 
@@ -614,6 +632,11 @@ class TokenBucket:
     def wait_ms(self) -> int:
         """Milliseconds until the next event will be allowed."""
         return 0 if self.rate <= 0 else int((1 - self.tokens) / self.rate * 1000) + 1
+
+
+def text_of(value: bytes | str) -> str:
+    """A Redis reply as text (the client returns bytes)."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def describe_error(exc: BaseException) -> str:
@@ -711,44 +734,28 @@ class Settings:
         return max(FRAME_LIMIT_FLOOR, 12 * self.max_length + 4096)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _number(kind: type, what: str, bound: str, lowest: float, highest: float = math.inf,
+            above: bool = False) -> Callable[[str], Any]:
+    """An argparse converter to `kind`, from `lowest` (excluded when `above`) to `highest`, finite;
+    it refuses with "not WHAT: TEXT" or "BOUND, got TEXT"."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        low_ok = value > lowest if above else value >= lowest
+        if not (low_ok and value <= highest and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{bound}, got {text}")
+        return value
+
+    return convert
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+_positive_int = _number(int, "a whole number", "must be at least 1", 1)
+_port = _number(int, "a port number", "port must be 0-65535", 0, 65535)
+_positive_float = _number(float, "a number", "must be a number above 0", 0, above=True)
+_non_negative_float = _number(float, "a number", "must be 0 or more", 0)
 
 
 def _whole_seconds(text: str) -> float:
@@ -1132,48 +1139,37 @@ class Session:
 
 
 class ChatHub:
-    """The chat's Socket.IO events: connect, `join`, `newmessage`, `typing`, and the bot's turn.
+    """The chat's Socket.IO events: the protocol, one handler per event (the README's table).
 
-    It owns the Socket.IO server and the sessions. Admission decides who may connect and how fast
-    each may talk, Presence tells rooms who is there and who is typing, the Store keeps history,
-    and the BotRunner asks the bot.
+    It owns the sessions. Admission decides who may connect and how fast each may talk, Presence
+    tells rooms who is there and who is typing, the Store keeps history, PrivateMessages,
+    Moderation and HistoryBrowser do what their events ask, BotReplies gives the bot its turn, and
+    Refusals turns bad input into a reply to its sender.
     """
 
     def __init__(self, settings: Settings, store: Store, bot: Bot, board: Board | None = None,
                  manager: socketio.AsyncManager | None = None, holds: NameHolds | None = None,
-                 sanctions: Sanctions | None = None) -> None:
+                 sanctions: Sanctions | None = None, problems: ProblemLog | None = None,
+                 tasks: Tasks | None = None) -> None:
         self.settings = settings
         self.store = store
-        self.bot = BotRunner(bot, settings)
+        self.problems = problems or ProblemLog()
+        self.tasks = tasks or Tasks()
         self.warnings = ClientWarnings()
         self.admission = Admission(settings, self.warnings)
-        self.sio = ChatServer(
-            warnings=self.warnings, address_of=self.admission.client_address,
-            async_mode="aiohttp",
-            client_manager=manager or FanoutManager(),
-            async_handlers=False,  # one client's events are handled strictly in order
-            cors_allowed_origins=self.admission.engine_origin_allowed,
-            max_http_buffer_size=settings.frame_limit,
-            engine_options={"compress": settings.compress, "max_queue": settings.max_queue,
-                            "address_of": self.admission.capped_address,
-                            # room for sessions still handshaking, so that the Socket.IO refusal
-                            # (a readable "too many connections") is what a page normally sees
-                            "max_per_address": settings.max_per_ip + EXTRA_HANDSHAKES},
-            transports=list(settings.transports),
-            ping_interval=settings.ping_interval,
-            ping_timeout=settings.ping_timeout,
-            logger=False,
-            engineio_logger=False,
-        )
-        self.presence = Presence(self.sio, board or Board(), settings)
+        self.sio = ChatServer.for_settings(settings, self.admission, self.warnings, self.problems,
+                                           manager or FanoutManager())
+        self.sessions: dict[str, Session] = {}
+        self.presence = Presence(self.sio, board or Board(), settings, self.tasks)
         self.holds = holds or NameHolds(settings.name_grace)
         self.private = PrivateMessages(self.sio, self.holds, settings)
         self.sanctions = sanctions or Sanctions()
-        self.moderation = Moderation(settings, self.sanctions, self.sio, store, self.presence,
-                                     lambda: list(self.sessions.values()))
-        self.sanctions.on_change.append(self.enforce)
-        self.sessions: dict[str, Session] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.moderation = Moderation(settings, self.sanctions, self.sio, store, self.presence, self.sessions,
+                                     self.tasks)
+        self.reading = HistoryBrowser(store)
+        self.bot = BotReplies(BotRunner(bot, settings), settings, store, self.presence, self.private,
+                              self.sio, self.problems, self.tasks)
+        self.refusals = Refusals(self.sio, self.sessions, self.warnings, self.problems)
         self.started = time.monotonic()
         self.messages_sent = 0
         self.sio.on("connect", self.on_connect)
@@ -1182,7 +1178,7 @@ class ChatHub:
                                ("typing", self.on_typing), ("private", self.on_private),
                                ("history", self.on_history), ("search", self.on_search),
                                ("login", self.on_login), ("moderate", self.on_moderate)):
-            self.sio.on(event, self._guarded(event, handler))
+            self.sio.on(event, self.refusals.guard(event, handler))
         self.sio.on("*", self.on_unknown)
 
     # -- the protocol (the README's event table)
@@ -1190,11 +1186,11 @@ class ChatHub:
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         """A new connection: admitted (password, address cap, bans), then in the lobby until it joins a room."""
         session = self.admission.admit(sid, environ, auth)
-        until = self.moderation.banned(session.browser, None if session.exempt else session.ip)
-        if until is not None:
+        try:
+            self.moderation.check_ban(session)
+        except socketio.exceptions.ConnectionRefusedError:
             self.admission.release(session)
-            raise socketio.exceptions.ConnectionRefusedError(
-                "banned", {"code": "banned", "until": None if until >= FOREVER else int(until * 1000)})
+            raise
         self.sessions[sid] = session
         await self.sio.enter_room(sid, DEFAULT_ROOM)
         self.presence.count(session, True)
@@ -1203,9 +1199,7 @@ class ChatHub:
         session = self.sessions.pop(sid, None)
         if session is None:
             return
-        eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
-        if eio_sid:
-            self.sio.eio.release_long_poll(eio_sid)
+        self.sio.release_long_poll(sid)
         self.admission.release(session)
         if session.held is not None:
             await self.holds.release(session.held, sid)
@@ -1216,33 +1210,20 @@ class ChatHub:
     async def on_join(self, sid: str, *args: Any) -> dict[str, Any]:
         """`join` {room, user?, since?, epoch?}: move to a room; the ack carries history and members."""
         session = self.sessions[sid]
-        empty = self.admission.over_join_rate(session)
-        if empty is not None:
-            raise InvalidInput("rate_limited", "You are joining rooms too fast; wait a moment.",
-                               retry_after_ms=empty.wait_ms())
+        self.admission.check_join_rate(session)
         data = expect_object(args, "join")
         room = clean_room(data.get("room"))
         user = data.get("user")
         user = clean_user(user, self.settings.bot_name) if user not in (None, "") else None
         since = clean_since(data.get("since"))
-        epoch = data.get("epoch")
         if room != session.room:
             await self.presence.move(session, room)
         await self.speak_as(session, user)
-        page = min(self.settings.history, RECENT_PAGE)  # a new page scrolls back for more (`history`)
-        if since is None:
-            history, complete = await self.store.recent(room, page), True
-        elif epoch is not None and epoch != self.store.epoch:
-            # `since` counts in another id sequence (the server restarted without --db): start afresh
-            history, complete = await self.store.recent(room, page), False
-        else:
-            history, complete = await self.store.since(room, since, self.settings.history)
-        deleted, cleared = await self.store.removed(room)
+        history, complete = await self.reading.on_joining(room, since, data.get("epoch"), self.settings.history)
         return {"ok": True, "room": room, "user": user, "history": [m.wire() for m in history],
                 "complete": complete, "epoch": self.store.epoch, **(await self.presence.board.roster(room)).wire(),
-                "typing": await self.presence.board.typing_users(room), "deleted": deleted, "cleared": cleared,
-                "moderator": session.moderator, "locked": self.sanctions.get("lock", room) is not None,
-                "slow": int(self.sanctions.get("slow", room) or 0)}
+                "typing": await self.presence.board.typing_users(room), **await self.reading.removed(room),
+                **self.moderation.room_state(session)}
 
     async def on_newmessage(self, sid: str, *args: Any) -> dict[str, Any] | None:
         """`newmessage` {user, body, cid?, room?}: store, broadcast to the room, ack, then ask the bot.
@@ -1257,20 +1238,17 @@ class ChatHub:
         cid = clean_cid(data.get("cid"))
         if "room" in data and clean_room(data.get("room")) != session.room:
             raise InvalidInput("not_in_room", "That message was written in another room; join it to send it.")
-        self._check_message_rate(session)
-        room = session.room
+        self.admission.check_message_rate(session, self.disconnect)
         await self.speak_as(session, user)
         self.moderation.check_post(session)
-        msg, created = await self.store.append(room, user, body, "user", cid)
+        msg, created = await self.store.append(session.room, user, body, "user", cid)
         if not created:  # a resend of a message already delivered: ack it again, show it once
             return {"ok": True, "id": msg.id, "ts": msg.ts, "duplicate": True}
         if not self.store.delivered(msg):
-            await self.sio.emit("newmessage", msg.wire(), room=room)
+            await self.sio.emit("newmessage", msg.wire(), room=session.room)
         self.messages_sent += 1
-        if session.user:
-            await self.presence.set_typing(session, False)
-        if self.bot.enabled and await self.bot_is_addressed(msg):
-            self._spawn(self._answer(msg))
+        await self.presence.set_typing(session, False)
+        await self.bot.consider(msg)
         return {"ok": True, "id": msg.id, "ts": msg.ts}
 
     async def on_private(self, sid: str, *args: Any) -> dict[str, Any]:
@@ -1280,115 +1258,57 @@ class ChatHub:
         if not session.user:
             raise InvalidInput("bad_user", "Join with a name before sending a private message.")
         data = expect_object(args, "private")
-        self._check_message_rate(session)
-        if session.held and self.sanctions.get("mute", session.held) is not None and not session.moderator:
-            raise InvalidInput("muted", "A moderator has muted you: your messages are not sent for now.")
+        self.admission.check_message_rate(session, self.disconnect)
+        self.moderation.check_muted(session)
         to, body, ts = await self.private.send(session.user, data)
-        if name_key(to) == name_key(self.settings.bot_name) and self.bot.enabled:
-            self._spawn(self._answer_privately(session.user, body, session.room))
+        self.bot.consider_private(session.user, to, body, session.room)
         return {"ok": True, "ts": ts}
 
     async def on_history(self, sid: str, *args: Any) -> dict[str, Any]:
         """`history` {before, limit?}: a page of older messages in this room, for scrolling back."""
-        session = self.sessions[sid]
-        data = expect_object(args, "history")
-        before = clean_since(data.get("before"))
-        if before is None:
-            raise InvalidInput("bad_before", "'before' must be a message id.")
-        limit = data.get("limit", HISTORY_PAGE)
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= HISTORY_PAGE:
-            raise InvalidInput("bad_limit", f"'limit' must be a whole number from 1 to {HISTORY_PAGE}.")
-        self._check_command_rate(session)
-        older = await self.store.before(session.room, before, limit + 1)
-        return {"ok": True, "room": session.room, "history": [m.wire() for m in older[-limit:]],
-                "more": len(older) > limit}
+        self.admission.check_command_rate(self.sessions[sid])
+        return await self.reading.page(self.sessions[sid].room, expect_object(args, "history"))
 
     async def on_search(self, sid: str, *args: Any) -> dict[str, Any]:
         """`search` {q}: the newest messages in this room with every word of `q` in them."""
-        session = self.sessions[sid]
-        query = expect_object(args, "search").get("q")
-        if not isinstance(query, str) or not query.strip():
-            raise InvalidInput("bad_query", "Type the words to search for.")
-        if len(query) > MAX_QUERY or len(query.split()) > MAX_QUERY_WORDS:
-            raise InvalidInput("bad_query", f"Search for at most {MAX_QUERY_WORDS} words ({MAX_QUERY} characters).")
-        _check_encodable(query, "bad_query", "The search")
-        self._check_command_rate(session)
-        found = await self.store.search(session.room, search_words(query), SEARCH_RESULTS)
-        return {"ok": True, "room": session.room, "results": [m.wire() for m in found]}
+        self.admission.check_command_rate(self.sessions[sid])
+        return await self.reading.search(self.sessions[sid].room, expect_object(args, "search"))
 
     async def on_login(self, sid: str, *args: Any) -> dict[str, Any]:
         """`login` {password}: this connection becomes a moderator (CHAT_ADMIN_PASSWORD)."""
-        session = self.sessions[sid]
-        password = expect_object(args, "login").get("password")
-        self._check_command_rate(session)
-        self.moderation.login(session, password)
-        await self.presence.set_moderator(session)
-        return {"ok": True, "moderator": True}
+        self.admission.check_command_rate(self.sessions[sid])
+        return await self.moderation.login(self.sessions[sid], expect_object(args, "login").get("password"))
 
     async def on_moderate(self, sid: str, *args: Any) -> dict[str, Any]:
         """`moderate` {action, name?, minutes?, reason?, seconds?, id?}: see Moderation."""
+        self.admission.check_command_rate(self.sessions[sid])
+        return await self.moderation.run(self.sessions[sid], expect_object(args, "moderate"))
+
+    async def on_typing(self, sid: str, *args: Any) -> None:
+        """`typing` {typing: bool}: show or clear this person's typing indicator."""
         session = self.sessions[sid]
-        data = expect_object(args, "moderate")
-        self._check_command_rate(session)
-        return await self.moderation.run(session, data)
+        typing = expect_object(args, "typing").get("typing")
+        if not isinstance(typing, bool):
+            raise InvalidInput("bad_typing", "'typing' must be true or false.")
+        if session.typings.take():  # else more changes than anyone can read: dropped (it expires by itself)
+            await self.presence.set_typing(session, typing)
 
-    async def enforce(self) -> None:
-        """Apply what moderators decided (here or on another node) to this node's connections:
-        a kicked name's connections close, and a banned name's browser and address are banned too."""
-        for session in list(self.sessions.values()):
-            if session.kicked or session.held is None:
-                continue
-            ban = self.sanctions.get("ban", f"name:{session.held}")
-            kick = self.sanctions.get("kick", session.held)
-            if ban is not None:
-                await self._remove(session, "banned", "A moderator has banned you from this chat.")
-                until = self.sanctions.until("ban", f"name:{session.held}") or FOREVER
-                for key in (f"browser:{session.browser}", None if session.exempt else f"address:{session.ip}"):
-                    if key and self.sanctions.get("ban", key) is None:
-                        await self.sanctions.put("ban", key, session.held,
-                                                 None if until >= FOREVER else until - time.time())
-            elif kick is not None:
-                kicked_at, by, reason = json.loads(kick)
-                if kicked_at >= session.connected_at:
-                    await self._remove(session, "kicked", f"{by} removed you from the chat"
-                                       + (f": {reason.rstrip('.!?')}." if reason else "."))
+    async def on_unknown(self, event: str, sid: str, *args: Any) -> Any:
+        """Any other event name: refused with a reason, never an exception."""
+        if event == "*invalid*":
+            return await self.refusals.refuse(sid, event, "bad_event", "That is not a valid event.")
+        return await self.refusals.refuse(sid, event[:40], "unknown_event", f"Unknown event '{event[:40]}'.")
 
-    async def _remove(self, session: Session, code: str, text: str) -> None:
-        session.kicked = True
-        await self.sio.emit("removed", {"code": code, "error": text}, to=session.sid)
-        self._spawn(self.sio.disconnect(session.sid))
-
-    def _check_command_rate(self, session: Session) -> None:
-        if not session.commands.take():
-            raise InvalidInput("rate_limited", "Too many commands; wait a moment.",
-                               retry_after_ms=session.commands.wait_ms())
-
-    def _check_message_rate(self, session: Session) -> None:
-        """Refuse a room or private message over the rate limit (with the wait); a connection still
-        over it after --flood-timeout is disconnected."""
-        empty = self.admission.over_message_rate(session)
-        if empty is None:
-            return
-        assert session.flood_started is not None
-        flooding_for = time.monotonic() - session.flood_started
-        if flooding_for >= self.settings.flood_timeout and not session.kicked:
-            session.kicked = True
-            log.warning("disconnecting %s (%s): over the rate limit for %.0f s", session.sid, session.ip,
-                        flooding_for)
-            self._spawn(self.sio.disconnect(session.sid))
-        raise InvalidInput("rate_limited", "You are sending messages too fast; slow down.",
-                           quiet=session.last_refusal != session.flood_started,  # the flood's first is logged
-                           retry_after_ms=empty.wait_ms())
+    # -- names
 
     async def speak_as(self, session: Session, user: str | None) -> None:
         """The connection now uses `user` (or no name): it must hold the name (see NameHolds)."""
         key = name_key(user) if user else None
         if key != session.held:
             if key is not None:
-                address = None if session.exempt else session.ip
-                if self.sanctions.get("ban", f"name:{key}") is not None:
-                    raise InvalidInput("banned", f"The name {user} is banned here.")
-                refused = await self.holds.claim(key, session.browser, session.sid, address)
+                self.moderation.check_name(user or "", key)
+                refused = await self.holds.claim(key, session.browser, session.sid,
+                                                 None if session.exempt else session.ip)
                 if refused == "name_taken":
                     raise InvalidInput("name_taken", f"The name {user} is in use by someone else; please pick "
                                                      "another.")
@@ -1401,7 +1321,138 @@ class ChatHub:
             session.held = key
         await self.presence.rename(session, user)
 
-    async def bot_is_addressed(self, msg: Message) -> bool:
+    # -- background work and shutdown
+
+    def disconnect(self, session: Session) -> None:
+        """Close a connection from the server's side (the client does not reconnect by itself)."""
+        self.tasks.spawn(self.sio.disconnect(session.sid))
+
+    def rooms_in_use(self) -> set[str]:
+        return {s.room for s in self.sessions.values()}
+
+    async def close(self) -> None:
+        """Close every connection, as a lost one, so that browsers reconnect by themselves when the
+        server comes back (no Socket.IO disconnect), and stop background work."""
+        self.presence.close()
+        self.tasks.cancel()
+        await self.sio.close_for_restart()
+        await self.sio.shutdown()
+
+
+class Refusals:
+    """Bad input and failures in an event handler become a reply to the sender: never a crash, never
+    a broadcast, and a log line limited per connection and per address (ClientWarnings)."""
+
+    def __init__(self, sio: socketio.AsyncServer, sessions: dict[str, Session], warnings: ClientWarnings,
+                 problems: ProblemLog) -> None:
+        self.sio = sio
+        self.sessions = sessions
+        self.warnings = warnings
+        self.problems = problems
+
+    def guard(self, event: str, handler: Any) -> Any:
+        """Wrap an event handler so bad input and bugs become a reply, never a crash."""
+
+        async def guarded(sid: str, *args: Any) -> Any:
+            try:
+                return await handler(sid, *args)
+            except InvalidInput as exc:
+                return await self.refuse(sid, event, exc.code, exc.message, quiet=exc.quiet, **exc.details)
+            except StoreError as exc:  # disk full, I/O error: nothing was stored, nothing acked
+                self.problems.warn(f"history store failed: {exc}; refusing %s", event)
+                text = ("The server could not store your message; please retry." if event == "newmessage"
+                        else "The server could not read the room's history; please retry.")
+                return await self.refuse(sid, event, "store_failed", text, quiet=True)
+            except Exception:
+                log.exception("error while handling %r from %s", event, sid)
+                return await self.refuse(sid, event, "internal", "Something went wrong on the server; please retry.")
+
+        return guarded
+
+    async def refuse(self, sid: str, event: str, code: str, message: str, quiet: bool = False,
+                     **details: Any) -> Any:
+        """The refusal, as the ack when the client asked for one, else as a `chat_error` to it alone."""
+        session = self.sessions.get(sid)
+        if not quiet:
+            where = session.ip if session else sid
+            self.warnings.warn((sid, where), "refused %s from %s (%s): %s", event[:40], where, code, message)
+        reply = {"ok": False, "error": message, "code": code, **details}
+        if _ack_wanted.get():
+            return reply
+        if session is None:  # never a broadcast: emit(to=None) would reach everyone
+            return None
+        await self.sio.emit("chat_error", {"error": message, "code": code, "event": event, **details}, to=sid)
+        return None
+
+
+class HistoryBrowser:
+    """Reading back through a room: the history a join starts with, `history` pages, `search`."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def on_joining(self, room: str, since: int | None, epoch: Any, replay: int) -> tuple[list[Message], bool]:
+        """The messages a join's ack carries, and whether they are all that was missed: the newest
+        RECENT_PAGE for a new page, everything after `since` (up to `replay`) for a page coming back."""
+        page = min(replay, RECENT_PAGE)
+        if since is None:
+            return await self.store.recent(room, page), True
+        if epoch is not None and epoch != self.store.epoch:
+            # `since` counts in another id sequence (the server restarted without --db): start afresh
+            return await self.store.recent(room, page), False
+        return await self.store.since(room, since, replay)
+
+    async def removed(self, room: str) -> dict[str, Any]:
+        """What a page coming back takes away: ids deleted lately, and where the room was cleared."""
+        deleted, cleared = await self.store.removed(room)
+        return {"deleted": deleted, "cleared": cleared}
+
+    async def page(self, room: str, data: dict[str, Any]) -> dict[str, Any]:
+        before = clean_since(data.get("before"))
+        if before is None:
+            raise InvalidInput("bad_before", "'before' must be a message id.")
+        limit = data.get("limit", HISTORY_PAGE)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= HISTORY_PAGE:
+            raise InvalidInput("bad_limit", f"'limit' must be a whole number from 1 to {HISTORY_PAGE}.")
+        older = await self.store.before(room, before, limit + 1)
+        return {"ok": True, "room": room, "history": [m.wire() for m in older[-limit:]], "more": len(older) > limit}
+
+    async def search(self, room: str, data: dict[str, Any]) -> dict[str, Any]:
+        query = data.get("q")
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidInput("bad_query", "Type the words to search for.")
+        if len(query) > MAX_QUERY or len(query.split()) > MAX_QUERY_WORDS:
+            raise InvalidInput("bad_query", f"Search for at most {MAX_QUERY_WORDS} words ({MAX_QUERY} characters).")
+        _check_encodable(query, "bad_query", "The search")
+        found = await self.store.search(room, search_words(query), SEARCH_RESULTS)
+        return {"ok": True, "room": room, "results": [m.wire() for m in found]}
+
+
+class BotReplies:
+    """The bot's turn: whether it answers a message (--bot-replies), then, in the background so that
+    the chat never waits, its answer in the room (or one "unavailable" line), or privately to whoever
+    wrote to it privately."""
+
+    def __init__(self, runner: BotRunner, settings: Settings, store: Store, presence: Presence,
+                 private: PrivateMessages, sio: socketio.AsyncServer, problems: ProblemLog, tasks: Tasks) -> None:
+        self.runner = runner
+        self.settings = settings
+        self.store = store
+        self.presence = presence
+        self.private = private
+        self.sio = sio
+        self.problems = problems
+        self.tasks = tasks
+
+    async def consider(self, msg: Message) -> None:
+        if self.runner.enabled and await self.addressed(msg):
+            self.tasks.spawn(self.answer(msg))
+
+    def consider_private(self, user: str, to: str, body: str, room: str) -> None:
+        if self.runner.enabled and name_key(to) == name_key(self.settings.bot_name):
+            self.tasks.spawn(self.answer_privately(user, body, room))
+
+    async def addressed(self, msg: Message) -> bool:
         """Whether the bot answers this message (--bot-replies): always, when it is addressed
         (`@ChatFriend …`, or a message starting with its name), or, with auto, also while the
         sender is the only person in the room."""
@@ -1414,43 +1465,23 @@ class ChatHub:
             return True
         return mode == "auto" and len(await self.presence.board.members(msg.room)) <= 1
 
-    async def on_typing(self, sid: str, *args: Any) -> None:
-        """`typing` {typing: bool}: show or clear this person's typing indicator."""
-        session = self.sessions[sid]
-        data = expect_object(args, "typing")
-        typing = data.get("typing")
-        if not isinstance(typing, bool):
-            raise InvalidInput("bad_typing", "'typing' must be true or false.")
-        if not session.typings.take():
-            return  # more changes than anyone can read: dropped (an indicator left on expires by itself)
-        await self.presence.set_typing(session, typing)
-
-    async def on_unknown(self, event: str, sid: str, *args: Any) -> Any:
-        """Any other event name: refused with a reason, never an exception."""
-        if event == "*invalid*":
-            return await self._refuse(sid, event, "bad_event", "That is not a valid event.")
-        name = event[:40]
-        return await self._refuse(sid, name, "unknown_event", f"Unknown event '{name}'.")
-
-    # -- the bot's turn
-
-    async def _answer(self, msg: Message) -> None:
+    async def answer(self, msg: Message) -> None:
         """Ask the bot about one message and post its replies (or one "unavailable" line)."""
-        room = msg.room
-        remote = self.bot.remote
+        room, remote = msg.room, self.runner.remote
         try:
             context: tuple[Message, ...] = ()
-            if self.bot.wants_context:
+            if self.runner.wants_context:
                 context = tuple(await self.store.recent(room, self.settings.bot_context))
             sender_id = "chatpy-" + hashlib.sha256(f"{room}\0{msg.user}".encode()).hexdigest()[:16] if remote else ""
-            turn = BotTurn(msg.user, msg.body, room, sender_id, context)
             if remote:
                 await self.presence.set_bot_typing(room, True)
-            replies = await self.bot.answer(turn)
-            if remote:
-                await self.presence.set_bot_typing(room, False)
+            try:
+                replies = await self.runner.answer(BotTurn(msg.user, msg.body, room, sender_id, context))
+            finally:
+                if remote:
+                    await self.presence.set_bot_typing(room, False)
             if replies is None:
-                if self.bot.should_announce(room):
+                if self.runner.should_announce(room):
                     await self.presence.announce(room, f"{self.settings.bot_name} is unavailable right now.",
                                                  "unavailable", self.settings.bot_name)
                 return
@@ -1461,87 +1492,20 @@ class ChatHub:
         except asyncio.CancelledError:
             raise
         except StoreError as exc:
-            self.sio.eio.problems.warn(f"history store failed: {exc}; the bot's reply was not posted %s", "")
-            if remote:
-                await self.presence.set_bot_typing(room, False)
+            self.problems.warn(f"history store failed: {exc}; the bot's reply was not posted %s", "")
         except Exception:
             log.exception("the bot failed to answer message %d", msg.id)
-            if remote:
-                await self.presence.set_bot_typing(room, False)
 
-    async def _answer_privately(self, user: str, body: str, room: str) -> None:
+    async def answer_privately(self, user: str, body: str, room: str) -> None:
         """The bot's answer to a private message, as private messages to the sender."""
         try:
-            replies = await self.bot.answer(BotTurn(user, body, room, "", ()))
+            replies = await self.runner.answer(BotTurn(user, body, room, "", ()))
             for text in replies or [f"{self.settings.bot_name} is unavailable right now."]:
                 await self.private.deliver(self.settings.bot_name, user, text, kind="bot")
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("the bot failed to answer a private message")
-
-    # -- refusals: a reply to the sender, never a crash and never a broadcast
-
-    def _guarded(self, event: str, handler: Any) -> Any:
-        """Wrap an event handler so bad input and bugs become a reply, never a crash."""
-
-        async def guarded(sid: str, *args: Any) -> Any:
-            try:
-                return await handler(sid, *args)
-            except InvalidInput as exc:
-                return await self._refuse(sid, event, exc.code, exc.message, quiet=exc.quiet, **exc.details)
-            except StoreError as exc:  # disk full, I/O error: nothing was stored, nothing acked
-                self.sio.eio.problems.warn(f"history store failed: {exc}; refusing %s", event)
-                text = ("The server could not store your message; please retry." if event == "newmessage"
-                        else "The server could not read the room's history; please retry.")
-                return await self._refuse(sid, event, "store_failed", text, quiet=True)
-            except Exception:
-                log.exception("error while handling %r from %s", event, sid)
-                return await self._refuse(sid, event, "internal", "Something went wrong on the server; please retry.")
-
-        return guarded
-
-    async def _refuse(self, sid: str, event: str, code: str, message: str, quiet: bool = False,
-                      **details: Any) -> Any:
-        session = self.sessions.get(sid)
-        if not quiet:
-            self._warn_refusal(session, sid, event, code, message)
-        reply = {"ok": False, "error": message, "code": code, **details}
-        if _ack_wanted.get():
-            return reply
-        if session is None:  # never a broadcast: emit(to=None) would reach everyone
-            return None
-        await self.sio.emit("chat_error", {"error": message, "code": code, "event": event, **details}, to=sid)
-        return None
-
-    def _warn_refusal(self, session: Session | None, sid: str, event: str, code: str, message: str) -> None:
-        """Limited per connection and per address (ClientWarnings): a hostile client cannot flood the log."""
-        where = session.ip if session else sid
-        self.warnings.warn((sid, where), "refused %s from %s (%s): %s", event[:40], where, code, message)
-
-    # -- background work and shutdown
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def heartbeat(self, every: float) -> None:
-        """With Redis: keep this node's presence alive and heal lists when another node dies."""
-        await self.presence.heartbeat(lambda: {s.room for s in self.sessions.values()}, every)
-
-    async def close(self) -> None:
-        """Close every connection and stop background work.
-
-        Only the Engine.IO transports are closed, without a Socket.IO disconnect,
-        so that browsers treat it as a lost connection and reconnect by themselves
-        when the server comes back.
-        """
-        self.presence.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await self.sio.eio.close_for_restart()
-        await self.sio.shutdown()
 
 
 # ---------------------------------------------------------------- admission: rates, caps and passwords
@@ -1733,6 +1697,35 @@ class Admission:
         if empty is None and not session.exempt:
             empty = self.address_joins.take(session.ip)
         return empty
+
+    def check_join_rate(self, session: Session) -> None:
+        empty = self.over_join_rate(session)
+        if empty is not None:
+            raise InvalidInput("rate_limited", "You are joining rooms too fast; wait a moment.",
+                               retry_after_ms=empty.wait_ms())
+
+    def check_message_rate(self, session: Session, disconnect: Callable[[Session], None]) -> None:
+        """Refuse a room or private message over the rate limit (with the wait); a connection still
+        over it after --flood-timeout is disconnected."""
+        empty = self.over_message_rate(session)
+        if empty is None:
+            return
+        assert session.flood_started is not None
+        flooding_for = time.monotonic() - session.flood_started
+        if flooding_for >= self.settings.flood_timeout and not session.kicked:
+            session.kicked = True
+            log.warning("disconnecting %s (%s): over the rate limit for %.0f s", session.sid, session.ip,
+                        flooding_for)
+            disconnect(session)
+        raise InvalidInput("rate_limited", "You are sending messages too fast; slow down.",
+                           quiet=session.last_refusal != session.flood_started,  # the flood's first is logged
+                           retry_after_ms=empty.wait_ms())
+
+    def check_command_rate(self, session: Session) -> None:
+        """Logins, moderator commands, history pages and searches: COMMAND_RATE a second per connection."""
+        if not session.commands.take():
+            raise InvalidInput("rate_limited", "Too many commands; wait a moment.",
+                               retry_after_ms=session.commands.wait_ms())
 
     def _password_ok(self, ip: str, auth: Any) -> bool:
         if self.settings.password is None:
@@ -2096,7 +2089,7 @@ class RedisSanctions(Sanctions):
         raw = await self.health.call(self.client.hgetall, "chat:sanctions")
         now, fresh, stale = time.time(), {}, []
         for field_name, data in raw.items():
-            kind, _, key = field_name.decode().partition("\0")
+            kind, _, key = text_of(field_name).partition("\0")
             value, until = json.loads(data)
             if until > now:
                 fresh[(kind, key)] = (value, until)
@@ -2187,17 +2180,19 @@ class Moderation:
     logged. What outlasts a connection is kept in Sanctions; the hub enforces it (ChatHub.enforce)."""
 
     def __init__(self, settings: Settings, sanctions: Sanctions, sio: socketio.AsyncServer, store: Store,
-                 presence: Presence, sessions: Callable[[], list[Session]]) -> None:
+                 presence: Presence, sessions: dict[str, Session], tasks: Tasks) -> None:
         self.settings = settings
-        self.sessions = sessions  # this node's connections, to name a person as they call themselves
+        self.sessions = sessions  # this node's connections (the hub's), read only
+        self.tasks = tasks
         self.sanctions = sanctions
         self.sio = sio
         self.store = store
         self.presence = presence
         self.passwords = PasswordGuard()
         self.last_post: dict[tuple[str, str], float] = {}  # (room, name key) -> when, in slow rooms
+        sanctions.on_change.append(self.enforce)
 
-    def login(self, session: Session, password: Any) -> None:
+    async def login(self, session: Session, password: Any) -> dict[str, Any]:
         """Make the connection a moderator, or refuse: no password set, too many attempts, wrong."""
         if self.settings.admin_password is None:
             raise InvalidInput("no_moderators", "This chat has no moderators (CHAT_ADMIN_PASSWORD is not set).")
@@ -2208,22 +2203,62 @@ class Moderation:
                 password.encode("utf-8", "replace"), self.settings.admin_password.encode()):
             self.passwords.failed(group)
             raise InvalidInput("wrong_password", "That moderator password is not right.")
-        session.moderator = True
         log.info("moderation: %s (%s) logged in as a moderator", session.user or "someone", session.ip)
+        await self.presence.set_moderator(session)
+        return {"ok": True, "moderator": True}
 
-    def banned(self, browser: str, address: str | None) -> float | None:
-        """Until when this browser or address is banned (None: it is not)."""
-        for key in (f"browser:{browser}", f"address:{address}" if address else None):
-            if key and self.sanctions.get("ban", key) is not None:
-                return self.sanctions.until("ban", key)
-        return None
+    def check_ban(self, session: Session) -> None:
+        """Refuse a new connection whose browser or address is banned (ConnectionRefusedError)."""
+        for key in (f"browser:{session.browser}", None if session.exempt else f"address:{session.ip}"):
+            until = self.sanctions.until("ban", key) if key else None
+            if until is not None:
+                raise socketio.exceptions.ConnectionRefusedError(
+                    "banned", {"code": "banned", "until": None if until >= FOREVER else int(until * 1000)})
+
+    def check_name(self, user: str, key: str) -> None:
+        if self.sanctions.get("ban", f"name:{key}") is not None:
+            raise InvalidInput("banned", f"The name {user} is banned here.")
+
+    def check_muted(self, session: Session) -> None:
+        if session.held and not session.moderator and self.sanctions.get("mute", session.held) is not None:
+            raise InvalidInput("muted", "A moderator has muted you: your messages are not sent for now.")
+
+    def room_state(self, session: Session) -> dict[str, Any]:
+        """For a join's ack: whether this connection moderates, and the room's lock and slow mode."""
+        return {"moderator": session.moderator, "locked": self.sanctions.get("lock", session.room) is not None,
+                "slow": int(self.sanctions.get("slow", session.room) or 0)}
+
+    async def enforce(self) -> None:
+        """Apply what moderators decided (here or on another node) to this node's connections:
+        a kicked name's connections close, and a banned name's browser and address are banned too."""
+        for session in list(self.sessions.values()):
+            if session.kicked or session.held is None:
+                continue
+            kick = self.sanctions.get("kick", session.held)
+            until = self.sanctions.until("ban", f"name:{session.held}")
+            if until is not None:
+                await self.remove(session, "banned", "A moderator has banned you from this chat.")
+                for key in (f"browser:{session.browser}", None if session.exempt else f"address:{session.ip}"):
+                    if key and self.sanctions.get("ban", key) is None:
+                        await self.sanctions.put("ban", key, session.held,
+                                                 None if until >= FOREVER else until - time.time())
+            elif kick is not None:
+                kicked_at, by, reason = json.loads(kick)
+                if kicked_at >= session.connected_at:
+                    await self.remove(session, "kicked", f"{by} removed you from the chat"
+                                      + (f": {reason.rstrip('.!?')}." if reason else "."))
+
+    async def remove(self, session: Session, code: str, text: str) -> None:
+        """Tell a connection why, then close it."""
+        session.kicked = True
+        await self.sio.emit("removed", {"code": code, "error": text}, to=session.sid)
+        self.tasks.spawn(self.sio.disconnect(session.sid))
 
     def check_post(self, session: Session) -> None:
         """Refuse a message from a muted person, into a locked room, or too soon in a slow room."""
         if session.moderator:
             return
-        if session.held and self.sanctions.get("mute", session.held) is not None:
-            raise InvalidInput("muted", "A moderator has muted you: your messages are not sent for now.")
+        self.check_muted(session)
         if self.sanctions.get("lock", session.room) is not None:
             raise InvalidInput("room_locked", f"#{session.room} is locked: only moderators may post for now.")
         slow = self.sanctions.get("slow", session.room)
@@ -2253,7 +2288,7 @@ class Moderation:
         else:
             target = clean_target(data.get("name"))
             key = name_key(target)
-            target = next((s.user for s in self.sessions() if s.held == key and s.user), target)
+            target = next((s.user for s in self.sessions.values() if s.held == key and s.user), target)
             text = await getattr(self, action)(key, target, by, data)
             what = target
         log.info("moderation: %s (%s) %s %s", by, session.ip, action, what)
@@ -2344,14 +2379,14 @@ class Presence:
     announces nothing. The Board holds the state (this process's, or shared through Redis).
     """
 
-    def __init__(self, sio: socketio.AsyncServer, board: Board, settings: Settings) -> None:
+    def __init__(self, sio: socketio.AsyncServer, board: Board, settings: Settings, tasks: Tasks) -> None:
         self.sio = sio
         self.board = board
         self.settings = settings
+        self.tasks = tasks
         self._last_roster: dict[str, Roster] = {}
         self._pending_leaves: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._soon: dict[str, asyncio.TimerHandle] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def announce(self, room: str, text: str, kind: str, user: str) -> None:
         """A line for the room: `kind` ("joined", "left", "unavailable") and `user` let clients decide about it."""
@@ -2383,7 +2418,7 @@ class Presence:
                 self.board.forget(session.room, badge)
         if session.room not in self._soon:
             self._soon[session.room] = asyncio.get_running_loop().call_later(
-                PRESENCE_DEBOUNCE, lambda room=session.room: self._spawn(self._emit_soon(room)))
+                PRESENCE_DEBOUNCE, lambda room=session.room: self.tasks.spawn(self._emit_soon(room)))
 
     async def _emit_soon(self, room: str) -> None:
         self._soon.pop(room, None)
@@ -2426,7 +2461,7 @@ class Presence:
             return  # another tab of this person is still here
         loop = asyncio.get_running_loop()
         self._pending_leaves[(room, user)] = loop.call_later(
-            self.settings.presence_grace, lambda: self._spawn(self._finish_leave(room, user)))
+            self.settings.presence_grace, lambda: self.tasks.spawn(self._finish_leave(room, user)))
 
     async def _finish_leave(self, room: str, user: str) -> None:
         self._pending_leaves.pop((room, user), None)
@@ -2475,7 +2510,7 @@ class Presence:
         if typing:
             loop = asyncio.get_running_loop()
             session.typing_timer = loop.call_later(
-                self.settings.typing_timeout, lambda: self._spawn(self.set_typing(session, False)))
+                self.settings.typing_timeout, lambda: self.tasks.spawn(self.set_typing(session, False)))
         await self._update_typing(session.room, session.user, typing, self.settings.typing_timeout)
 
     async def set_bot_typing(self, room: str, typing: bool) -> None:
@@ -2500,16 +2535,9 @@ class Presence:
             except Exception:
                 log.exception("presence heartbeat failed")
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     def close(self) -> None:
         for handle in [*self._pending_leaves.values(), *self._soon.values()]:
             handle.cancel()
-        for task in list(self._tasks):
-            task.cancel()
 
 
 WATCHING = "\0watching"  # roster entry: connections in the room without a name
@@ -2697,11 +2725,11 @@ class RedisBoard(Board):
             nodes = await self.client.smembers(f"chat:presence-nodes:{room}")
             counts: list[tuple[str, int]] = []
             for node in nodes:
-                node = node.decode() if isinstance(node, bytes) else node
+                node = text_of(node)
                 found = await self.client.hgetall(self._key(room, node))
                 if not found and node != self.node:
                     await self.client.srem(f"chat:presence-nodes:{room}", node)  # expired: that node died
-                counts.extend((k.decode() if isinstance(k, bytes) else k, int(v)) for k, v in found.items())
+                counts.extend((text_of(k), int(v)) for k, v in found.items())
             return Roster.of(counts)
 
         try:
@@ -2728,7 +2756,7 @@ class RedisBoard(Board):
     async def _typists(self, key: str) -> list[str]:
         now = time.time() * 1000
         entries = await self.client.hgetall(key)
-        return sorted((k.decode() if isinstance(k, bytes) else k) for k, v in entries.items() if float(v) > now)
+        return sorted(text_of(k) for k, v in entries.items() if float(v) > now)
 
     async def typing_users(self, room: str) -> list[str]:
         try:
@@ -2990,10 +3018,8 @@ class SqliteStore:
             raise StoreError(f"the database {self.path}: {exc}") from None
 
     def _lock(self) -> None:
-        try:
-            import fcntl
-        except ImportError:  # no flock on this platform: run unlocked
-            return
+        import fcntl  # POSIX: chat.py's signal handling needs it too
+
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -3279,7 +3305,7 @@ class RedisStore:
     async def open(self) -> None:
         await self.client.set("chat:epoch", new_epoch(), nx=True)
         epoch = await self.client.get("chat:epoch")
-        self.epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        self.epoch = text_of(epoch)
         await self.claim_slot()
 
     async def claim_slot(self) -> None:
@@ -4197,7 +4223,7 @@ def build_app(settings: Settings, hub: ChatHub) -> web.Application:
             "messages": hub.messages_sent, "uptime_s": round(time.monotonic() - hub.started, 1),
             "bot": settings.bot, "version": __version__})
 
-    problems = hub.sio.eio.problems
+    problems = hub.problems
     local_names = {"localhost", "127.0.0.1", "::1", *settings.allow_hosts} if _is_loopback_host(settings.host) \
         else None
 
@@ -4442,6 +4468,7 @@ h1 { font-size: 1.1rem; margin: 0; letter-spacing: .01em; }
 .status[data-state="offline"]::before, .status[data-state="error"]::before { background: var(--error); }
 .banner { margin: 0; padding: .6rem 1rem; background: var(--error); color: #fff; }
 .banner.info { background: var(--warn); color: #1b1f2a; }
+.banner-action { color: #fff; border-color: #fff; margin-left: .5rem; padding: .15rem .6rem; }
 .layout { flex: 1 1 auto; display: grid; grid-template-columns: 1fr 14rem; grid-template-areas: "chat people";
   min-height: 0; }
 .chat-column { grid-area: chat; display: flex; flex-direction: column; min-height: 0; min-width: 0; }
@@ -4600,10 +4627,19 @@ PAGE_JS = r"""
     loginError: $('login-error'), loginCancel: $('login-cancel'),
   };
 
-  const showBanner = (text, kind = 'error') => {
+  // A line across the page; `action` is an optional [label, handler] for a button in it.
+  const showBanner = (text, kind = 'error', action = null) => {
     els.banner.textContent = text;
     els.banner.className = 'banner' + (kind === 'info' ? ' info' : '');
     els.banner.hidden = !text;
+    if (action) {
+      const button = document.createElement('button');
+      button.type = 'button';
+      button.className = 'ghost banner-action';
+      button.textContent = action[0];
+      button.addEventListener('click', () => { showBanner(''); action[1](); });
+      els.banner.append(' ', button);
+    }
   };
 
   if (typeof window.io !== 'function') {
@@ -4620,6 +4656,8 @@ PAGE_JS = r"""
   // Characters as the server counts them (code points, after trimming; \r\n is one).
   const bodyLength = (text) => [...text.replace(/\r\n?/g, '\n').trim()].length;
   const SEND_TIMEOUT_MS = 8000;
+  // How long the server asked us to wait (retry_after_ms), kept sensible: 50 ms to `longest`.
+  const serverWait = (ack, longest) => Math.min(Math.max(Number(ack.retry_after_ms) || 1000, 50), longest);
   const MAX_TRIES = 4;
   const store = {
     get(key) { try { return localStorage.getItem(key); } catch { return null; } },
@@ -5069,7 +5107,7 @@ PAGE_JS = r"""
         } else if (ack && (ack.code === 'rate_limited' || ack.code === 'slow_mode')) {
           entry.tries -= 1;  // waiting is not failing
           markPending(entry, ack.code === 'slow_mode' ? 'slow mode: waiting…' : 'waiting…');
-          const wait = Math.min(Math.max(Number(ack.retry_after_ms) || 1000, 50), 3600000);
+          const wait = serverWait(ack, 3600000);
           state.waitTimer = setTimeout(() => { state.waitTimer = 0; pump(); }, wait);
           return;
         } else if (ack && ack.code === 'not_in_room') {
@@ -5460,7 +5498,7 @@ PAGE_JS = r"""
       if (joining !== state.room) return;  // the person has moved on to another room meanwhile
       if (!ack || !ack.ok) {
         if (ack && ack.code === 'rate_limited') {  // joined too often (say, flapping between rooms): try again
-          const wait = Math.min(Math.max(Number(ack.retry_after_ms) || 1000, 50), 10000);
+          const wait = serverWait(ack, 10000);
           setTimeout(() => { if (joining === state.room && socket.connected && !state.joined) join(withName); }, wait);
           return;
         }
@@ -5488,11 +5526,12 @@ PAGE_JS = r"""
       }
       state.epoch = ack.epoch;
       state.joinedAs = ack.user || null;  // (offerDeletes below follows it)
-      els.log.setAttribute('aria-busy', 'true');  // the history is not news: screen readers skip it
+      // The history is not news: busy until the next frame, so screen readers take it as one update.
+      els.log.setAttribute('aria-busy', 'true');
       state.replaying = true;
       for (const msg of ack.history) renderMessage(msg);
       state.replaying = false;
-      els.log.setAttribute('aria-busy', 'false');
+      requestAnimationFrame(() => els.log.setAttribute('aria-busy', 'false'));
       if (since === undefined) scrollToEnd();
       for (const id of ack.deleted || []) markDeleted(id);
       if (ack.cleared) removeUpTo(ack.cleared);
@@ -5547,7 +5586,9 @@ PAGE_JS = r"""
   // ---- socket events
 
   socket.on('connect', () => {
+    state.transportFailures = 0;
     setStatus('connected', 'connected');
+    showBanner('');
     join();
   });
   socket.on('disconnect', (reason, details) => {
@@ -5561,7 +5602,8 @@ PAGE_JS = r"""
     if (reason === 'io client disconnect') setStatus('offline', 'offline');
     else if (reason === 'io server disconnect') {  // the client does not reconnect after this by itself
       setStatus('offline', 'disconnected');
-      showBanner('The server closed this connection. Reload the page to reconnect.');
+      showBanner('The server closed this connection (sending too fast, or too many bad packets).',
+        'error', ['Reconnect', () => { setStatus('reconnecting', 'connecting…'); socket.connect(); }]);
     } else setStatus('reconnecting', 'reconnecting…');
   });
   socket.io.on('reconnect_attempt', () => {
@@ -5573,7 +5615,6 @@ PAGE_JS = r"""
     wrong_password: 'That password is not right. Please try again.',
     too_many_attempts: 'Too many wrong passwords from here. Wait a minute, then try again.',
   };
-  socket.on('connect', () => { state.transportFailures = 0; });
   socket.on('connect_error', (err) => {
     const code = err && err.data && err.data.code;
     if (code in PASSWORD_PROBLEMS) {
@@ -5605,7 +5646,7 @@ PAGE_JS = r"""
     try {
       const response = await fetch('/socket.io/?EIO=4&transport=polling', { method: 'POST', body: '' });
       if (response.status === 400 || response.status === 403) answer = await response.json();
-    } catch { return; }  // unreachable: a real network problem, keep reconnecting
+    } catch { return; }  // the server cannot be reached at all: a network problem, keep reconnecting
     if (answer && answer.code === 'origin_refused') {
       showBanner('The server does not accept connections from this address of the page. Behind a proxy, ' +
         'pass the Host header with its port ($http_host in nginx), or start chat.py with --allow-origin.');
@@ -6195,7 +6236,7 @@ class EngineServer(engineio.AsyncServer):
     It also uses ChatWebSocket for the WebSocket transport.
     """
 
-    def __init__(self, *args: Any, compress: bool, max_queue: int,
+    def __init__(self, *args: Any, compress: bool, max_queue: int, problems: ProblemLog,
                  address_of: Callable[[dict[str, Any]], str | None], max_per_address: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._async = {**self._async, "websocket": CompressingWebSocket if compress else ChatWebSocket,
@@ -6207,8 +6248,8 @@ class EngineServer(engineio.AsyncServer):
         self.by_address: dict[str, set[str]] = {}
         self._connecting_from: str | None = None
         self._dropping: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.problems = ProblemLog()
+        self.tasks = Tasks()
+        self.problems = problems
         self._ping_tasks: dict[str, asyncio.Task[Any]] = {}
         # connections that start as WebSockets get a LeanQueue, the FrameFlusher and the SharedPinger
         self.lean = not compress
@@ -6280,9 +6321,7 @@ class EngineServer(engineio.AsyncServer):
             return
         self._dropping.add(eio_sid)
         log.warning("disconnecting %s: it fell over %d KB behind", eio_sid, self.max_queue)
-        task = asyncio.get_running_loop().create_task(self._drop(eio_sid))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.tasks.spawn(self._drop(eio_sid))
 
     async def _drop(self, eio_sid: str) -> None:
         # abort=True: a client that stopped reading would never read a CLOSE
@@ -6390,6 +6429,39 @@ class ChatServer(socketio.AsyncServer):
         self.strikes: collections.Counter[str] = collections.Counter()  # per Engine.IO session
         super().__init__(*args, **kwargs)
 
+    @classmethod
+    def for_settings(cls, settings: Settings, admission: Admission, warnings: ClientWarnings,
+                     problems: ProblemLog, manager: socketio.AsyncManager) -> ChatServer:
+        """The Socket.IO server the settings describe."""
+        return cls(
+            warnings=warnings, address_of=admission.client_address,
+            async_mode="aiohttp",
+            client_manager=manager,
+            async_handlers=False,  # one client's events are handled strictly in order
+            cors_allowed_origins=admission.engine_origin_allowed,
+            max_http_buffer_size=settings.frame_limit,
+            engine_options={"compress": settings.compress, "max_queue": settings.max_queue,
+                            "address_of": admission.capped_address, "problems": problems,
+                            # room for sessions still handshaking, so that the Socket.IO refusal
+                            # (a readable "too many connections") is what a page normally sees
+                            "max_per_address": settings.max_per_ip + EXTRA_HANDSHAKES},
+            transports=list(settings.transports),
+            ping_interval=settings.ping_interval,
+            ping_timeout=settings.ping_timeout,
+            logger=False,
+            engineio_logger=False,
+        )
+
+    def release_long_poll(self, sid: str) -> None:
+        """A connection has gone: answer its waiting long-poll now (EngineServer.release_long_poll)."""
+        eio_sid = engine_sid(self, sid)
+        if eio_sid:
+            self.eio.release_long_poll(eio_sid)
+
+    async def close_for_restart(self) -> None:
+        """Shutdown: every transport closes as if lost, so the clients reconnect (EngineServer.close_for_restart)."""
+        await self.eio.close_for_restart()
+
     def address(self, eio_sid: str) -> str:
         environ = self.environ.get(eio_sid)
         return self.address_of(environ) if environ is not None else "?"
@@ -6444,6 +6516,11 @@ class ChatServer(socketio.AsyncServer):
             await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
         finally:
             _ack_wanted.reset(token)
+
+
+def engine_sid(sio: socketio.AsyncServer, sid: str) -> str | None:
+    """Which Engine.IO session a Socket.IO connection (sid, default namespace) is on."""
+    return sio.manager.eio_sid_from_sid(sid, "/")  # type: ignore[no-any-return]
 
 
 def websocket_frame(payload: bytes, binary: bool = False) -> bytes:
@@ -6654,6 +6731,7 @@ def _file_problem(flag: str, path: Path) -> str | None:
     return None
 
 
+@functools.cache  # checked by bad_file() before start-up, then used by serve(): built once
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
     """The server's TLS context for --tls-cert/--tls-key, or None; ValueError says what is wrong."""
     if not (settings.tls_cert and settings.tls_key):
@@ -6730,9 +6808,10 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
         raise StartupError(f"cannot read the bans and mutes: {exc or 'Redis is unreachable'}") from None
     bot = make_bot(settings)
     await bot.open()
+    problems = ProblemLog()  # one limit on the log for everything a client can make chat.py say
     hub = ChatHub(settings, store, bot, board=shared.board if shared else None,
                   manager=shared.manager if shared else None, holds=shared.holds if shared else None,
-                  sanctions=sanctions)
+                  sanctions=sanctions, problems=problems, tasks=Tasks())
     hub.holds.restore(sanctions.of_kind("hold"))
     app = build_app(settings, hub)
     try:
@@ -6771,12 +6850,12 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
         log.warning("anyone who can reach %s can join: set CHAT_PASSWORD to require a password", settings.host)
     if ready is not None:
         ready.set_result(url)
-    asyncio.get_running_loop().set_exception_handler(SocketShortage(hub.sio.eio.problems, open_files).handle)
+    asyncio.get_running_loop().set_exception_handler(SocketShortage(problems, open_files).handle)
     background = [asyncio.create_task(warn_if_bot_unreachable(bot, settings)),
-                  asyncio.create_task(ConnectionWatch(runner, app, hub.sio.eio.problems, open_files, capacity).run())]
+                  asyncio.create_task(ConnectionWatch(runner, app, problems, open_files, capacity).run())]
     background.append(asyncio.create_task(sanctions.watch()))
     if shared:
-        background.append(asyncio.create_task(hub.heartbeat(settings.presence_ttl / 3)))
+        background.append(asyncio.create_task(hub.presence.heartbeat(hub.rooms_in_use, settings.presence_ttl / 3)))
         background.append(asyncio.create_task(shared.store.hold_slot()))
         background.append(asyncio.create_task(shared.holds.keep(settings.presence_ttl / 3)))
     try:
@@ -6894,10 +6973,8 @@ def run_event_loop(coro: Any, choice: str) -> None:
     if loop_name(choice) == "uvloop":
         import uvloop
 
-        if hasattr(uvloop, "run"):
-            uvloop.run(coro)
-            return
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # uvloop before 0.18
+        uvloop.run(coro)
+        return
     asyncio.run(coro)
 
 

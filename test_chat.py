@@ -422,14 +422,14 @@ async def test_fifty_clients_all_receive_one_broadcast(url: str, connect: Connec
 # ---------------------------------------------------------------- HTTP
 
 
-async def test_healthz_reports_status_and_client_count(url: str, connect: Connect) -> None:
+async def test_healthz_reports_status_and_client_and_room_counts(url: str, connect: Connect) -> None:
     await connect(url)
-    await connect(url)
+    await (await connect(url)).join("elsewhere")
     async with aiohttp.ClientSession() as http, http.get(f"{url}/healthz") as resp:
         assert resp.status == 200
         data = await resp.json()
     assert data["status"] == "ok"
-    assert data["clients"] == 2
+    assert (data["clients"], data["rooms"]) == (2, 2)
 
 
 async def test_page_css_and_js_are_served(url: str) -> None:
@@ -464,6 +464,28 @@ async def test_default_page_loads_the_pinned_client_from_the_cdn_with_integrity(
 # ---------------------------------------------------------------- command line and process
 
 
+def test_the_page_script_parses_and_has_no_duplicate_handlers(tmp_path: Path) -> None:
+    node = shutil.which("node")
+    require(node is not None, "Node.js")
+    script = tmp_path / "chat.js"
+    script.write_text(chat.page_script())
+    checked = subprocess.run([node, "--check", str(script)], capture_output=True, text=True, timeout=20)
+    assert checked.returncode == 0, checked.stderr
+    handlers = re.findall(r"socket(?:\.io)?\.on\('([a-z_]+)'", chat.PAGE_JS)
+    assert sorted(set(handlers)) == sorted(handlers), "one handler per socket event"
+    assert "innerHTML" not in chat.PAGE_JS and "insertAdjacentHTML" not in chat.PAGE_JS
+
+
+async def test_max_length_sets_the_limit_and_the_page_says_it(start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(rate=0, bot="off", max_length=10)
+    peer = await connect(url)
+    assert (await peer.say("x" * 10))["ok"]
+    refused = await peer.say("x" * 11)
+    assert (refused["code"], refused["error"]) == ("too_long", "Your message is too long (at most 10 characters).")
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        assert '<meta name="chat-max-length" content="10">' in await resp.text()
+
+
 def test_help_explains_every_flag_and_the_readme_lists_each() -> None:
     out = subprocess.run([sys.executable, str(HERE / "chat.py"), "--help"], capture_output=True, text=True,
                          check=True, timeout=20).stdout
@@ -476,10 +498,41 @@ def test_help_explains_every_flag_and_the_readme_lists_each() -> None:
         assert f"`{flag}" in readme, f"{flag} missing from the README's table"
 
 
-def test_without_flags_the_settings_are_the_dataclass_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PORT", raising=False)
-    monkeypatch.delenv("CHAT_PASSWORD", raising=False)
-    assert chat.parse_settings([]) == chat.Settings(), "each default is written once, in Settings"
+def readme_defaults() -> dict[str, str]:
+    """The README's command-line table: flag -> its default as written there (backticks removed)."""
+    section = (HERE / "README.md").read_text().split("## Command line", 1)[1].split("\n## ", 1)[0]
+    defaults = {}
+    for row in re.findall(r"^\| (`--.*?) \| (.*?) \|", section, re.M):
+        flags = re.findall(r"`(--[a-z-]+)", row[0])
+        values = re.findall(r"`([^`]*)`", row[1]) or [""]  # prose ("none", "built-in page"): no value set
+        for flag, value in zip(flags, values * len(flags) if len(values) == 1 else values, strict=False):
+            defaults[flag] = value
+    return defaults
+
+
+def test_the_readme_states_each_default_as_settings_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("PORT", "CHAT_PASSWORD", "CHAT_REDIS_URL", "CHAT_ADMIN_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    settings, parser = chat.parse_settings([]), chat.build_parser()
+    dest = {flag: action.dest for action in parser._actions for flag in action.option_strings}
+    unset = {""}
+    checked = 0
+    for flag, written in readme_defaults().items():
+        if flag in ("--version", "--tls-key", "--ping-timeout", "--burst"):
+            continue  # no value; or the second of a pair, checked with the first below
+        value = getattr(settings, dest[flag])
+        if flag == "--bot-url":  # chosen by --bot when not given
+            value = chat.DEFAULT_BOT_URLS[settings.bot if settings.bot in chat.DEFAULT_BOT_URLS else "rasa"]
+        if written in unset:
+            assert value in (None, (), False), f"{flag}: the README says {written!r}, Settings has {value!r}"
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert float(written.split()[0]) == value, f"{flag}: README {written!r}, Settings {value!r}"
+        else:
+            shown = ",".join(value) if isinstance(value, tuple) else str(value)
+            assert written.split(" (")[0].split(",") == shown.split(","), f"{flag}: README {written!r}, Settings {shown!r}"
+        checked += 1
+    assert checked >= 30
+    assert (settings.burst, settings.ping_timeout) == (10, 20.0), "the README's `5` / `10` and `25` / `20`"
 
 
 def bad_files(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
@@ -2183,7 +2236,11 @@ class FakeBackend:
 
     async def start(self) -> FakeBackend:
         app = web.Application()
-        app.router.add_get("/", lambda r: web.Response(text="Hello from Rasa: 3.6.20"))
+
+        async def version(request: web.Request) -> web.Response:
+            return web.Response(text="Hello from Rasa: 3.6.20")
+
+        app.router.add_get("/", version)
         app.router.add_post("/webhooks/rest/webhook", self.rasa)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.completions)
@@ -3119,6 +3176,17 @@ async def test_a_handler_bug_gives_a_generic_error_and_the_server_survives(
     await assert_chat_still_works(url, connect)
 
 
+def _clearly_valid(payload: Any) -> bool:
+    """The README's rules for `newmessage`, written here independently of chat.py's validators:
+    True only for payloads the rules plainly accept (plain ASCII names and text, a well-formed cid)."""
+    if not isinstance(payload, dict) or set(payload) - {"user", "body", "cid"}:
+        return False
+    user, body, cid = payload.get("user"), payload.get("body"), payload.get("cid")
+    return (isinstance(user, str) and isinstance(body, str) and bool(re.fullmatch(r"[A-Za-z][A-Za-z0-9 ]{0,30}", user))
+            and "chat" not in user.lower().replace(" ", "") and bool(re.fullmatch(r"[ -~]{0,2000}", body))
+            and bool(body.strip()) and (cid is None or bool(isinstance(cid, str) and re.fullmatch(r"[A-Za-z0-9]{1,64}", cid))))
+
+
 def _clearly_invalid(payload: Any) -> bool:
     """The README's rules for `newmessage`, written here independently of chat.py's validators:
     True only for payloads the rules plainly refuse (the property test checks those)."""
@@ -3138,21 +3206,35 @@ json_values = st.recursive(
     max_leaves=12)
 message_like = st.fixed_dictionaries(
     {}, optional={"user": json_values | st.text(max_size=40), "body": json_values, "cid": json_values})
+plain_messages = st.fixed_dictionaries(
+    {"user": st.from_regex(r"[A-Za-z][A-Za-z0-9 ]{0,30}", fullmatch=True),
+     "body": st.from_regex(r"[ -~]{0,60}[!-~][ -~]{0,60}", fullmatch=True)},
+    optional={"cid": st.from_regex(r"[A-Za-z0-9]{1,64}", fullmatch=True)})
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(payload=json_values | message_like, with_ack=st.booleans())
-async def test_any_json_payload_is_either_valid_or_refused_and_never_broadcast(
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=json_values | message_like | plain_messages, with_ack=st.booleans())
+async def test_a_valid_payload_is_broadcast_and_an_invalid_one_refused_to_its_sender_only(
         url: str, connect: Connect, payload: Any, with_ack: bool) -> None:
-    assume(_clearly_invalid(payload))
+    valid, invalid = _clearly_valid(payload), _clearly_invalid(payload)
+    assume(valid or invalid)  # both halves; the payloads in between the oracle cannot call
     sender = await connect(url)
     watcher = await connect(url)
-    if with_ack:
+    if valid:
+        if "cid" in payload:  # a cid already used in the room is a resend, acked and not shown again
+            payload = {**payload, "cid": os.urandom(8).hex()}
+        ack = await sender.sio.call("newmessage", payload, timeout=10)
+        assert ack["ok"] is True
+        shown = await watcher.next("newmessage")
+        assert (shown["id"], shown["user"], shown["body"]) == (
+            ack["id"], " ".join(payload["user"].split()), payload["body"].strip())
+    elif with_ack:
         assert (await sender.sio.call("newmessage", payload, timeout=10))["ok"] is False
+        await assert_nothing_was_broadcast(watcher)
     else:
         await sender.sio.emit("newmessage", payload)
         assert (await sender.next("chat_error"))["code"]
-    await assert_nothing_was_broadcast(watcher)
+        await assert_nothing_was_broadcast(watcher)
     await sender.sio.disconnect()
     await watcher.sio.disconnect()
 
@@ -5177,9 +5259,10 @@ async def test_a_websocket_connection_gets_its_packets_in_order_with_one_write_p
     queue.put_nowait(eio_packet.Packet(eio_packet.PING))
     assert written == [], "frames of one iteration wait for one write"
     await asyncio.sleep(0)  # the next event-loop iteration
-    assert written == [b"".join(chat.websocket_frame(text) for text in (
-        b'0{"sid":"eio-1"}', b'42["newmessage",{"body":"first"}]', b'431[{"ok":true}]',
-        b'42["newmessage",{"body":"second"}]', b"2"))], "in the order put, in one write"
+    assert written == [  # unmasked text frames: 0x81, the length, the Engine.IO packet
+        b'\x81\x10' b'0{"sid":"eio-1"}' b'\x81\x21' b'42["newmessage",{"body":"first"}]'
+        b'\x81\x10' b'431[{"ok":true}]' b'\x81\x22' b'42["newmessage",{"body":"second"}]' b'\x81\x01' b'2'
+    ], "in the order put, in one write"
 
     buffered["bytes"] = 1000  # the client stopped reading: the transport holds nearly the bound
     await manager.emit("newmessage", {"body": "x" * 40}, "/")
@@ -5191,12 +5274,12 @@ async def test_a_websocket_connection_gets_its_packets_in_order_with_one_write_p
     queue.put_nowait(None)  # python-engineio's "stop the writer": end after what was put
     assert closed == []
     await asyncio.sleep(0)
-    assert written[-1] == chat.websocket_frame(b"1"), "the CLOSE packet is written"
+    assert written[-1] == b"\x81\x011", "the CLOSE packet is written"
     await asyncio.sleep(0)
     assert closed == [True], "then the WebSocket is closed"
     queue.put_nowait(eio_packet.Packet(eio_packet.PING))
     await asyncio.sleep(0)
-    assert written[-1] == chat.websocket_frame(b"1"), "nothing after the end"
+    assert written[-1] == b"\x81\x011", "nothing after the end"
 
 
 @pytest.mark.browser
