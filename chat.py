@@ -4184,16 +4184,12 @@ class ConnectionWatch:
             self.sweep()
 
     def sweep(self) -> None:
-        server = self.runner.server
-        if server is None:
-            return
         now = time.monotonic()
-        connections = server.connections
+        connections = open_http_transports(self.runner)
         if self.open_files and len(connections) >= self.capacity:
             self.problems.warn(OUT_OF_SOCKETS, str(self.open_files))
-        for handler in connections:
-            transport = handler.transport
-            if transport is None or transport in self.started:
+        for transport in connections:
+            if transport in self.started:
                 continue
             seen = self.first_seen.setdefault(transport, now)
             if now - seen > REQUEST_DEADLINE:
@@ -5790,6 +5786,10 @@ PAGE_JS = r"""
 #   that every node, the storing one included, delivers it from the channel in id order.
 # - socketio.AsyncRedisManager._publish(data), _redis_listen_with_retries(), _redis_connect() and
 #   .pubsub: RedisFanoutManager's outage handling.
+# - socketio's manager.eio_sid_from_sid(sid, namespace), behind engine_sid(): which Engine.IO
+#   session a connection is on (a long-poll to release when it goes).
+# - aiohttp's web.Server.connections and RequestHandler.transport, behind open_http_transports():
+#   ConnectionWatch closes connections that never send a whole request.
 # - engineio.payload.Payload.max_decode_packets, a class attribute with no per-server option:
 #   python-engineio refuses a whole long-polling POST that batches more than 16 packets, which
 #   silently loses bursts; allow as many as fit chat.py's size cap (set once, here).
@@ -6516,6 +6516,15 @@ class ChatServer(socketio.AsyncServer):
             await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
         finally:
             _ack_wanted.reset(token)
+
+
+def open_http_transports(runner: web.AppRunner) -> list[asyncio.Transport]:
+    """The transports of the HTTP connections the server has open (aiohttp's Server.connections,
+    each a RequestHandler with its transport)."""
+    server = runner.server
+    if server is None:
+        return []
+    return [h.transport for h in server.connections if h.transport is not None]
 
 
 def engine_sid(sio: socketio.AsyncServer, sid: str) -> str | None:

@@ -5214,6 +5214,10 @@ def test_every_library_internal_chat_py_relies_on_is_still_there() -> None:
     assert params(socketio.AsyncRedisManager._publish) == ["self", "data"]
     assert params(socketio.AsyncRedisManager._redis_listen_with_retries) == ["self"]
     assert callable(socketio.AsyncRedisManager._redis_connect)
+    assert params(socketio.AsyncManager.eio_sid_from_sid) == ["self", "sid", "namespace"], "engine_sid()"
+    from aiohttp import web_protocol, web_server
+    assert isinstance(web_server.Server.connections, property), "open_http_transports(): Server.connections"
+    assert hasattr(web_protocol.RequestHandler, "transport"), "open_http_transports(): RequestHandler.transport"
     from engineio import payload
     assert payload.Payload.max_decode_packets >= chat.FRAME_LIMIT_FLOOR // 2, "set in chat.py's internals"
     assert "self.max_decode_packets" in source(payload.Payload.decode)
