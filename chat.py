@@ -1051,9 +1051,12 @@ def mentions(body: str, name: str) -> bool:
 
 
 def clean_body(value: Any, max_length: int) -> str:
-    """Validate a message body: string, 1..max_length characters, newlines kept, other controls removed."""
+    """Validate a message body: string, 1..max_length characters, newlines kept, other controls removed;
+    or an end-to-end encrypted envelope (clean_envelope)."""
     if not isinstance(value, str):
         raise InvalidInput("bad_body", "Your message must be text.")
+    if is_envelope(value):
+        return clean_envelope(value, max_length)
     if len(value) > max_length * 4:
         raise InvalidInput("too_long", f"Your message is too long (at most {max_length} characters).")
     _check_encodable(value, "bad_body", "Your message")
@@ -1064,6 +1067,30 @@ def clean_body(value: Any, max_length: int) -> str:
     if len(text) > max_length:
         raise InvalidInput("too_long", f"Your message is too long (at most {max_length} characters).")
     return text
+
+
+ENVELOPE_PREFIX = "e2e:v1:"  # an end-to-end encrypted body: this, then base64 of IV (12 bytes) + AES-GCM output
+ENVELOPE_RE = re.compile(r"e2e:v1:[A-Za-z0-9+/]+={0,2}")
+
+
+def envelope_limit(max_length: int) -> int:
+    """The longest envelope: a message of max_length characters (4 bytes each in UTF-8 at most), its
+    IV and tag, in base64, after the prefix."""
+    return len(ENVELOPE_PREFIX) + 4 * math.ceil((4 * max_length + 12 + 16) / 3)
+
+
+def is_envelope(body: str) -> bool:
+    return body.startswith("e2e:")
+
+
+def clean_envelope(value: str, max_length: int) -> str:
+    """Validate an encrypted body's form and size; its words are not the server's to read."""
+    limit = envelope_limit(max_length)
+    if len(value) > limit:
+        raise InvalidInput("too_long", f"That encrypted message is too long (at most {limit} characters).")
+    if not ENVELOPE_RE.fullmatch(value) or (len(value) - len(ENVELOPE_PREFIX)) % 4:
+        raise InvalidInput("bad_envelope", "That encrypted message is not in the e2e:v1 form this server knows.")
+    return value
 
 
 def clean_room(value: Any) -> str:
@@ -1167,6 +1194,7 @@ class ChatHub:
         self.moderation = Moderation(settings, self.sanctions, self.sio, store, self.presence, self.sessions,
                                      self.tasks)
         self.reading = HistoryBrowser(store)
+        self.private_rooms = PrivateRooms(self.sanctions, store)
         self.bot = BotReplies(BotRunner(bot, settings), settings, store, self.presence, self.private,
                               self.sio, self.problems, self.tasks)
         self.refusals = Refusals(self.sio, self.sessions, self.warnings, self.problems)
@@ -1223,14 +1251,11 @@ class ChatHub:
         return {"ok": True, "room": room, "user": user, "history": [m.wire() for m in history],
                 "complete": complete, "epoch": self.store.epoch, **(await self.presence.board.roster(room)).wire(),
                 "typing": await self.presence.board.typing_users(room), **await self.reading.removed(room),
-                **self.moderation.room_state(session)}
+                **self.moderation.room_state(session), "private": self.private_rooms.private(room)}
 
     async def on_newmessage(self, sid: str, *args: Any) -> dict[str, Any] | None:
-        """`newmessage` {user, body, cid?, room?}: store, broadcast to the room, ack, then ask the bot.
-
-        `room`, when given, must be the room this connection is in: a message never lands in a room
-        other than the one it was written in.
-        """
+        """`newmessage` {user, body, cid?, room?}: store, broadcast to the room, ack, then ask the bot;
+        `room`, if given, must be this connection's (a message never lands in another room)."""
         session = self.sessions[sid]
         data = expect_object(args, "newmessage")
         user = clean_user(data.get("user"), self.settings.bot_name)
@@ -1241,6 +1266,7 @@ class ChatHub:
         self.admission.check_message_rate(session, self.disconnect)
         await self.speak_as(session, user)
         self.moderation.check_post(session)
+        await self.private_rooms.check(session.room, body)
         msg, created = await self.store.append(session.room, user, body, "user", cid)
         if not created:  # a resend of a message already delivered: ack it again, show it once
             return {"ok": True, "id": msg.id, "ts": msg.ts, "duplicate": True}
@@ -1457,6 +1483,8 @@ class BotReplies:
         (`@ChatFriend …`, or a message starting with its name), or, with auto, also while the
         sender is the only person in the room."""
         mode = self.settings.bot_replies
+        if is_envelope(msg.body):  # encrypted: the bot cannot read it, and the room knows
+            return False
         if mentions(msg.body, self.settings.bot_name):
             return True
         if msg.body.startswith("/me "):  # an action ("/me waves") is not said to anyone
@@ -2540,6 +2568,34 @@ class Presence:
             handle.cancel()
 
 
+class PrivateRooms:
+    """Which rooms are end-to-end encrypted: the first envelope makes a room private (for good, kept
+    with the Sanctions, so on disk with --db and shared with --redis); a private room refuses plain
+    messages and a room that has plain ones refuses envelopes, so that one misconfigured page cannot
+    leak words into a private room."""
+
+    def __init__(self, sanctions: Sanctions, store: Store) -> None:
+        self.sanctions = sanctions
+        self.store = store
+
+    def private(self, room: str) -> bool:
+        return self.sanctions.get("e2e", room) is not None
+
+    async def check(self, room: str, body: str) -> None:
+        """Refuse a body that does not fit its room; an envelope in a room without messages makes it private."""
+        if not is_envelope(body):
+            if self.private(room):
+                raise InvalidInput("room_private", f"#{room} is a private room: its messages are end-to-end "
+                                   "encrypted. Open it with its invite link to write here.")
+            return
+        if self.private(room):
+            return
+        if await self.store.recent(room, 1):
+            raise InvalidInput("room_not_private", f"#{room} has unencrypted messages: it cannot become a "
+                               "private room. Make a new private room instead.")
+        await self.sanctions.put("e2e", room, "private")
+
+
 WATCHING = "\0watching"  # roster entry: connections in the room without a name
 MODERATOR_BADGE = "\0moderator:"  # roster entry prefix: a name used by a moderator
 
@@ -2834,6 +2890,8 @@ def search_words(text: str) -> list[str]:
 
 
 def matches(message: Message, words: list[str]) -> bool:
+    if is_envelope(message.body):  # encrypted: only the pages with the key can search it
+        return False
     body = message.body.casefold()
     return all(w in body for w in words)
 
@@ -4360,8 +4418,18 @@ PAGE_HTML = """<!doctype html>
       <ul id="members"></ul>
       <p id="no-members" class="no-members">Nobody with a name yet.</p>
       <p id="watching" class="no-members" hidden></p>
+      <button id="new-private" type="button" class="ghost new-private">New private room</button>
     </aside>
     <div class="chat-column">
+      <section id="invite" class="invite" aria-labelledby="invite-title" hidden>
+        <h2 id="invite-title">Private room: end-to-end encrypted</h2>
+        <p class="note">Whoever has this link can read and write here; the key is in the part after #,
+          which your browser never sends to the server. Share it only with the people you invite.</p>
+        <div class="invite-row"><label for="invite-link" class="sr-only">Invite link</label>
+          <input id="invite-link" readonly><button id="copy-invite" type="button">Copy</button>
+          <button id="hide-invite" type="button" class="ghost">Hide</button></div>
+        <label class="remember"><input id="remember-key" type="checkbox"> Remember this room on this device</label>
+      </section>
       <section id="search-results" class="search-results" aria-labelledby="search-title" hidden>
         <div class="search-head"><h2 id="search-title">Search</h2>
           <button id="search-close" type="button" class="ghost">Close</button></div>
@@ -4579,6 +4647,14 @@ dialog h2 { margin: 0 0 .5rem; font-size: 1.1rem; }
 .suggest button[aria-selected="true"] { outline: 2px solid var(--text); }
 .older { align-self: center; color: var(--muted); font-size: .8rem; list-style: none; }
 .dialog-buttons { display: flex; gap: .5rem; justify-content: flex-end; }
+.new-private { margin-top: .8rem; font-size: .85rem; }
+.invite { background: var(--panel); border-bottom: 1px solid var(--border); padding: .5rem 1rem; flex: none; }
+.invite h2 { font-size: .9rem; margin: 0 auto; max-width: 52rem; }
+.invite .note, .invite .remember, .invite-row { max-width: 52rem; margin: .2rem auto; display: block; }
+.invite-row { display: flex; gap: .4rem; }
+.invite-row input { flex: 1 1 auto; font-size: .85rem; }
+.remember input { width: auto; margin-right: .4rem; }
+.message.undecryptable .body { color: var(--muted); font-style: italic; }
 @media (max-width: 700px) {
   .search { order: 5; flex: 1 1 60%; }  /* a second row: search and the bell */
   .search input { width: 100%; }
@@ -4621,6 +4697,8 @@ PAGE_JS = r"""
     alerts: $('alerts'), sound: $('sound'), alertsNote: $('alerts-note'),
     loginDialog: $('login-dialog'), loginForm: $('login-form'), loginInput: $('login-input'),
     loginError: $('login-error'), loginCancel: $('login-cancel'),
+    newPrivate: $('new-private'), invite: $('invite'), inviteLink: $('invite-link'), copyInvite: $('copy-invite'),
+    rememberKey: $('remember-key'), hideInvite: $('hide-invite'),
   };
 
   // A line across the page; `action` is an optional [label, handler] for a button in it.
@@ -4703,13 +4781,15 @@ PAGE_JS = r"""
     loadingOlder: false,          // a `history` page is on its way
     moderatorNames: [],           // who in the room is a moderator (a badge in the list)
     completion: null,             // @name completion: {start, matches, index}
+    announcedPrivate: new Set(),  // private rooms whose "encrypted" line this page has shown
   };
   if (ROOM_RE.test(state.room) && new URLSearchParams(location.search).get('room') !== state.room && location.search) {
-    history.replaceState(null, '', `?room=${encodeURIComponent(state.room)}`);  // /?room=Team is #team
+    history.replaceState(null, '', `?room=${encodeURIComponent(state.room)}${location.hash}`);  // /?room=Team is #team
   }
 
   els.user.value = store.get('chat.name') || '';
   els.roomInput.value = state.room;
+  // (the key from the link, or remembered on this device, is taken at the end, once everything is defined)
   document.title = `#${state.room} · chat.py`;
 
   // WebSocket first (one round trip, no upgrade dance), falling back to long-polling.
@@ -4798,13 +4878,13 @@ PAGE_JS = r"""
     const time = li.querySelector('.time');
     time.textContent = timeText(ts);
     time.dateTime = new Date(ts).toISOString();
-    if (body.startsWith('/me ')) {  // an action: "* Alice waves"
-      li.classList.add('action');
-      li.querySelector('.body').textContent = `* ${user} ${body.slice(4)}`;
-    } else {
-      li.querySelector('.body').replaceChildren(richText(body));
-    }
+    showBody(li, user, body);
     return li;
+  };
+  const showBody = (li, user, body) => {
+    li.classList.toggle('action', body.startsWith('/me '));
+    if (body.startsWith('/me ')) li.querySelector('.body').textContent = `* ${user} ${body.slice(4)}`;  // "* Alice waves"
+    else li.querySelector('.body').replaceChildren(richText(body));
   };
 
   const insertInOrder = (li, id) => {
@@ -4860,9 +4940,10 @@ PAGE_JS = r"""
     const mine = !isBot && Boolean(local || (msg.cid && myCids.has(msg.cid)));
     const classes = [isBot ? 'bot' : 'user'];
     if (mine) classes.push('mine');
-    const forMe = !mine && mentionsMe(String(msg.body));
+    const sealed = !isBot && isEnvelope(String(msg.body));
+    const forMe = !mine && !sealed && mentionsMe(String(msg.body));
     if (forMe) classes.push('mentions-me');
-    const li = makeItem(String(msg.user), String(msg.body), msg.ts, classes);
+    const li = makeItem(String(msg.user), sealed ? '' : String(msg.body), msg.ts, classes);
     li.dataset.user = String(msg.user);
     li.dataset.kind = isBot ? 'bot' : 'user';
     if (local) {
@@ -4873,7 +4954,97 @@ PAGE_JS = r"""
     const wasAtBottom = atBottom();
     insertInOrder(li, msg.id);
     offerDelete(li);
-    if (!mine && !state.replaying) noticeArrival(li, forMe, wasAtBottom, `${msg.user} in #${state.room}`, String(msg.body));
+    const notice = !mine && !state.replaying;
+    if (sealed) openSealed(li, msg, mine, notice, wasAtBottom);
+    else if (notice) noticeArrival(li, forMe, wasAtBottom, `${msg.user} in #${state.room}`, String(msg.body));
+  };
+
+  // ---- private rooms: end-to-end encrypted here, in the page (WebCrypto AES-GCM, 256-bit keys).
+  // The key is in the invite link's #k= fragment, which browsers never send to the server; it is
+  // kept in this page's memory, and in localStorage only when the person asks.
+
+  const ENVELOPE = 'e2e:v1:';
+  const isEnvelope = (body) => body.startsWith('e2e:');
+  const canEncrypt = Boolean(window.crypto && crypto.subtle);  // only in a secure context (https, localhost)
+  const toBase64 = (bytes) => { let text = ''; for (const b of bytes) text += String.fromCharCode(b); return btoa(text); };
+  const fromBase64 = (text) => Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+  const toBase64Url = (bytes) => toBase64(bytes).replace(/\+/g, '-').replace(/\//g, '_').replace(/=+$/, '');
+  const fromBase64Url = (text) => fromBase64(text.replace(/-/g, '+').replace(/_/g, '/') + '==='.slice((text.length + 3) % 4));
+  const keyInUrl = () => /(?:^#|&)k=([A-Za-z0-9_-]{43})(?:&|$)/.exec(location.hash)?.[1] || null;
+  const roomKeys = new Map();  // room -> {raw, key: Promise<CryptoKey>}
+  const useKey = (room, raw) => {
+    if (!canEncrypt || !raw || roomKeys.get(room)?.raw === raw) return;
+    roomKeys.set(room, { raw, key: crypto.subtle.importKey('raw', fromBase64Url(raw), 'AES-GCM', false, ['encrypt', 'decrypt']) });
+  };
+  const isPrivateHere = (room) => roomKeys.has(room);
+  // The name as the server stores it (display_name): the key's additional data must match it exactly.
+  const displayName = (name) => name.normalize('NFKC').replace(INVISIBLE, '').split(/\s+/).filter(Boolean).join(' ');
+  // Bound into each message: it cannot be replayed into another room or under another name.
+  const boundTo = (room, user) => new TextEncoder().encode(`chat.py e2e v1\n${room}\n${displayName(user)}`);
+  const seal = async (room, user, text) => {
+    const iv = crypto.getRandomValues(new Uint8Array(12));
+    const sealed = await crypto.subtle.encrypt({ name: 'AES-GCM', iv, additionalData: boundTo(room, user) },
+      await roomKeys.get(room).key, new TextEncoder().encode(text));
+    const out = new Uint8Array(12 + sealed.byteLength);
+    out.set(iv);
+    out.set(new Uint8Array(sealed), 12);
+    return ENVELOPE + toBase64(out);
+  };
+  const unseal = async (room, user, body) => {
+    if (!body.startsWith(ENVELOPE)) throw new Error('an unknown version');
+    const bytes = fromBase64(body.slice(ENVELOPE.length));
+    const plain = await crypto.subtle.decrypt({ name: 'AES-GCM', iv: bytes.slice(0, 12), additionalData: boundTo(room, user) },
+      await roomKeys.get(room).key, bytes.slice(12));
+    return new TextDecoder().decode(plain);
+  };
+  const openSealed = async (li, msg, mine, notice, wasAtBottom) => {
+    const room = state.room;
+    const body = li.querySelector('.body');
+    li.classList.add('sealed');
+    if (!isPrivateHere(room)) {
+      body.textContent = 'encrypted: open this room with its invite link to read it';
+      li.classList.add('undecryptable');
+      return;
+    }
+    body.textContent = 'decrypting…';
+    let text;
+    try {
+      text = await unseal(room, String(msg.user), String(msg.body));
+    } catch {
+      if (!li.classList.contains('deleted')) body.textContent = 'cannot decrypt: wrong key for this room?';
+      li.classList.add('undecryptable');
+      return;
+    }
+    if (li.classList.contains('deleted')) return;
+    li.dataset.plain = text;
+    showBody(li, String(msg.user), text);
+    const forMe = !mine && mentionsMe(text);
+    li.classList.toggle('mentions-me', forMe);
+    if (notice) noticeArrival(li, forMe, wasAtBottom, `${msg.user} in #${room}`, text);
+  };
+  // An outbox entry in a private room is sealed once, just before it is first sent.
+  const sealEntry = async (entry) => {
+    entry.sealing = true;
+    try {
+      entry.wire = await seal(entry.room, entry.user, entry.body);
+    } catch {
+      fail(entry, 'could not encrypt it');
+    }
+    entry.sealing = false;
+    pump();
+  };
+  const newPrivateRoom = () => {
+    const name = `p-${toBase64Url(crypto.getRandomValues(new Uint8Array(9))).toLowerCase().replace(/[^a-z0-9]/g, '')}`.slice(0, 14);
+    useKey(name, toBase64Url(crypto.getRandomValues(new Uint8Array(32))));
+    switchRoom(name);
+  };
+  const inviteLink = (room) => `${location.origin}${location.pathname}?room=${encodeURIComponent(room)}#k=${roomKeys.get(room).raw}`;
+  const showInvite = () => {
+    const room = state.room;
+    els.invite.hidden = !isPrivateHere(room);
+    if (els.invite.hidden) return;
+    els.inviteLink.value = inviteLink(room);
+    els.rememberKey.checked = store.get(`chat.key.${room}`) === roomKeys.get(room).raw;
   };
 
   // ---- attention: what arrived while the person was not looking
@@ -5052,7 +5223,7 @@ PAGE_JS = r"""
   const retryEntry = (entry) => {
     const user = checkName(els.user.value.trim());
     if (!user) return;
-    Object.assign(entry, { user, room: state.room, tries: 0, failed: false });
+    Object.assign(entry, { user, room: state.room, tries: 0, failed: false, wire: null });  // sealed anew
     entry.li.querySelector('.author').textContent = user;
     markPending(entry, 'sending…');
     pump();
@@ -5074,7 +5245,8 @@ PAGE_JS = r"""
   const pump = () => {
     if (state.inFlight || state.waitTimer || !socket.connected || !state.joined) return;
     const entry = state.outbox.find((e) => !e.failed && e.room === state.room);
-    if (!entry) return;
+    if (!entry || entry.sealing) return;
+    if (isPrivateHere(entry.room) && !entry.wire) { sealEntry(entry); return; }
     if (entry.tries >= MAX_TRIES) {
       fail(entry, 'no answer from the server');
       pump();
@@ -5086,7 +5258,7 @@ PAGE_JS = r"""
     state.inFlight = entry;
     markPending(entry, 'sending…');
     socket.timeout(SEND_TIMEOUT_MS).emit('newmessage',
-      { user: entry.user, body: entry.body, cid: entry.cid, room: entry.room }, (err, ack) => {
+      { user: entry.user, body: entry.wire || entry.body, cid: entry.cid, room: entry.room }, (err, ack) => {
         if (entry.attempt !== attempt) return;  // superseded by a reconnect
         if (state.inFlight === entry) state.inFlight = null;
         if (err) {  // no answer in time: send again (same cid, shown once), but only into its own room
@@ -5298,7 +5470,7 @@ PAGE_JS = r"""
     }
     showError('');
     store.set('chat.name', user);
-    const entry = { cid: newCid(), user, body, room: state.room, tries: 0, failed: false, attempt: null,
+    const entry = { cid: newCid(), user, body, room: state.room, tries: 0, failed: false, attempt: null, wire: null,
       li: makeItem(user, body, Date.now(), ['user', 'mine', 'pending']) };
     state.pending.set(entry.cid, entry);
     rememberCid(entry.cid);
@@ -5369,28 +5541,40 @@ PAGE_JS = r"""
     li.scrollIntoView({ block: 'center' });
   };
 
+  // In a private room the server cannot search: the page searches what it has decrypted.
+  const searchHere = (query) => {
+    const words = query.toLowerCase().split(/\s+/).filter(Boolean);
+    return [...els.messages.querySelectorAll('li[data-plain]')].reverse()
+      .filter((li) => words.every((w) => li.dataset.plain.toLowerCase().includes(w)))
+      .map((li) => ({ id: Number(li.dataset.id), user: li.dataset.user, body: li.dataset.plain,
+        ts: Date.parse(li.querySelector('.time').dateTime) })).slice(0, 50);
+  };
   const search = (query) => {
     const room = state.room;
+    if (isPrivateHere(room)) { showResults(query, room, searchHere(query)); return; }
     if (!socket.connected || !state.joined) { showError('Not connected: cannot search now.'); return; }
     socket.timeout(SEND_TIMEOUT_MS).emit('search', { q: query }, (err, ack) => {
       if (room !== state.room) return;
       if (err || !ack || !ack.ok) { showError(err ? 'The search got no answer; try again.' : (ack && ack.error) || 'Refused.'); return; }
-      showError('');
-      els.searchResults.hidden = false;
-      els.searchTitle.textContent = ack.results.length
-        ? `${ack.results.length === 50 ? 'The newest 50' : ack.results.length} found for “${query}” in #${room}`
-        : `Nothing found for “${query}” in #${room}`;
-      els.searchList.replaceChildren(...ack.results.map((msg) => {
-        const li = document.createElement('li');
-        const button = document.createElement('button');
-        button.type = 'button';
-        const when = new Date(msg.ts).toLocaleString([], { dateStyle: 'short', timeStyle: 'short' });
-        button.append(element('span', `${msg.user} · ${when}`, { class: 'hit-meta' }), String(msg.body).slice(0, 300));
-        button.addEventListener('click', () => showInContext(msg.id));
-        li.append(button);
-        return li;
-      }));
+      showResults(query, room, ack.results);
     });
+  };
+  const showResults = (query, room, results) => {
+    showError('');
+    els.searchResults.hidden = false;
+    els.searchTitle.textContent = results.length
+      ? `${results.length === 50 ? 'The newest 50' : results.length} found for “${query}” in #${room}`
+      : `Nothing found for “${query}” in #${room}`;
+    els.searchList.replaceChildren(...results.map((msg) => {
+      const li = document.createElement('li');
+      const button = document.createElement('button');
+      button.type = 'button';
+      const when = new Date(msg.ts).toLocaleString([], { dateStyle: 'short', timeStyle: 'short' });
+      button.append(element('span', `${msg.user} · ${when}`, { class: 'hit-meta' }), String(msg.body).slice(0, 300));
+      button.addEventListener('click', () => showInContext(msg.id));
+      li.append(button);
+      return li;
+    }));
   };
   els.searchForm.addEventListener('submit', (event) => {
     event.preventDefault();
@@ -5535,6 +5719,13 @@ PAGE_JS = r"""
       if (!state.moderator && tabStore.get('chat.moderator')) login(tabStore.get('chat.moderator'), true);
       offerDeletes();
       renderMembers(ack);
+      if (ack.private && !isPrivateHere(state.room)) {
+        showBanner('This is a private room: its messages are end-to-end encrypted. Ask for the invite link to read and write here.', 'info');
+      } else if (isPrivateHere(state.room) && !state.announcedPrivate.has(state.room)) {
+        state.announcedPrivate.add(state.room);
+        renderSystem(`Private room: messages are encrypted in your browser; the server${
+          BOT_KEY ? ', and the bot,' : ''} cannot read them. Anyone with the invite link can.`);
+      }
       if (ack.locked) renderSystem(`#${state.room} is locked: only moderators may post.`);
       if (ack.slow) renderSystem(`#${state.room} is in slow mode: one message every ${ack.slow} seconds.`);
       state.typingUsers = ack.typing || [];
@@ -5551,7 +5742,9 @@ PAGE_JS = r"""
     if (next === state.room) return;
     const left = state.room;
     state.room = next;
-    if (push) history.pushState(null, '', `?room=${encodeURIComponent(state.room)}`);
+    if (!isPrivateHere(next)) useKey(next, store.get(`chat.key.${next}`));  // remembered on this device
+    if (push) history.pushState(null, '', isPrivateHere(next) ? inviteLink(next) : `?room=${encodeURIComponent(next)}`);
+    showInvite();
     state.unread = 0;
     showTitle();
     els.roomInput.value = state.room;
@@ -5730,7 +5923,21 @@ PAGE_JS = r"""
     els.roomInput.value = room;
     switchRoom(room);
   });
-  window.addEventListener('popstate', () => switchRoom(roomInUrl(), false));
+  window.addEventListener('popstate', () => { useKey(roomInUrl(), keyInUrl()); switchRoom(roomInUrl(), false); });
+  els.newPrivate.disabled = !canEncrypt;
+  if (!canEncrypt) els.newPrivate.title = 'Private rooms need the page over https (or on localhost): browsers allow encryption only there.';
+  els.newPrivate.addEventListener('click', newPrivateRoom);
+  els.copyInvite.addEventListener('click', async () => {
+    try { await navigator.clipboard.writeText(els.inviteLink.value); els.copyInvite.textContent = 'Copied'; } catch {
+      els.inviteLink.select();  // no clipboard here: selected, to copy by hand
+    }
+  });
+  els.rememberKey.addEventListener('change', () => {
+    const key = `chat.key.${state.room}`;
+    if (els.rememberKey.checked) store.set(key, roomKeys.get(state.room).raw);
+    else try { localStorage.removeItem(key); } catch { /* private mode */ }
+  });
+  els.hideInvite.addEventListener('click', () => { els.invite.hidden = true; });
   els.dialog.addEventListener('cancel', (event) => event.preventDefault());  // Escape: no way back but a reload
   els.loginForm.addEventListener('submit', (event) => {
     event.preventDefault();
@@ -5744,6 +5951,8 @@ PAGE_JS = r"""
     setStatus('reconnecting', 'connecting…');
     socket.connect();
   });
+  useKey(state.room, keyInUrl() || store.get(`chat.key.${state.room}`));
+  showInvite();
   if (touch) els.body.placeholder = 'Type a message… (Enter: new line)';
   autosize();  // tall enough for the placeholder in a narrow window, and again whenever the width changes
   window.addEventListener('resize', autosize);

@@ -5489,3 +5489,128 @@ async def test_older_pages_search_and_deletes_with_redis(nodes: Any, connect: Co
     assert (await moderate(writer, "delete", id=ids[7]))["ok"], "one's own message"
     assert (await reader.next("deleted"))["id"] == ids[7]
     assert (await reader.sio.call("search", {"q": "tickets"}, timeout=10))["results"] == []
+
+
+# ---------------------------------------------------------------- private rooms: end-to-end encrypted
+
+
+def envelope(size: int = 40) -> str:
+    """An e2e:v1 body as a page makes it (the server cannot tell it from random bytes, nor should it)."""
+    return chat.ENVELOPE_PREFIX + base64.b64encode(os.urandom(size)).decode()
+
+
+async def test_an_envelope_makes_a_room_private_and_each_kind_of_room_refuses_the_other(
+        start_chat: StartChat, connect: Connect) -> None:
+    url = await start_chat(rate=0)  # the keyword bot, answering everything
+    peer = await connect(url)
+    ack = await peer.join("secret", user="Ann")
+    sealed = envelope()
+    assert (await peer.say(sealed, user="Ann"))["ok"]
+    assert (await peer.next("newmessage"))["body"] == sealed, "stored and sent as it came"
+    refused = await peer.say("plain words", user="Ann")
+    assert (refused["ok"], refused["code"]) == (False, "room_private")
+    assert (await peer.join("secret", user="Ann"))["private"] is True and ack["private"] is False
+    for bad, code in ((chat.ENVELOPE_PREFIX + "not*base64", "bad_envelope"), ("e2e:v9:AAAA", "bad_envelope"),
+                      (envelope(4 * 2000 + 100), "too_long")):
+        assert (await peer.say(bad, user="Ann"))["code"] == code
+    assert (await peer.say(envelope(4 * 2000 + 28), user="Ann"))["ok"], "the longest message fits"
+    assert (await peer.sio.call("search", {"q": sealed[10:20]}, timeout=10))["results"] == [], "not searched"
+    await peer.join("lobby", user="Ann")
+    await peer.say("hello, plain room", user="Ann")
+    assert (await peer.next("botmessage"))["body"] == "Hello, Ann!"
+    assert peer.pending("botmessage") == [], "the bot never answered an envelope"
+    assert (await peer.say(envelope(), user="Ann"))["code"] == "room_not_private"
+
+
+@pytest.mark.browser
+async def test_two_pages_with_the_invite_link_talk_and_nobody_else_reads_a_word(
+        start_chat: StartChat, open_page: OpenPage, connect: Connect, tmp_path: Path) -> None:
+    require(CLIENT_JS.is_file(), "the npm package socket.io-client")
+    db = tmp_path / "e2e.db"
+    page_url = await start_chat(client_js=CLIENT_JS, rate=0, db=db)
+    ann = await open_page(page_url)
+    await ann.page.get_by_role("button", name="New private room").click()
+    link = await ann.page.get_by_label("Invite link").input_value()
+    room = re.search(r"room=([a-z0-9-]+)#k=", link).group(1)  # type: ignore[union-attr]
+    observer = await connect(page_url)
+    await observer.join(room)
+    await ann.send("Ann", "MARKER-ann hello @Bob")
+    bob = await open_page(link, path="")
+    await bob.message("MARKER-ann hello @Bob").wait_for()
+    await bob.send("Bob", "MARKER-bob hi Ann")
+    await ann.message("MARKER-bob hi Ann").wait_for()
+    await ann.send("Ann", "MARKER-ann @Bob, see this?")
+    await bob.page.locator("#messages li.mentions-me").filter(has_text="see this?").wait_for()  # decrypted text
+    seen = [m["body"] for m in await observer.take("newmessage", 3)]
+    assert all(b.startswith("e2e:v1:") and "MARKER" not in b for b in seen), "the server sees envelopes only"
+    assert observer.pending("botmessage") == [], "the bot stays silent"
+    eve = await open_page(link.split("#")[0], path="")
+    await eve.page.locator("#banner").filter(has_text="Ask for the invite link").wait_for()
+    assert "MARKER" not in (await eve.page.locator("#messages").text_content() or "")
+    await eve.send("Eve", "plain words in a private room")
+    await eve.page.locator("#messages li.failed").filter(has_text="is a private room").wait_for()
+    wrong = await open_page(link[:-6] + "AAAAAA", path="")
+    await wrong.page.locator("#messages li.undecryptable").filter(has_text="cannot decrypt").first.wait_for()
+    await wrong.send("Mal", "the page still works")
+    await bob.page.reload()
+    await bob.message("MARKER-ann hello @Bob").wait_for()
+    own = bob.page.locator("#messages li.message.mine").filter(has_text="MARKER-bob hi Ann")
+    await own.get_by_role("button", name=re.compile("Delete")).click()
+    await ann.page.locator("#messages li.deleted").wait_for()
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("e2e.db"))
+    assert b"MARKER" not in raw and raw.count(b"e2e:v1:") >= 1, "the file holds envelopes, never the words"
+
+
+@pytest.mark.browser
+@pytest.mark.redis
+async def test_a_private_room_reads_the_same_on_another_node_and_redis_holds_no_words(
+        nodes: Any, redis_server: RedisServer, open_page: OpenPage) -> None:
+    require(CLIENT_JS.is_file(), "the npm package socket.io-client")
+    _, url_a = nodes("--client-js", str(CLIENT_JS))
+    _, url_b = nodes("--client-js", str(CLIENT_JS))
+    ann = await open_page(url_a)
+    await ann.page.get_by_role("button", name="New private room").click()
+    link = await ann.page.get_by_label("Invite link").input_value()
+    await ann.send("Ann", "MARKER across nodes")
+    await ann.message("MARKER across nodes").wait_for()
+    bob = await open_page(link.replace(url_a, url_b), path="")
+    await bob.message("MARKER across nodes").wait_for()
+    import redis.asyncio as aioredis
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        stored = []
+        async for key in client.scan_iter():
+            kind = (await client.type(key)).decode()
+            value = {"string": client.get, "list": lambda k: client.lrange(k, 0, -1), "hash": client.hgetall,
+                     "zset": lambda k: client.zrange(k, 0, -1), "set": client.smembers}[kind](key)
+            stored.append(repr(await value))
+    finally:
+        await client.aclose()
+    assert any("e2e:v1:" in v for v in stored) and not any("MARKER" in v for v in stored)
+
+
+@pytest.mark.slow
+async def test_private_room_history_decrypts_after_a_restart_with_db(tmp_path: Path, open_page: OpenPage) -> None:
+    require(CLIENT_JS.is_file(), "the npm package socket.io-client")
+    port, db = free_port(), tmp_path / "chat.db"
+    args = ("--port", str(port), "--db", str(db), "--client-js", str(CLIENT_JS))
+    first = ChatProcess(*args)
+    try:
+        url = first.wait_ready()
+        ann = await open_page(url)
+        ann.expected_network_errors = True  # it reconnects through the restart
+        await ann.page.get_by_role("button", name="New private room").click()
+        link = await ann.page.get_by_label("Invite link").input_value()
+        await ann.send("Ann", "kept, encrypted")
+        await ann.message("kept, encrypted").wait_for()
+    finally:
+        assert first.stop()[0] == 0
+    second = ChatProcess(*args)
+    try:
+        second.wait_ready()
+        bob = await open_page(link, path="")
+        await bob.message("kept, encrypted").wait_for()
+        await bob.send("Bob", "plain after the restart?")
+        await bob.message("plain after the restart?").wait_for()  # sealed too: the room is still private
+    finally:
+        assert second.stop()[0] == 0
