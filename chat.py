@@ -21,16 +21,19 @@ Sections, in order, each under a ``# ----`` banner:
 3. settings and command line -- ``Settings`` holds every default once;
 4. message model and validation -- ``Message`` and the ``clean_*`` checks;
 5. the chat hub: Socket.IO event handlers -- ``ChatHub.on_newmessage``,
-   ``on_join`` and ``on_typing`` are the protocol (see the README's table);
+   ``on_join`` and the rest are the protocol (see the README's table), with
+   ``Refusals``, ``HistoryBrowser`` (history pages, search) and ``BotReplies``;
 6. admission: rates, caps and passwords;
-7. rooms: presence and typing (in memory, or shared through Redis);
-8. stores (history): memory, SQLite (``--db``) or Redis (``--redis``);
-9. bots: keyword rules, Rasa, any OpenAI-compatible server;
-10. web: aiohttp routes, headers and connection guards;
-11. embedded assets: the page's HTML, CSS and JavaScript;
-12. library internals -- every use of a library's private names, with why
+7. people: names held and private messages;
+8. moderation: a host who can act -- ``Sanctions`` (bans, mutes, locks) and ``Moderation``;
+9. rooms: presence, typing and private (end-to-end encrypted) rooms;
+10. stores (history): memory, SQLite (``--db``) or Redis (``--redis``);
+11. bots: keyword rules, Rasa, any OpenAI-compatible server;
+12. web: aiohttp routes, headers and connection guards;
+13. embedded assets: the page's HTML, CSS and JavaScript;
+14. library internals -- every use of a library's private names, with why
     (the broadcast fast path and the lean WebSocket sessions live here);
-13. main() -- start-up, shutdown and the event loop.
+15. main() -- start-up, shutdown and the event loop.
 """
 
 from __future__ import annotations
@@ -2394,7 +2397,7 @@ class Moderation:
         return {"ok": True}
 
 
-# ---------------------------------------------------------------- rooms: presence and typing
+# ---------------------------------------------------------------- rooms: presence, typing and private rooms
 
 
 PRESENCE_DEBOUNCE = 0.25  # seconds: watchers coming and going are told to the room at most this often

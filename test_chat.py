@@ -464,6 +464,15 @@ async def test_default_page_loads_the_pinned_client_from_the_cdn_with_integrity(
 # ---------------------------------------------------------------- command line and process
 
 
+def test_the_module_docstring_maps_the_sections_in_order() -> None:
+    source = (HERE / "chat.py").read_text()
+    listed = [re.split(r" --|;|,$", item)[0].strip() for item in re.findall(r"^\d+\. (.+)$", chat.__doc__ or "", re.M)]
+    banners = re.findall(r"^# -{20,} (.+)$", source, re.M)
+    assert len(listed) == len(banners) == 15
+    for item, banner in zip(listed, banners, strict=True):
+        assert banner.startswith(item.split(" (")[0].split(":")[0]), (item, banner)
+
+
 def test_the_page_script_parses_and_has_no_duplicate_handlers(tmp_path: Path) -> None:
     node = shutil.which("node")
     require(node is not None, "Node.js")
@@ -5544,6 +5553,10 @@ async def test_two_pages_with_the_invite_link_talk_and_nobody_else_reads_a_word(
     seen = [m["body"] for m in await observer.take("newmessage", 3)]
     assert all(b.startswith("e2e:v1:") and "MARKER" not in b for b in seen), "the server sees envelopes only"
     assert observer.pending("botmessage") == [], "the bot stays silent"
+    replayed = await observer.say(seen[0], user="Mallory", cid="replay-1")  # Ann's envelope under another name
+    assert replayed["ok"]
+    await bob.page.locator("#messages li.undecryptable").filter(has_text="cannot decrypt").wait_for()
+    assert await bob.page.locator("#messages li.message").filter(has_text="MARKER-ann hello").count() == 1
     eve = await open_page(link.split("#")[0], path="")
     await eve.page.locator("#banner").filter(has_text="Ask for the invite link").wait_for()
     assert "MARKER" not in (await eve.page.locator("#messages").text_content() or "")
