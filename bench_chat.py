@@ -1008,6 +1008,9 @@ async def redis_scaling(workdir: Path, clients_n: int, seconds: float, steps: in
         await asyncio.sleep(0.3)
         for label, count in (("one node, no Redis", 0), ("one node + Redis", 1), ("two nodes + Redis", 2)):
             progress(f"scale-out: {label}")
+            # each setup starts from an empty Redis: names the last setup's senders used are still held
+            # there (for chat.py's --name-grace), and a new connection may not take them
+            subprocess.run(["redis-cli", "-p", str(port), "flushall"], stdout=subprocess.DEVNULL, timeout=10, check=False)
             nodes = [Server("chat", workdir, ("--redis", url) if count else ()) for _ in range(max(count, 1))]
             for node in nodes:
                 await node.ready()
