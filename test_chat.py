@@ -5619,3 +5619,36 @@ async def test_private_room_history_decrypts_after_a_restart_with_db(tmp_path: P
         await bob.message("plain after the restart?").wait_for()  # sealed too: the room is still private
     finally:
         assert second.stop()[0] == 0
+
+
+async def test_under_load_frames_of_consecutive_iterations_share_one_write_and_a_quiet_server_never_waits() -> None:
+    from types import SimpleNamespace
+
+    class Recipient(SimpleNamespace):  # what the flusher uses of a LeanQueue
+        __hash__ = object.__hash__
+
+    def recipient() -> Any:
+        writes: list[bytes] = []
+        transport = SimpleNamespace(write=writes.append, get_write_buffer_size=lambda: 0)
+        return Recipient(sid="s", buffered=0, unwritten_bytes=0, finished=False, ending=False,
+                         transport=transport, open_transport=lambda: transport, writes=writes)
+
+    flusher = chat.FrameFlusher(max_bytes=1 << 20, overflow=lambda sid: None)
+    few = [recipient() for _ in range(3)]
+    for one in few:
+        flusher.push(one, b"quiet")
+    await asyncio.sleep(0)
+    assert [q.writes for q in few] == [[b"quiet"]] * 3, "written at the next iteration"
+    room = [recipient() for _ in range(chat.COALESCE_FANOUT)]
+    for one in room:
+        flusher.push(one, b"one")
+    await asyncio.sleep(0)
+    assert room[0].writes == [b"one"], "the first broadcast to many goes at once"
+    for one in room:
+        flusher.push(one, b"two")
+    await asyncio.sleep(0)
+    for one in room:
+        flusher.push(one, b"three")  # a later iteration, within the wait
+    assert room[0].writes == [b"one"], "under load the next flush waits"
+    await asyncio.sleep(chat.COALESCE_DELAY * 2)
+    assert room[0].writes == [b"one", b"twothree"], "two messages, one write"
