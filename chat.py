@@ -4260,6 +4260,95 @@ class ConnectionWatch:
                 transport.abort()
 
 
+class RequestGuards:
+    """The checks every HTTP request passes, one middleware each, in the order in_order() gives."""
+
+    def __init__(self, settings: Settings, admission: Admission, problems: ProblemLog) -> None:
+        self.settings = settings
+        self.admission = admission
+        self.problems = problems
+        self.local_names = {"localhost", "127.0.0.1", "::1", *settings.allow_hosts} \
+            if _is_loopback_host(settings.host) else None
+
+    def in_order(self) -> list[Any]:
+        return [self.note_started, self.only_local_names, self.same_origin, self.allowed_transport,
+                self.checked_polling_body, self.client_gone]
+
+    @web.middleware
+    async def note_started(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """For ConnectionWatch: this connection has sent a whole request's headers."""
+        if request.transport is not None:  # None once the client has gone
+            request.app[STARTED_REQUESTS].add(request.transport)
+        return await handler(request)
+
+    @web.middleware
+    async def only_local_names(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """DNS rebinding: on loopback, a web page whose name now points at 127.0.0.1 must not reach the chat."""
+        if self.local_names is not None and host_name(request.host) not in self.local_names:
+            self.problems.warn(f"refused a request for host {host_name(request.host)[:80]!r} from %s: "
+                               "chat.py listens on loopback; use --allow-host NAME to answer for that name",
+                               request.remote or "?")
+            raise web.HTTPMisdirectedRequest(text="chat.py does not answer for this host name (see --allow-host)\n")
+        return await handler(request)
+
+    @web.middleware
+    async def same_origin(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Cross-site WebSocket hijacking: only pages from this server's origin (or --allow-origin) connect."""
+        origin = request.headers.get("Origin")
+        if origin and request.path.startswith("/socket.io/") and not self.admission.origin_allowed(origin, request):
+            self.problems.warn(f"refused a connection from a page on {origin[:100]!r} (from %s): not this "
+                               "server's origin; allow it with --allow-origin, or behind a proxy pass Host "
+                               "$http_host (and X-Forwarded-Proto/-Host with --trust-proxy)", request.remote or "?")
+            return web.json_response({"code": "origin_refused", "error": f"{origin} is not an accepted origin"},
+                                     status=403)
+        return await handler(request)
+
+    @web.middleware
+    async def allowed_transport(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """--transports: a refused transport is told which to use."""
+        transports = self.settings.transports
+        transport = request.query.get("transport") if request.path == "/socket.io/" else None
+        if transport is not None and transport not in transports:
+            self.problems.warn(f"refused a {transport[:20]!r} connection from %s: this server runs with "
+                               f"--transports {','.join(transports)} (clients need transports: {list(transports)})",
+                               request.remote or "?")
+            return web.json_response({"code": "transport_refused",
+                                      "error": f"this server accepts {' and '.join(transports)} only: connect "
+                                               f"with transports: [{', '.join(repr(t) for t in transports)}]"},
+                                     status=400)
+        return await handler(request)
+
+    @web.middleware
+    async def checked_polling_body(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """A long-polling POST: a length, at most the frame limit, read within REQUEST_DEADLINE, and
+        Engine.IO packets (python-engineio would read the body first, then hang disconnecting the sender)."""
+        if request.method == "POST" and request.path.startswith("/socket.io/"):
+            limit = self.settings.frame_limit
+            if request.content_length is None:
+                raise web.HTTPLengthRequired(text="a Content-Length is required\n")
+            if request.content_length > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+            try:
+                body = await asyncio.wait_for(request.read(), REQUEST_DEADLINE)
+            except asyncio.TimeoutError:
+                self.problems.warn(f"closed a request from %s: its body took over {REQUEST_DEADLINE} s",
+                                   request.remote or "?")
+                raise web.HTTPRequestTimeout() from None
+            problem = check_polling_payload(body)
+            if problem is not None:
+                self.problems.warn(f"refused {problem} from %s", request.remote or "?")
+                raise web.HTTPBadRequest(text="not Engine.IO packets\n")
+            request[CHECKED_BODY] = body
+        return await handler(request)
+
+    @web.middleware
+    async def client_gone(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ConnectionResetError:  # the client left mid-request (say, a reload during an upgrade)
+            raise web.HTTPBadRequest() from None
+
+
 def build_app(settings: Settings, hub: ChatHub) -> web.Application:
     """The aiohttp application: page, assets, health check and the Socket.IO endpoint."""
     page = render_page(settings).encode()
@@ -4280,60 +4369,7 @@ def build_app(settings: Settings, hub: ChatHub) -> web.Application:
             "messages": hub.messages_sent, "uptime_s": round(time.monotonic() - hub.started, 1),
             "bot": settings.bot, "version": __version__})
 
-    problems = hub.problems
-    local_names = {"localhost", "127.0.0.1", "::1", *settings.allow_hosts} if _is_loopback_host(settings.host) \
-        else None
-
-    @web.middleware
-    async def guard_requests(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.transport is not None:  # None once the client has gone
-            request.app[STARTED_REQUESTS].add(request.transport)
-        if local_names is not None and host_name(request.host) not in local_names:
-            # DNS rebinding: a web page whose name now points at 127.0.0.1 must not reach the chat.
-            problems.warn(f"refused a request for host {host_name(request.host)[:80]!r} from %s: "
-                          "chat.py listens on loopback; use --allow-host NAME to answer for that name",
-                          request.remote or "?")
-            raise web.HTTPMisdirectedRequest(text="chat.py does not answer for this host name "
-                                                  "(see --allow-host)\n")
-        origin = request.headers.get("Origin")
-        if origin and request.path.startswith("/socket.io/") and not hub.admission.origin_allowed(origin, request):
-            problems.warn(f"refused a connection from a page on {origin[:100]!r} (from %s): not this server's "
-                          "origin; allow it with --allow-origin, or behind a proxy pass Host $http_host "
-                          "(and X-Forwarded-Proto/-Host with --trust-proxy)", request.remote or "?")
-            return web.json_response({"code": "origin_refused", "error": f"{origin} is not an accepted origin"},
-                                     status=403)
-        transport = request.query.get("transport") if request.path == "/socket.io/" else None
-        if transport is not None and transport not in settings.transports:
-            only = " and ".join(settings.transports)
-            problems.warn(f"refused a {transport[:20]!r} connection from %s: this server runs with --transports "
-                          f"{','.join(settings.transports)} (clients need transports: {list(settings.transports)})",
-                          request.remote or "?")
-            return web.json_response({"code": "transport_refused",
-                                      "error": f"this server accepts {only} only: connect with "
-                                               f"transports: [{', '.join(repr(t) for t in settings.transports)}]"},
-                                     status=400)
-        if request.method == "POST" and request.path.startswith("/socket.io/"):  # long-polling sends
-            if request.content_length is None:
-                raise web.HTTPLengthRequired(text="a Content-Length is required\n")
-            # python-engineio would read the body first, then hang disconnecting the sender.
-            if request.content_length > settings.frame_limit:
-                raise web.HTTPRequestEntityTooLarge(max_size=settings.frame_limit,
-                                                    actual_size=request.content_length)
-            try:
-                body = await asyncio.wait_for(request.read(), REQUEST_DEADLINE)
-            except asyncio.TimeoutError:
-                problems.warn(f"closed a request from %s: its body took over {REQUEST_DEADLINE} s",
-                              request.remote or "?")
-                raise web.HTTPRequestTimeout() from None
-            problem = check_polling_payload(body)
-            if problem is not None:
-                problems.warn(f"refused {problem} from %s", request.remote or "?")
-                raise web.HTTPBadRequest(text="not Engine.IO packets\n")
-            request[CHECKED_BODY] = body
-        try:
-            return await handler(request)
-        except ConnectionResetError:  # the client left mid-request (say, a reload during an upgrade)
-            raise web.HTTPBadRequest() from None
+    guards = RequestGuards(settings, hub.admission, hub.problems)
 
     async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
         headers = response.headers
@@ -4345,7 +4381,7 @@ def build_app(settings: Settings, hub: ChatHub) -> web.Application:
             headers.setdefault("Content-Security-Policy", csp)
             headers.setdefault("X-Frame-Options", "DENY")
 
-    app = web.Application(client_max_size=settings.frame_limit, middlewares=[guard_requests])
+    app = web.Application(client_max_size=settings.frame_limit, middlewares=guards.in_order())
     app[STARTED_REQUESTS] = weakref.WeakSet()
     if settings.static is None:
         app.router.add_get("/", static(page, "text/html"))
@@ -7032,8 +7068,17 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
     `client_note` says, in the banner, why the browser client is not served from here.
     """
     stop = stop or asyncio.Event()
+    async with contextlib.AsyncExitStack() as cleanup:  # the shutdown, written once: in reverse order of start
+        await _serve(settings, ready, stop, client_note, cleanup)
+
+
+async def _serve(settings: Settings, ready: asyncio.Future[str] | None, stop: asyncio.Event, client_note: str,
+                 cleanup: contextlib.AsyncExitStack) -> None:
     shared = await connect_redis(settings) if settings.redis else None
+    if shared:
+        cleanup.push_async_callback(shared.close)
     store: Store = shared.store if shared else make_store(settings)
+    cleanup.push_async_callback(store.close)
     try:
         await store.open()
     except StoreError as exc:
@@ -7041,17 +7086,20 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
     except (sqlite3.Error, OSError) as exc:
         raise StartupError(f"cannot open the database {settings.db}: {exc}") from None
     sanctions = make_sanctions(settings, shared)
+    cleanup.push_async_callback(sanctions.close)
     try:
         await sanctions.open()
     except (StoreError, RedisDown) as exc:
         raise StartupError(f"cannot read the bans and mutes: {exc or 'Redis is unreachable'}") from None
     bot = make_bot(settings)
+    cleanup.push_async_callback(bot.close)
     await bot.open()
     problems = ProblemLog()  # one limit on the log for everything a client can make chat.py say
     hub = ChatHub(settings, store, bot, board=shared.board if shared else None,
                   manager=shared.manager if shared else None, holds=shared.holds if shared else None,
                   sanctions=sanctions, problems=problems, tasks=Tasks())
     hub.holds.restore(sanctions.of_kind("hold"))
+    cleanup.push_async_callback(_keep_holds, hub.holds, sanctions)
     app = build_app(settings, hub)
     try:
         ssl_context = tls_context(settings)
@@ -7061,18 +7109,17 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5,
                            keepalive_timeout=IDLE_KEEPALIVE)
     await runner.setup()
+    cleanup.push_async_callback(runner.cleanup)
     site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
     try:
         await site.start()
     except OSError as exc:
-        await runner.cleanup()
-        await bot.close()
-        await store.close()
         if exc.errno == errno.EADDRINUSE:
             raise StartupError(f"port {settings.port} is in use; try --port {settings.port + 1}") from None
         if exc.errno == errno.EACCES:
             raise StartupError(f"not allowed to listen on port {settings.port}; try a port above 1023") from None
         raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+    cleanup.push_async_callback(hub.close)
     addresses = runner.addresses  # the real port when --port 0
     port = addresses[0][1] if addresses else settings.port
     scheme = "https" if ssl_context else "http"
@@ -7090,27 +7137,21 @@ async def serve(settings: Settings, ready: asyncio.Future[str] | None = None,
     if ready is not None:
         ready.set_result(url)
     asyncio.get_running_loop().set_exception_handler(SocketShortage(problems, open_files).handle)
-    background = [asyncio.create_task(warn_if_bot_unreachable(bot, settings)),
-                  asyncio.create_task(ConnectionWatch(runner, app, problems, open_files, capacity).run())]
-    background.append(asyncio.create_task(sanctions.watch()))
+    background = Tasks()
+    cleanup.callback(background.cancel)
+    background.spawn(warn_if_bot_unreachable(bot, settings))
+    background.spawn(ConnectionWatch(runner, app, problems, open_files, capacity).run())
+    background.spawn(sanctions.watch())
     if shared:
-        background.append(asyncio.create_task(hub.presence.heartbeat(hub.rooms_in_use, settings.presence_ttl / 3)))
-        background.append(asyncio.create_task(shared.store.hold_slot()))
-        background.append(asyncio.create_task(shared.holds.keep(settings.presence_ttl / 3)))
-    try:
-        await stop.wait()
-    finally:
-        for task in background:
-            task.cancel()
-        await hub.close()
-        await runner.cleanup()
-        await bot.close()
-        await store.close()
-        with contextlib.suppress(StoreError):
-            await hub.holds.save(sanctions)
-        await sanctions.close()
-        if shared:
-            await shared.close()
+        background.spawn(hub.presence.heartbeat(hub.rooms_in_use, settings.presence_ttl / 3))
+        background.spawn(shared.store.hold_slot())
+        background.spawn(shared.holds.keep(settings.presence_ttl / 3))
+    await stop.wait()
+
+
+async def _keep_holds(holds: NameHolds, sanctions: Sanctions) -> None:
+    with contextlib.suppress(StoreError):
+        await holds.save(sanctions)
 
 
 async def warn_if_bot_unreachable(bot: Bot, settings: Settings) -> None:
