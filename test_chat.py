@@ -1486,15 +1486,15 @@ def private_envs(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.name.startswith("env-")) if root.exists() else []
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_readme_first_command_serves_the_chat_on_the_distributions_python(tmp_path: Path) -> None:
+def readme_first_run(tmp_path: Path, **extra_env: str) -> tuple[list[str], dict[str, str], Path, str]:
+    """The README's first command, in an empty home on the distribution's python3, until the page and
+    /healthz answer; returns the command, its environment, its directory and what it wrote to stderr."""
     require_bare_system_python()
     command = shlex.split(readme_quick_start()[0])
     work = tmp_path / "work"
     work.mkdir()
     shutil.copy(HERE / "chat.py", work)
-    env = clean_env(tmp_path / "home", PORT=str(free_port()))
+    env = clean_env(tmp_path / "home", PORT=str(free_port()), **extra_env)
     first = ChatProcess(command=command, env=env, clean_env=True, cwd=work)
     try:
         url = first.wait_ready(timeout=300)
@@ -1504,11 +1504,12 @@ def test_readme_first_command_serves_the_chat_on_the_distributions_python(tmp_pa
             assert json.loads(response.read())["status"] == "ok"
     finally:
         _, _, err = first.stop()
-    assert "chat.py: first run: installing python-socketio 5.18, python-engineio 4.15, aiohttp 3.14" in err
     assert "Traceback" not in err
-    envs = private_envs(tmp_path / "home" / ".cache" / "chat.py")
-    assert len(envs) == 1 and envs[0].startswith("env-py3.")
+    return command, env, work, err
 
+
+def readme_second_run(command: list[str], env: dict[str, str], work: Path) -> str:
+    """The same command again: it starts at once, installing nothing; returns its stderr."""
     second = ChatProcess(command=command, env=env, clean_env=True, cwd=work)
     try:
         url = second.wait_ready(timeout=30)
@@ -1517,6 +1518,17 @@ def test_readme_first_command_serves_the_chat_on_the_distributions_python(tmp_pa
     finally:
         _, _, err = second.stop()
     assert "first run" not in err and "Collecting" not in err
+    return err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_readme_first_command_serves_the_chat_on_the_distributions_python(tmp_path: Path) -> None:
+    command, env, work, err = readme_first_run(tmp_path)
+    assert "chat.py: first run: installing python-socketio 5.18, python-engineio 4.15, aiohttp 3.14" in err
+    envs = private_envs(tmp_path / "home" / ".cache" / "chat.py")
+    assert len(envs) == 1 and envs[0].startswith("env-py3.")
+    readme_second_run(command, env, work)
     assert private_envs(tmp_path / "home" / ".cache" / "chat.py") == envs
 
 
@@ -1568,33 +1580,15 @@ def hide_ensurepip(tmp_path: Path) -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_readme_first_command_works_on_a_python3_without_ensurepip(tmp_path: Path) -> None:
-    require_bare_system_python()
-    command = shlex.split(readme_quick_start()[0])
-    work = tmp_path / "work"
-    work.mkdir()
-    shutil.copy(HERE / "chat.py", work)
-    env = clean_env(tmp_path / "home", PORT=str(free_port()), PYTHONPATH=hide_ensurepip(tmp_path))
-    first = ChatProcess(command=command, env=env, clean_env=True, cwd=work)
-    try:
-        url = first.wait_ready(timeout=300)
-        with urllib.request.urlopen(url, timeout=10) as response:
-            assert b"<title>" in response.read()
-    finally:
-        _, _, err = first.stop()
+    command, env, work, err = readme_first_run(tmp_path, PYTHONPATH=hide_ensurepip(tmp_path))
     assert f"this python3 has no ensurepip, so pip {chat.PIP_WHEEL[0]} comes from the package index" in err
-    assert "Traceback" not in err
     root = tmp_path / "home" / ".cache" / "chat.py"
     (env_dir,) = [p for p in root.iterdir() if p.name.startswith("env-")]
     assert (env_dir / "bin" / "pip").read_text().splitlines()[0] == f"#!{env_dir}/bin/python", \
         "the environment's scripts name the environment itself, not a temporary directory"
     assert str(env_dir) in (env_dir / "pyvenv.cfg").read_text()
     assert not list(env_dir.glob("*.whl")), "the downloaded wheel is not left behind"
-    second = ChatProcess(command=command, env=env, clean_env=True, cwd=work)
-    try:
-        second.wait_ready(timeout=30)
-    finally:
-        _, _, err = second.stop()
-    assert "first run" not in err
+    readme_second_run(command, env, work)
 
 
 def fake_index(wheel: bytes, published: str | None, form: str) -> LoopbackFiles:
