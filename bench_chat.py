@@ -634,7 +634,10 @@ async def fanout(server: Server, clients_n: int, seconds: float, steps: int,
     clients = []
     for i in range(len(nodes)):
         clients += await open_clients(nodes[i], stats, clients_n // len(nodes))
-    clients = [clients[(i % len(nodes)) * (clients_n // len(nodes)) + i // len(nodes)] for i in range(len(clients))]
+    # interleave the nodes' clients (a0, b0, a1, b1, ...): the first ten are the senders, so they are
+    # spread over the nodes, and so are the one-in-50 latency samplers
+    per_node = clients_n // len(nodes)
+    clients = [clients[(i % len(nodes)) * per_node + i // len(nodes)] for i in range(len(clients))]
     for i, client in enumerate(clients):
         if i % 50:  # one client in 50 reads every frame and samples latency; the others only count
             client.count_only()
@@ -1037,7 +1040,22 @@ def fmt(value: float, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
-async def main() -> int:
+@dataclass(frozen=True)
+class Plan:
+    """What one run of the benchmark measures, and how long each measurement takes."""
+
+    kinds: list[str]          # servers: chat, node, floor, limit
+    workloads: list[str]      # startup, fanout, idle, slow, redis, attacks
+    sizes: list[int]          # fan-out client counts
+    seconds: float            # per offered-rate step
+    steps: int                # rate steps per ramp (doubling, then bisecting)
+    idle_n: int               # idle connections
+    flood: int                # messages for the slow consumer
+    runs: int                 # each fan-out and idle point measured this many times (the median is kept)
+    startup_tries: int
+
+
+def parse_plan() -> tuple[Plan, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a shorter run (under a minute)")
     parser.add_argument("--smoke", action="store_true", help="with --quick: seconds, just to check it works")
@@ -1054,10 +1072,6 @@ async def main() -> int:
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be 1 or more")
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if PIN:
-        os.sched_setaffinity(0, {1})
     if args.smoke:
         sizes, seconds, steps, idle_n, flood = [20], 0.5, 2, 100, 500
     elif args.quick:
@@ -1073,13 +1087,85 @@ async def main() -> int:
     if args.sizes:
         sizes = [int(n) for n in args.sizes.split(",")]
     CHAT_ARGS.extend(args.chat_args.split())
+    plan = Plan(kinds, args.workloads.split(","), sizes, seconds, steps, idle_n, flood, args.runs,
+                1 if args.smoke else 3)
+    return plan, args
+
+
+async def started(kind: str, workdir: Path, extra: tuple[str, ...] = ()) -> Server:
+    server = Server(kind, workdir, extra)
+    await server.ready()
+    return server
+
+
+def run_label(run: int, plan: Plan) -> str:
+    return f", run {run + 1} of {plan.runs}" if plan.runs > 1 else ""
+
+
+async def measure_startup(plan: Plan, workdir: Path) -> dict[str, float]:
+    """Seconds from start to a served page, the median of a few starts, per server."""
+    progress("start-up")
+    out = {}
+    for kind in plan.kinds:
+        times = []
+        for _ in range(plan.startup_tries * plan.runs):
+            server = Server(kind, workdir)
+            times.append(await server.ready())
+            server.stop()
+        out[kind] = statistics.median(times)
+    return out
+
+
+async def measure_fanout(plan: Plan, workdir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Each (server, size) point measured plan.runs times, the runs of one point interleaved across
+    servers (so that a slow moment of the machine does not fall on one server only); the median kept."""
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for run in range(plan.runs):
+        for size in plan.sizes:
+            for kind in plan.kinds:
+                progress(f"fan-out: {kind}, {size} clients" + run_label(run, plan))
+                server = await started(kind, workdir)
+                runs.setdefault((kind, size), []).append(await fanout(server, size, plan.seconds, plan.steps))
+                server.stop()
+    return {kind: [median_run(runs[kind, size], lambda r: r["best"]["new_per_s"],
+                              {"new_per_s": lambda r: r["best"]["new_per_s"],
+                               "p99_half_ms": lambda r: r["half"]["p99_ms"]})
+                   for size in plan.sizes] for kind in plan.kinds}
+
+
+async def measure_idle(plan: Plan, workdir: Path, kind: str) -> dict[str, Any]:
+    idle_runs = []
+    for run in range(plan.runs):
+        progress(f"idle capacity: {kind}, {plan.idle_n} connections" + run_label(run, plan))
+        server = await started(kind, workdir)
+        idle_runs.append(await idle(server, plan.idle_n))
+        server.stop()
+    return median_run(idle_runs, lambda r: r["rss_kb_per_conn"],
+                      {"rss_kb_per_conn": lambda r: r["rss_kb_per_conn"], "broadcast_ms": lambda r: r["broadcast_ms"]})
+
+
+async def measure_slow(plan: Plan, workdir: Path, kind: str) -> dict[str, Any]:
+    progress(f"slow consumer: {kind}, {plan.flood} messages")
+    server = await started(kind, workdir, ("--bot", "off") if kind == "chat" else ())
+    result = await slow_consumer(server, plan.flood)
+    server.stop()
+    return result
+
+
+async def main() -> int:
+    plan, args = parse_plan()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if PIN:
+        os.sched_setaffinity(0, {1})
     print(f"bench_chat.py: Python {sys.version.split()[0]}, {CORES} cores; "
           + ("servers pinned to core 0, load generator to core 1" if PIN else
              "NOT pinned (one core, or no taskset): server and load generator share the CPU"))
     print("chat.py runs as shipped (keyword bot on, validation, history) except --rate 0 so ten senders can "
           "saturate it; clients offer permessage-deflate like browsers.")
     results: dict[str, Any] = {"python": sys.version.split()[0], "cores": CORES, "pinned": PIN,
-                               "versions": versions(kinds), "runs": args.runs}
+                               "versions": versions(plan.kinds), "runs": plan.runs}
+    work = plan.workloads
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         if args.memory_profile:
@@ -1089,57 +1175,16 @@ async def main() -> int:
             if args.json:
                 args.json.write_text(json.dumps(results, indent=2))
             return 0
-        # start-up
-        work = args.workloads.split(",")
-        results["startup"] = {}
-        progress("start-up")
-        for kind in kinds if "startup" in work else []:
-            times = []
-            for _ in range((1 if args.smoke else 3) * args.runs):
-                server = Server(kind, workdir)
-                times.append(await server.ready())
-                server.stop()
-            results["startup"][kind] = statistics.median(times)
-        # fan-out, each point measured --runs times, the runs of one point interleaved across servers
-        fanout_runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
-        for run in range(args.runs):
-            for size in sizes if "fanout" in work else []:
-                for kind in kinds:
-                    progress(f"fan-out: {kind}, {size} clients" + (f", run {run + 1} of {args.runs}" if args.runs > 1 else ""))
-                    server = Server(kind, workdir)
-                    await server.ready()
-                    fanout_runs.setdefault((kind, size), []).append(await fanout(server, size, seconds, steps))
-                    server.stop()
-        results["fanout"] = {kind: [median_run(fanout_runs[kind, size], lambda r: r["best"]["new_per_s"],
-                                               {"new_per_s": lambda r: r["best"]["new_per_s"],
-                                                "p99_half_ms": lambda r: r["half"]["p99_ms"]})
-                                    for size in sizes if (kind, size) in fanout_runs] for kind in kinds}
-        # idle capacity and slow consumer
-        results["idle"], results["slow"] = {}, {}
-        for kind in kinds:
-            if "idle" in work:
-                idle_runs = []
-                for run in range(args.runs):
-                    progress(f"idle capacity: {kind}, {idle_n} connections"
-                             + (f", run {run + 1} of {args.runs}" if args.runs > 1 else ""))
-                    server = Server(kind, workdir)
-                    await server.ready()
-                    idle_runs.append(await idle(server, idle_n))
-                    server.stop()
-                results["idle"][kind] = median_run(idle_runs, lambda r: r["rss_kb_per_conn"],
-                                                   {"rss_kb_per_conn": lambda r: r["rss_kb_per_conn"],
-                                                    "broadcast_ms": lambda r: r["broadcast_ms"]})
-            if kind != "limit" and "slow" in work:
-                progress(f"slow consumer: {kind}, {flood} messages")
-                server = Server(kind, workdir, ("--bot", "off") if kind == "chat" else ())
-                await server.ready()
-                results["slow"][kind] = await slow_consumer(server, flood)
-                server.stop()
+        results["startup"] = await measure_startup(plan, workdir) if "startup" in work else {}
+        results["fanout"] = await measure_fanout(plan, workdir) if "fanout" in work else {k: [] for k in plan.kinds}
+        results["idle"] = {k: await measure_idle(plan, workdir, k) for k in plan.kinds} if "idle" in work else {}
+        results["slow"] = {k: await measure_slow(plan, workdir, k) for k in plan.kinds
+                           if k != "limit"} if "slow" in work else {}
         if "redis" in work and shutil.which("redis-server"):
-            results["redis"] = await redis_scaling(workdir, max(sizes), seconds, steps)
+            results["redis"] = await redis_scaling(workdir, max(plan.sizes), plan.seconds, plan.steps)
         if "attacks" in work:
             results["attacks"] = await attacks(workdir)
-    report(results, kinds)
+    report(results, plan.kinds)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -7294,6 +7294,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         pass
+    finally:
+        # Closing the event loop put the signals back to their defaults: a second Ctrl-C or SIGTERM
+        # while the interpreter finishes (say, systemd's after ours) must not turn exit 0 into a kill.
+        for sig in stop_signals:
+            signal.signal(sig, signal.SIG_IGN)
     print("chat.py: stopped", flush=True)
     return 0
 

@@ -644,9 +644,21 @@ def test_ctrl_c_exits_0_without_a_traceback() -> None:
     proc = ChatProcess("--port", "0")
     proc.wait_ready()
     proc.proc.send_signal(signal.SIGINT)
+    proc.proc.wait(10)  # by itself: stop() would send SIGTERM to a process still shutting down
     code, _, err = proc.stop()
     assert code == 0
     assert "Traceback" not in err
+
+
+def test_a_second_signal_while_stopping_still_exits_0() -> None:
+    for _ in range(2):  # the window is short: twice
+        proc = ChatProcess("--port", "0")
+        proc.wait_ready()
+        proc.proc.send_signal(signal.SIGINT)
+        proc.stdout.wait_for("chat.py: stopped", 10)
+        proc.proc.send_signal(signal.SIGTERM)  # systemd's, or a second Ctrl-C, as the process finishes
+        code, _, err = proc.stop()
+        assert code == 0 and "Traceback" not in err
 
 
 def test_pep723_dependencies_equal_requirements_txt() -> None:
