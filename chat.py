@@ -3438,14 +3438,19 @@ class RedisStore:
             await self.ledger.wait(message.id, self.DELIVERY_WAIT)
         return message, bool(created)
 
-    async def _window(self, room: str) -> tuple[list[Message], int]:
-        async def read() -> tuple[list[Any], Any]:
+    async def _read(self, *commands: tuple[str, tuple[Any, ...]]) -> list[Any]:
+        """Several reads in one round trip (a pipeline, no transaction); RedisDown when Redis is away."""
+        async def read() -> list[Any]:
             async with self.client.pipeline(transaction=False) as pipe:
-                pipe.lrange(f"chat:history:{room}", 0, -1)
-                pipe.get(f"chat:evicted:{room}")
+                for name, args in commands:
+                    getattr(pipe, name)(*args)
                 return await pipe.execute()
 
-        raws, evicted = await self.health.call(read)
+        return await self.health.call(read)  # type: ignore[no-any-return]
+
+    async def _window(self, room: str) -> tuple[list[Message], int]:
+        raws, evicted = await self._read(("lrange", (f"chat:history:{room}", 0, -1)),
+                                         ("get", (f"chat:evicted:{room}",)))
         return [self._message(r) for r in raws], int(evicted or 0)
 
     async def recent(self, room: str, limit: int) -> list[Message]:
@@ -3494,14 +3499,9 @@ class RedisStore:
                                         [self.highest_id]))
 
     async def removed(self, room: str) -> tuple[list[int], int]:
-        async def read() -> tuple[list[Any], Any]:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.zrange(f"chat:removed:{room}", 0, -1)
-                pipe.get(f"chat:cleared:{room}")
-                return await pipe.execute()
-
         try:
-            ids, cleared = await self.health.call(read)
+            ids, cleared = await self._read(("zrange", (f"chat:removed:{room}", 0, -1)),
+                                            ("get", (f"chat:cleared:{room}",)))
         except RedisDown:
             return await self.local.removed(room)
         return [int(i) for i in ids], int(cleared or 0)
