@@ -3225,43 +3225,57 @@ class SqliteStore:
 
 
 REDIS_APPEND = """
-local cid = ARGV[1]
-if cid ~= '' then
-  local found = redis.call('HGET', KEYS[3], cid)
-  if found then return {0, found} end
-end
--- Ids from Redis are multiples of NODE_SLOTS; a node cut off from Redis uses the other residues.
-local step = tonumber(ARGV[8])
-local id = redis.call('INCRBY', KEYS[1], step)
-local floor = tonumber(ARGV[4])  -- the highest id this node has seen: Redis may have lost its counter
-if id <= floor then id = floor end
-if id % step ~= 0 or id <= floor then
-  id = id - id % step + step
-  redis.call('SET', KEYS[1], id)
-end
-local msg = '{"id":' .. id .. ',' .. string.sub(ARGV[3], 2)
-redis.call('PUBLISH', ARGV[7], ARGV[5] .. msg .. ARGV[6])  -- numbered and sent in one step: in id order
-redis.call('RPUSH', KEYS[2], msg)
-local limit = tonumber(ARGV[2])
-local excess = redis.call('LLEN', KEYS[2]) - limit
-if excess > 0 then
-  redis.call('SET', KEYS[5], cjson.decode(redis.call('LINDEX', KEYS[2], excess - 1))['id'])
-  redis.call('LTRIM', KEYS[2], excess, -1)
-end
-if cid ~= '' then
-  redis.call('HSET', KEYS[3], cid, msg)
-  redis.call('ZADD', KEYS[4], id, cid)
-  local over = redis.call('ZCARD', KEYS[4]) - limit * 2
-  if over > 0 then
-    local old = redis.call('ZRANGE', KEYS[4], 0, over - 1)
-    redis.call('HDEL', KEYS[3], unpack(old))
-    redis.call('ZREMRANGEBYRANK', KEYS[4], 0, over - 1)
+-- A batch of messages, in the order this node handled them: KEYS[1] the id counter, then four keys
+-- per message (the room's history, cid map, cid order, evicted-up-to); ARGV[1..5] the settings, then
+-- three values per message (cid, its fields as JSON without the id, the head of its batch entry).
+local limit, floor, step = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local results, published = {}, {}
+for i = 0, (#ARGV - 5) / 3 - 1 do
+  local cid, fields, head = ARGV[6 + i * 3], ARGV[7 + i * 3], ARGV[8 + i * 3]
+  local history, cids, order, evicted = KEYS[2 + i * 4], KEYS[3 + i * 4], KEYS[4 + i * 4], KEYS[5 + i * 4]
+  local found = cid ~= '' and redis.call('HGET', cids, cid)
+  if found then
+    table.insert(results, 0)
+    table.insert(results, found)
+  else
+    -- Ids from Redis are multiples of NODE_SLOTS; a node cut off from Redis uses the other residues.
+    local id = redis.call('INCRBY', KEYS[1], step)
+    if id <= floor then id = floor end  -- the highest id this node has seen: Redis may have lost its counter
+    if id % step ~= 0 or id <= floor then
+      id = id - id % step + step
+      redis.call('SET', KEYS[1], id)
+    end
+    local msg = '{"id":' .. id .. ',' .. string.sub(fields, 2)
+    table.insert(published, head .. msg .. '}')
+    redis.call('RPUSH', history, msg)
+    local excess = redis.call('LLEN', history) - limit
+    if excess > 0 then
+      redis.call('SET', evicted, cjson.decode(redis.call('LINDEX', history, excess - 1))['id'])
+      redis.call('LTRIM', history, excess, -1)
+    end
+    if cid ~= '' then
+      redis.call('HSET', cids, cid, msg)
+      redis.call('ZADD', order, id, cid)
+      local over = redis.call('ZCARD', order) - limit * 2
+      if over > 0 then
+        local old = redis.call('ZRANGE', order, 0, over - 1)
+        redis.call('HDEL', cids, unpack(old))
+        redis.call('ZREMRANGEBYRANK', order, 0, over - 1)
+      end
+    end
+    table.insert(results, 1)
+    table.insert(results, id)
   end
 end
-return {1, msg}
+if #published > 0 then  -- numbered and sent in one step: every node sees them in id order, as one batch
+  redis.call('PUBLISH', ARGV[4], ARGV[5] .. table.concat(published, ',') .. ']}')
+end
+return results
 """
 REDIS_CHANNEL = "chat.py"  # the pub/sub channel of every node's Socket.IO manager
 REDIS_STORE_HOST = "chat.py-store"  # the host_id of messages the store publishes: every node delivers them
+REDIS_BATCH_HEAD = json.dumps({"method": "emit", "host_id": REDIS_STORE_HOST})[:-1] + ', "batch": ['
+APPEND_BATCH = 200  # messages numbered and published by one script call at most
 NODE_SLOTS = 64  # Redis hands out multiples of 64; during an outage a node uses its own residue (1-63)
 REDIS_DELETE = """
 for _, raw in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
@@ -3331,12 +3345,67 @@ class DeliveryLedger:
             self.waiting.pop(message_id, None)
 
 
+class AppendBatches:
+    """The appends of one event-loop iteration, sent to Redis as one call of REDIS_APPEND.
+
+    Messages handled in the same iteration are numbered, kept and published together (one round
+    trip, one pub/sub message), so every node delivers them in one iteration and each recipient
+    gets them in one write. One call is in flight at a time: what arrives meanwhile is the next
+    batch, and a node's messages reach Redis in the order it handled them.
+    """
+
+    def __init__(self, script: Any, health: RedisHealth, history: int, highest_id: Callable[[], int]) -> None:
+        self.script = script
+        self.health = health
+        self.history = history
+        self.highest_id = highest_id
+        self.waiting: list[tuple[str, str, str, str, asyncio.Future[tuple[int, Any]]]] = []
+        self.sender: asyncio.Task[None] | None = None
+
+    def add(self, room: str, fields: str, cid: str | None, kind: str) -> asyncio.Future[tuple[int, Any]]:
+        """(1, the new id) or (0, the message stored earlier under this cid); RedisDown when Redis is away."""
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((room, fields, cid or "", kind, future))
+        if self.sender is None:
+            self.sender = asyncio.get_running_loop().create_task(self._send())
+        return future
+
+    async def _send(self) -> None:
+        try:
+            while self.waiting:
+                batch, self.waiting = self.waiting[:APPEND_BATCH], self.waiting[APPEND_BATCH:]
+                try:
+                    results = await self.health.call(self.script, *self._call(batch))
+                except Exception as exc:  # RedisDown, or a bug: never leave an append waiting for ever
+                    outcome: list[Any] = [exc] * len(batch)
+                else:
+                    outcome = [(results[2 * i], results[2 * i + 1]) for i in range(len(batch))]
+                for (*_, future), result in zip(batch, outcome, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self.sender = None
+
+    def _call(self, batch: list[tuple[str, str, str, str, Any]]) -> tuple[list[str], list[Any]]:
+        """REDIS_APPEND's keys and arguments for these messages."""
+        keys, args = ["chat:ids"], [self.history, self.highest_id(), NODE_SLOTS, REDIS_CHANNEL, REDIS_BATCH_HEAD]
+        for room, fields, cid, kind, _ in batch:
+            keys += [f"chat:history:{room}", f"chat:cids:{room}", f"chat:cid-order:{room}", f"chat:evicted:{room}"]
+            event = "botmessage" if kind == "bot" else "newmessage"
+            args += [cid, fields, json.dumps({"event": event, "room": room})[:-1] + ', "data": ']
+        return keys, args
+
+
 class RedisStore:
     """History and ids shared by every node through Redis.
 
-    One Lua script numbers a message (the next multiple of NODE_SLOTS), keeps it in the room's
-    capped list and a window of client ids (twice the history length) for de-duplication, and
-    publishes it to every node, all in one step, so that concurrent nodes cannot interleave and
+    One Lua script numbers each message of a batch (the next multiple of NODE_SLOTS), keeps it in
+    the room's capped list and a window of client ids (twice the history length) for de-duplication,
+    and publishes the batch to every node, all in one step, so that concurrent nodes cannot interleave and
     every node sees the messages in id order. The counter never goes back below an id this node
     has seen (a Redis restarted without persistence starts it over). While Redis is down, this node
     numbers and keeps messages in memory, after the highest id it has seen, using only ids whose
@@ -3357,7 +3426,7 @@ class RedisStore:
         self.ledger = DeliveryLedger()
         self.highest_id = 0
         self.epoch = ""
-        self._append = client.register_script(REDIS_APPEND)
+        self.batches = AppendBatches(client.register_script(REDIS_APPEND), health, history, lambda: self.highest_id)
         self._raise_ids = client.register_script(REDIS_RAISE_IDS)
         self._delete = client.register_script(REDIS_DELETE)
         self._clear = client.register_script(REDIS_CLEAR)
@@ -3418,25 +3487,19 @@ class RedisStore:
         fields = {"room": room, "user": user, "body": body, "ts": now_ms(), "kind": kind}
         if cid:
             fields["cid"] = cid
-        keys = ["chat:ids", f"chat:history:{room}", f"chat:cids:{room}", f"chat:cid-order:{room}",
-                f"chat:evicted:{room}"]
-        event = "botmessage" if kind == "bot" else "newmessage"
-        envelope = {"method": "emit", "event": event, "data": ["MSG"], "binary": False, "namespace": "/",
-                    "room": room, "skip_sid": None, "callback": None, "host_id": REDIS_STORE_HOST}
-        before, after = json.dumps(envelope).split('"MSG"')
         try:
-            created, raw = await self.health.call(self._append, keys, [
-                cid or "", self.history, json.dumps(fields), self.highest_id, before, after, REDIS_CHANNEL,
-                NODE_SLOTS])
+            created, value = await self.batches.add(room, json.dumps(fields), cid, kind)
         except RedisDown:
             self.local.continue_after(self.next_outage_id() - 1)
             message, created = await self.local.append(room, user, body, kind, cid)
             self.highest_id = max(self.highest_id, message.id)
             return message, created
-        message = self._message(raw)
-        if created:
-            await self.ledger.wait(message.id, self.DELIVERY_WAIT)
-        return message, bool(created)
+        if not created:
+            return self._message(value), False
+        message = Message(int(value), room, user, body, fields["ts"], kind, cid)
+        self.highest_id = max(self.highest_id, message.id)
+        await self.ledger.wait(message.id, self.DELIVERY_WAIT)
+        return message, True
 
     async def _read(self, *commands: tuple[str, tuple[Any, ...]]) -> list[Any]:
         """Several reads in one round trip (a pipeline, no transaction); RedisDown when Redis is away."""
@@ -6009,30 +6072,34 @@ PAGE_JS = r"""
 #
 # - engineio.AsyncServer._async["websocket"/"translate_request"]: EngineServer plugs in ChatWebSocket
 #   and hands python-engineio the polling POST body that guard_requests already read and checked.
-# - engineio.AsyncServer._handle_connect(environ, transport, jsonp_index), called before
-#   generate_id(): Engine.IO sessions counted per address, long-polling ones included.
+# - engineio.AsyncServer._handle_connect(environ, transport, jsonp_index), which passes its environ
+#   on to _trigger_event("connect", sid, environ): SessionCap counts Engine.IO sessions per address,
+#   long-polling ones included (the address travels in the request's environ).
 # - engineio.AsyncServer._trigger_event("disconnect", sid) and the ping task's target name
 #   AsyncSocket._send_ping (started through start_background_task by schedule_ping): a WebSocket
 #   session is pinged by the SharedPinger instead of a task, and a long-polling session's ping
 #   task is cancelled on close instead of holding the session for 25 s.
-# - engineio.AsyncSocket.__init__ taking its queue from server.create_queue() right after
-#   _handle_connect's generate_id(): a session that starts as a WebSocket gets a LeanQueue.
+# - engineio.AsyncSocket.__init__ taking its queue from server.create_queue(), called in
+#   _handle_connect before its first await: a session that starts as a WebSocket gets a LeanQueue
+#   (CONNECTING_OVER, a context variable of that request's task, carries the transport).
 # - engineio.AsyncSocket.queue / .connected / .upgraded / .closing / .closed / .last_ping /
 #   receive(pkt) / close(wait, abort, reason), its send() ending in `await self.queue.put(pkt)`,
 #   and _websocket_handler's loop (ChatWebSocket.serve_lean replaces it for fresh WebSockets,
 #   without the writer and wait tasks); poll(), which builds a long-polling response from one
 #   queue.get() and then get_nowait() until empty (PollBatchQueue).
 # - engineio.async_drivers.aiohttp.WebSocket.__call__ (copied in ChatWebSocket to choose
-#   compression and serve the lean session) and wait() (junk frames end the connection).
+#   compression and serve the lean session; a test checks what upstream's does, by behaviour, not
+#   by its source) and wait() (junk frames end the connection).
 # - asyncio.Queue.get()/put() ending in get_nowait()/put_nowait(): the queues' bounds and bookkeeping.
 # - socketio.AsyncServer._engineio_server_class(), _handle_eio_message(eio_sid, data),
 #   _handle_event_internal(server, sid, eio_sid, data, namespace, id), _handle_connect(eio_sid,
 #   namespace, data), _handle_eio_disconnect(eio_sid, reason) and .environ[eio_sid]: ChatServer
 #   (refused connects count as strikes, and warnings name the client's address).
-# - the message format of socketio.AsyncPubSubManager ({"method": "emit", "data": [...], "room",
-#   "namespace", "host_id", ...}) and its _thread() handling every emit whose host_id is not its
-#   own: RedisStore's Lua script publishes each message in that format under REDIS_STORE_HOST, so
-#   that every node, the storing one included, delivers it from the channel in id order.
+# - the message format of socketio.AsyncPubSubManager ({"method": "emit", "host_id", ...}) and its
+#   _thread() passing every emit whose host_id is not its own to _handle_emit(message): RedisStore's
+#   Lua script publishes each batch of messages as one such emit with a "batch" list under
+#   REDIS_STORE_HOST, and RedisFanoutManager._handle_emit delivers the list, so that every node,
+#   the storing one included, delivers them from the channel in id order, a batch in one iteration.
 # - socketio.AsyncRedisManager._publish(data), _redis_listen_with_retries(), _redis_connect() and
 #   .pubsub: RedisFanoutManager's outage handling.
 # - socketio's manager.eio_sid_from_sid(sid, namespace), behind engine_sid(): which Engine.IO
@@ -6494,13 +6561,123 @@ class CompressingWebSocket(ChatWebSocket):
     compress = True
 
 
-class EngineServer(engineio.AsyncServer):
-    """Engine.IO server whose disconnects never wait for the client to read.
+SESSION_ADDRESS = "chat.session_address"  # environ key: the address a new session counts against
+CONNECTING_OVER: contextvars.ContextVar[str | None] = contextvars.ContextVar("connecting_over", default=None)
 
-    python-engineio's disconnect() waits until the client has drained its
-    queue; a polling client that is not polling, or a WebSocket client that
-    stopped reading, never does, and the request or task hangs for good.
-    It also uses ChatWebSocket for the WebSocket transport.
+
+class SessionCap:
+    """Engine.IO sessions per address (long-polling ones too, not only Socket.IO connects), capped."""
+
+    def __init__(self, max_per_address: int, problems: ProblemLog) -> None:
+        self.max_per_address = max_per_address
+        self.problems = problems
+        self.by_address: dict[str, set[str]] = {}
+
+    def refusal(self, address: str, live: dict[str, Any]) -> dict[str, Any] | None:
+        """A 429 response when `address` already holds its share of the `live` sessions, else None."""
+        mine = self.by_address.get(address)
+        if mine:
+            mine.intersection_update(live)
+        if not mine or len(mine) < self.max_per_address:
+            return None
+        self.problems.warn(f"refused sessions from %s: over {self.max_per_address} at once", address)
+        return {"status": "429 Too Many Requests", "headers": [("Content-Type", "text/plain")],
+                "response": b"too many connections from your address"}
+
+    def add(self, address: str, sid: str, live: dict[str, Any]) -> None:
+        self.by_address.setdefault(address, set()).add(sid)
+        if len(self.by_address) > 2 * len(live) + 1000:  # addresses whose sessions have all gone
+            self.by_address = {a: mine & live.keys() for a, mine in self.by_address.items() if mine & live.keys()}
+
+
+class SlowReaders:
+    """Drops a client that fell `max_queue` KB behind, instead of buffering for it without end."""
+
+    def __init__(self, server: EngineServer, max_queue: int) -> None:
+        self.server = server
+        self.max_queue = max_queue
+        self.dropping: set[str] = set()
+        self.tasks = Tasks()
+
+    def queue_overflowed(self, queue: OutgoingQueue) -> None:
+        for eio_sid, sock in self.server.sockets.items():
+            if sock.queue is queue:
+                self.drop(eio_sid)
+                return
+
+    def drop(self, eio_sid: str) -> None:
+        """Disconnect a client that fell `max_queue` KB behind."""
+        if eio_sid in self.dropping:
+            return
+        self.dropping.add(eio_sid)
+        log.warning("disconnecting %s: it fell over %d KB behind", eio_sid, self.max_queue)
+        self.tasks.spawn(self._drop(eio_sid))
+
+    async def _drop(self, eio_sid: str) -> None:
+        # abort=True: a client that stopped reading would never read a CLOSE
+        # packet. Close, free what is queued for it and wake the writer so it exits.
+        sock = self.server.sockets.get(eio_sid)
+        try:
+            if sock is not None:
+                await sock.close(wait=False, abort=True, reason=self.server.reason.SERVER_DISCONNECT)
+                if isinstance(sock.queue, LeanQueue):
+                    sock.queue.abort()  # no writer task: drop the connection with what it has not read
+                else:
+                    sock.queue.clear()
+                    sock.queue.put_nowait(None)
+                    for websocket in list(self.server.open_websockets):  # upgraded: its TCP connection goes now
+                        if websocket.session is sock:
+                            websocket.abort()
+        finally:
+            self.dropping.discard(eio_sid)
+
+
+class PingTasks:
+    """Engine.IO's ping for each session: the SharedPinger's timer for a lean WebSocket session; for
+    any other, python-engineio's task, cancelled when the session closes.
+
+    Each such task sleeps 25 s holding the session, its request and, after an abrupt close, the
+    exception's frames (about 20 KB): connections opened and dropped in a loop would pile them up.
+    """
+
+    def __init__(self, pinger: SharedPinger) -> None:
+        self.pinger = pinger
+        self.tasks: dict[str, asyncio.Task[Any]] = {}
+
+    def shared(self, owner: Any) -> bool:
+        """True when the SharedPinger pings this session, so that no task is needed."""
+        if isinstance(owner.queue, LeanQueue):
+            self.pinger.add(owner)
+            return True
+        return False
+
+    def started(self, sid: str, task: asyncio.Task[Any]) -> None:
+        self.tasks[sid] = task
+        task.add_done_callback(functools.partial(self._done, sid))
+
+    def _done(self, sid: str, task: asyncio.Task[Any]) -> None:
+        if self.tasks.get(sid) is task:
+            del self.tasks[sid]
+
+    def close(self) -> None:
+        self.pinger.close()
+
+    def closed(self, sid: str) -> None:
+        """The session has gone: no more pings for it."""
+        self.pinger.discard(sid)
+        ping = self.tasks.pop(sid, None)
+        if ping is not None and ping is not asyncio.current_task():
+            ping.cancel()
+
+
+class EngineServer(engineio.AsyncServer):
+    """python-engineio's server with chat.py's parts plugged into its hooks.
+
+    ChatWebSocket serves the WebSocket transport; a session that starts as a WebSocket gets a
+    LeanQueue (written by the FrameFlusher, pinged by the SharedPinger); SessionCap counts sessions
+    per address; SlowReaders drops clients that stopped reading; PingTasks frees a closed
+    session's ping at once; and disconnects never wait for the client to read (python-engineio's
+    wait until the client has drained its queue, which one that stopped reading never does).
     """
 
     def __init__(self, *args: Any, compress: bool, max_queue: int, problems: ProblemLog,
@@ -6509,20 +6686,14 @@ class EngineServer(engineio.AsyncServer):
         self._async = {**self._async, "websocket": CompressingWebSocket if compress else ChatWebSocket,
                        "translate_request": self._translate_request}
         self.open_websockets: set[ChatWebSocket] = set()
-        self.max_queue = max_queue
-        self.address_of = address_of  # the client's address, or None when it is exempt from the cap
-        self.max_per_address = max_per_address
-        self.by_address: dict[str, set[str]] = {}
-        self._connecting_from: str | None = None
-        self._dropping: set[str] = set()
-        self.tasks = Tasks()
         self.problems = problems
-        self._ping_tasks: dict[str, asyncio.Task[Any]] = {}
-        # connections that start as WebSockets get a LeanQueue, the FrameFlusher and the SharedPinger
-        self.lean = not compress
-        self.flusher = FrameFlusher(max_queue * 1024, self.drop_slow_reader)
-        self.pinger = SharedPinger(self.ping_interval)
-        self._connecting_over: str | None = None
+        self.address_of = address_of  # the client's address, or None when it is exempt from the cap
+        self.cap = SessionCap(max_per_address, problems)
+        self.slow_readers = SlowReaders(self, max_queue)
+        self.max_queue = max_queue
+        self.lean = not compress  # connections that start as WebSockets get a LeanQueue
+        self.flusher = FrameFlusher(max_queue * 1024, self.slow_readers.drop)
+        self.pings = PingTasks(SharedPinger(self.ping_interval))
         self.restarting = False
 
     # What python-engineio, python-socketio and chat.py read from a WebSocket request's environ;
@@ -6536,77 +6707,49 @@ class EngineServer(engineio.AsyncServer):
     def _translate_request(cls, request: web.Request) -> dict[str, Any]:
         environ: dict[str, Any] = eio_aiohttp.translate_request(request)
         body = request.get(CHECKED_BODY)
-        if body is not None:  # read and checked by guard_requests: python-engineio reads it from here
+        if body is not None:  # read and checked by the request guards: python-engineio reads it from here
             environ["wsgi.input"] = CheckedBody(body)
         if request.method == "GET" and environ.get("HTTP_UPGRADE", "").lower() == "websocket":
             environ = {key: value for key, value in environ.items() if key in cls.WEBSOCKET_ENVIRON}
         return environ
 
-    def create_queue(self, *args: Any, **kwargs: Any) -> Any:
-        transport, self._connecting_over = self._connecting_over, None  # set by _handle_connect just before
-        if transport == "websocket" and self.lean:
-            return LeanQueue(self.flusher)
-        return PollBatchQueue(self.max_queue * 1024, self._queue_overflowed)
-
-    # -- sessions per address: Engine.IO sessions (long-polling ones included) count, not only Socket.IO connects
-
     async def _handle_connect(self, environ: dict[str, Any], transport: str, jsonp_index: int | None = None) -> Any:
         address = self.address_of(environ)
         if address is not None:
-            live = self.by_address.get(address)
-            if live:
-                live.intersection_update(self.sockets)
-            if live and len(live) >= self.max_per_address:
-                self.problems.warn(f"refused sessions from %s: over {self.max_per_address} at once", address)
-                return {"status": "429 Too Many Requests", "headers": [("Content-Type", "text/plain")],
-                        "response": b"too many connections from your address"}
-            self._connecting_from = address
-        self._connecting_over = transport
+            refusal = self.cap.refusal(address, self.sockets)
+            if refusal is not None:
+                return refusal
+            environ[SESSION_ADDRESS] = address  # counted when the session exists (the "connect" event)
+        CONNECTING_OVER.set(transport)  # this request's context: read by create_queue for its new session
         return await super()._handle_connect(environ, transport, jsonp_index)
 
-    def generate_id(self) -> str:
-        sid: str = super().generate_id()
-        if self._connecting_from is not None:  # called by _handle_connect before anything else
-            self.by_address.setdefault(self._connecting_from, set()).add(sid)
-            self._connecting_from = None
-            if len(self.by_address) > 2 * len(self.sockets) + 1000:
-                self.by_address = {a: live & self.sockets.keys() for a, live in self.by_address.items()
-                                   if live & self.sockets.keys()}
-        return sid
+    def create_queue(self, *args: Any, **kwargs: Any) -> Any:
+        transport = CONNECTING_OVER.get()
+        CONNECTING_OVER.set(None)
+        if transport == "websocket" and self.lean:
+            return LeanQueue(self.flusher)
+        return PollBatchQueue(self.max_queue * 1024, self.slow_readers.queue_overflowed)
 
-    # -- slow readers: a client that falls too far behind is dropped, never buffered without end
+    def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
+        owner = getattr(target, "__self__", None)
+        is_ping = getattr(target, "__name__", "") == "_send_ping" and owner is not None
+        if is_ping and self.pings.shared(owner):
+            return None
+        task = super().start_background_task(target, *args, **kwargs)
+        if is_ping:
+            self.pings.started(owner.sid, task)
+        return task
 
-    def _queue_overflowed(self, queue: OutgoingQueue) -> None:
-        for eio_sid, sock in self.sockets.items():
-            if sock.queue is queue:
-                self.drop_slow_reader(eio_sid)
-                return
-
-    def drop_slow_reader(self, eio_sid: str) -> None:
-        """Disconnect a client that fell `max_queue` KB behind."""
-        if eio_sid in self._dropping:
-            return
-        self._dropping.add(eio_sid)
-        log.warning("disconnecting %s: it fell over %d KB behind", eio_sid, self.max_queue)
-        self.tasks.spawn(self._drop(eio_sid))
-
-    async def _drop(self, eio_sid: str) -> None:
-        # abort=True: a client that stopped reading would never read a CLOSE
-        # packet. Close, free what is queued for it and wake the writer so it exits.
-        sock = self.sockets.get(eio_sid)
-        try:
-            if sock is not None:
-                await sock.close(wait=False, abort=True, reason=self.reason.SERVER_DISCONNECT)
-                if isinstance(sock.queue, LeanQueue):
-                    sock.queue.abort()  # no writer task: drop the connection with what it has not read
-                else:
-                    sock.queue.clear()
-                    sock.queue.put_nowait(None)
-                    for websocket in list(self.open_websockets):  # upgraded: its TCP connection goes now
-                        if websocket.session is sock:
-                            websocket.abort()
-        finally:
-            self._dropping.discard(eio_sid)
+    async def _trigger_event(self, event: str, *args: Any, **kwargs: Any) -> Any:
+        if event == "connect" and len(args) >= 2 and SESSION_ADDRESS in args[1]:
+            self.cap.add(args[1][SESSION_ADDRESS], args[0], self.sockets)
+        result = await super()._trigger_event(event, *args, **kwargs)
+        if event == "disconnect" and args:
+            sock = self.sockets.get(args[0])
+            if sock is not None and isinstance(sock.queue, LeanQueue) and not self.restarting:
+                sock.queue.end()  # after the CLOSE packet close() may still put
+            self.pings.closed(args[0])
+        return result
 
     async def close_for_restart(self) -> None:
         """Shutdown: end every session without Engine.IO's CLOSE packet.
@@ -6621,43 +6764,10 @@ class EngineServer(engineio.AsyncServer):
             if not isinstance(sock.queue, LeanQueue):
                 sock.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))  # ends a waiting long-poll
         self.sockets.clear()
-        self.pinger.close()
+        self.pings.close()
         closing = [asyncio.ensure_future(ws.close_for_restart()) for ws in list(self.open_websockets)]
         if closing:  # a client that stopped reading never answers the close frame: do not wait for it
             await asyncio.wait(closing, timeout=0.5)
-
-    # -- a closed session frees its memory at once
-
-    def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
-        owner = getattr(target, "__self__", None)
-        is_ping = getattr(target, "__name__", "") == "_send_ping" and owner is not None
-        if is_ping and isinstance(owner.queue, LeanQueue):
-            self.pinger.add(owner)  # one shared timer instead of a task per connection
-            return None
-        task = super().start_background_task(target, *args, **kwargs)
-        if is_ping:
-            # Each session's ping task sleeps 25 s holding the session, its request and, after an
-            # abrupt close, the exception's frames (about 20 KB): connections opened and dropped
-            # in a loop would pile them up. It is cancelled when the session closes (below).
-            self._ping_tasks[owner.sid] = task
-            task.add_done_callback(functools.partial(self._ping_done, owner.sid))
-        return task
-
-    def _ping_done(self, sid: str, task: asyncio.Task[Any]) -> None:
-        if self._ping_tasks.get(sid) is task:
-            del self._ping_tasks[sid]
-
-    async def _trigger_event(self, event: str, *args: Any, **kwargs: Any) -> Any:
-        result = await super()._trigger_event(event, *args, **kwargs)
-        if event == "disconnect" and args:
-            self.pinger.discard(args[0])
-            sock = self.sockets.get(args[0])
-            if sock is not None and isinstance(sock.queue, LeanQueue) and not self.restarting:
-                sock.queue.end()  # after the CLOSE packet close() may still put
-            ping = self._ping_tasks.pop(args[0], None)
-            if ping is not None and ping is not asyncio.current_task():
-                ping.cancel()
-        return result
 
     def release_long_poll(self, eio_sid: str) -> None:
         """python-engineio leaves a long-polling GET waiting for the ping timeout (about 45 s) after
@@ -6886,6 +6996,14 @@ class RedisFanoutManager(socketio.AsyncRedisManager, FanoutManager):
         except Exception as exc:
             self.connected = False
             self.health.failed(exc)
+
+    async def _handle_emit(self, message: dict[str, Any]) -> None:
+        """A batch the store published is delivered in one go: each recipient gets it in one write."""
+        batch = message.get("batch")
+        if not isinstance(batch, list):
+            return await super()._handle_emit(message)
+        for item in batch:
+            await FanoutManager.emit(self, item["event"], item["data"], "/", room=item["room"])
 
     async def _redis_listen_with_retries(self) -> Any:
         delay = 0.25

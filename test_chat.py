@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import functools
 import hashlib
 import http.server
@@ -2974,6 +2975,45 @@ async def test_after_a_redis_outage_the_shared_id_counter_is_raised_past_the_ids
     assert after > max(during)
 
 
+@pytest.mark.redis
+async def test_appends_of_one_event_loop_iteration_are_one_redis_call_and_one_published_batch(
+        redis_server: RedisServer) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_server.url)
+    listener = aioredis.Redis.from_url(redis_server.url).pubsub()
+    await listener.subscribe(chat.REDIS_CHANNEL)
+    assert (await listener.get_message(timeout=5))["type"] == "subscribe"
+    store = chat.RedisStore(client, chat.RedisHealth(client), 100, "test-node")
+    await store.open()
+    await client.script_load(chat.REDIS_APPEND)  # so that the first call is not EVALSHA, NOSCRIPT, EVALSHA
+    await client.config_resetstat()
+
+    async def deliver() -> list[dict[str, Any]]:  # what every node's manager does with a published batch
+        published = await listener.get_message(ignore_subscribe_messages=True, timeout=5)
+        batch = json.loads(published["data"])["batch"]
+        for item in batch:
+            store.claim(item["data"]["id"], item["data"].get("cid"))
+        return batch
+
+    delivering = asyncio.create_task(deliver())
+    results = await asyncio.gather(*(store.append("team", f"U{i}", f"m{i}", "user", f"cid-{i % 12}")
+                                     for i in range(15)))
+    batch = await delivering
+    assert [item["data"]["body"] for item in batch] == [f"m{i}" for i in range(12)], "in the order handled"
+    assert [item["event"] for item in batch] == ["newmessage"] * 12 and {i["room"] for i in batch} == {"team"}
+    ids = [message.id for message, _ in results]
+    assert ids[:12] == sorted(ids[:12]) and len(set(ids[:12])) == 12, "ids rise in the order handled"
+    assert [created for _, created in results] == [True] * 12 + [False] * 3
+    assert ids[12:] == ids[:3], "a resent cid in the same batch gets the first copy's id"
+    stats = await client.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 1, "one round trip for the whole batch"
+    assert (await listener.get_message(timeout=0.2)) is None, "and one published message"
+    assert [m.body for m in await store.recent("team", 50)] == [f"m{i}" for i in range(12)]
+    await listener.aclose()
+    await client.aclose()
+
+
 def test_an_unreachable_redis_at_start_exits_with_one_clear_line() -> None:
     port = free_port()
     result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--port", "0", "--redis",
@@ -5084,7 +5124,8 @@ def test_the_benchmark_smoke_run_works() -> None:
     assert "stalled reader" in result.stdout
 
 
-def test_the_benchmarks_npm_install_that_hangs_skips_the_node_baseline_with_a_line(
+@pytest.mark.parametrize("baseline", ["node", "uws"])
+def test_the_benchmarks_npm_install_that_hangs_skips_the_node_baselines_with_a_line(baseline: str,
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     require(bool(shutil.which("node")), "node")
     sys.path.insert(0, str(HERE))
@@ -5097,11 +5138,11 @@ def test_the_benchmarks_npm_install_that_hangs_skips_the_node_baseline_with_a_li
     fake_npm.write_text("#!/bin/sh\nexec sleep 600\n")  # a registry that never answers
     fake_npm.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake_npm.parent}:{os.environ['PATH']}")
-    monkeypatch.setattr(bench_chat, "NODE_CACHE", tmp_path / "node")
+    monkeypatch.setattr(bench_chat, "BENCH_CACHE", tmp_path)
     monkeypatch.setattr(bench_chat, "NPM_TIMEOUT", 1.0)
-    assert bench_chat.node_modules() is None
-    assert capsys.readouterr().out == ("bench_chat.py: skipping the Node baseline: npm install did not finish in "
-                                       "1 s (is the npm registry reachable?)\n")
+    assert bench_chat.node_modules(baseline) is None
+    assert capsys.readouterr().out == (f"bench_chat.py: skipping the {baseline} baseline: npm install did not "
+                                       "finish in 1 s (is the npm registry reachable?)\n")
 
 
 def test_the_benchmark_reports_a_point_measured_several_times_as_its_median_run_and_range() -> None:
@@ -5201,16 +5242,16 @@ def test_every_library_internal_chat_py_relies_on_is_still_there() -> None:
     server = engineio.AsyncServer(async_mode="aiohttp")
     assert {"websocket", "translate_request"} <= set(server._async), "engineio AsyncServer._async"
     assert params(engineio.AsyncServer._handle_connect) == ["self", "environ", "transport", "jsonp_index"]
-    assert source(engineio.AsyncServer._handle_connect).index("self.generate_id()") < \
-        source(engineio.AsyncServer._handle_connect).index("await"), "generate_id() before any await"
+    handle_connect = source(engineio.AsyncServer._handle_connect)
+    assert handle_connect.index("async_socket.AsyncSocket(self, sid)") < handle_connect.index("await"), \
+        "EngineServer.create_queue: the session (and its queue) is made before any await"
+    assert "self._trigger_event('connect', sid, environ" in handle_connect, "SessionCap: the environ reaches connect"
     assert params(engineio.AsyncServer._trigger_event)[:2] == ["self", "event"]
     assert "_send_ping" in source(async_socket.AsyncSocket.schedule_ping)
     assert "self.server.start_background_task" in source(async_socket.AsyncSocket.schedule_ping)
     assert "self.queue.get_nowait()" in source(async_socket.AsyncSocket.poll)
     assert "self.queue = self.server.create_queue()" in source(async_socket.AsyncSocket.__init__)
     assert params(async_socket.AsyncSocket.close) == ["self", "wait", "abort", "reason"]
-    copied = hashlib.sha256(source(eio_aiohttp.WebSocket.__call__).encode()).hexdigest()[:16]
-    assert copied == "71f9a94476d737c3", "engineio's WebSocket.__call__ changed: ChatWebSocket.__call__ copies it"
     assert "await self._sock.receive()" in source(eio_aiohttp.WebSocket.wait)
     assert "self.get_nowait()" in source(asyncio.Queue.get) and "self.put_nowait(" in source(asyncio.Queue.put)
     assert callable(socketio.AsyncServer._engineio_server_class)
@@ -5234,6 +5275,49 @@ def test_every_library_internal_chat_py_relies_on_is_still_there() -> None:
     from engineio import payload
     assert payload.Payload.max_decode_packets >= chat.FRAME_LIMIT_FLOOR // 2, "set in chat.py's internals"
     assert "self.max_decode_packets" in source(payload.Payload.decode)
+
+
+async def test_engineio_websocket_call_still_does_what_chat_websocket_call_copies() -> None:
+    """ChatWebSocket.__call__ replaces python-engineio's: this checks what upstream's does, by behaviour.
+    It prepares a WebSocketResponse for environ["aiohttp.request"] whose size limit is the server's
+    max_http_buffer_size, sets .environ, awaits handler(itself) and returns the response."""
+    from engineio.async_drivers import aiohttp as eio_aiohttp
+
+    seen: dict[str, Any] = {}
+
+    class Server:
+        max_http_buffer_size = 1000
+
+    async def handler(ws: Any) -> None:
+        seen.update(ws=ws, prepared=ws._sock.prepared, environ=ws.environ)
+        with contextlib.suppress(OSError):
+            seen["first"] = await ws.wait()
+            await ws.wait()  # a frame over the limit: aiohttp closes with 1009, wait() raises OSError
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        wrapper = eio_aiohttp.WebSocket(handler, Server())
+        environ = {"aiohttp.request": request}
+        response = await wrapper(environ)
+        seen.update(wrapper=wrapper, response=response, expected_environ=environ)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/ws", route)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as session, session.ws_connect(f"http://127.0.0.1:{port}/ws") as ws:
+            await ws.send_str("x" * 900)
+            await ws.send_str("x" * 1100)
+            closing = await asyncio.wait_for(ws.receive(), 5)
+        assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+        assert seen["ws"] is seen["wrapper"] and seen["prepared"], "handler(itself), after prepare()"
+        assert seen["environ"] is seen["expected_environ"] and seen["first"] == "x" * 900
+        assert isinstance(seen["response"], web.WebSocketResponse)
+    finally:
+        await runner.cleanup()
 
 
 # ---------------------------------------------------------------- the WebSocket output path keeps order
