@@ -6,6 +6,8 @@ Servers under test (each started here on a loopback port):
            --rate 0 so that ten senders can saturate it;
   node   - the tutorial's own server: Express + Socket.IO 4.8 with its keyword bot
            (npm-installed into a cache directory on first use; skipped without node/npm);
+  uws    - the same hub and bot on Socket.IO 4.8 attached to uWebSockets.js (io.attachApp), what
+           a Node user picks for speed (installed and skipped the same way);
   floor  - a plain python-socketio + aiohttp broadcast server: the library floor;
   limit  - a raw aiohttp WebSocket broadcast server (plain text frames, no
            Engine.IO framing, no compression): the practical limit of the stack.
@@ -137,16 +139,7 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log
 '''
 
 
-NODE_SERVER = r"""
-// The tutorial's server: Express serves the page, Socket.IO 4.8 broadcasts every 'newmessage'
-// to everyone, and a keyword bot answers each one with one 'botmessage' through io.emit.
-const express = require('express');
-const http = require('http');
-const { Server } = require('socket.io');
-const app = express();
-const server = http.createServer(app);
-const io = new Server(server);
-app.get('/', (req, res) => res.send('<!doctype html><title>tutorial</title>'));
+TUTORIAL_HUB = r"""
 io.on('connection', (socket) => {
   socket.on('newmessage', (data) => {
     io.emit('newmessage', data);
@@ -157,7 +150,31 @@ io.on('connection', (socket) => {
     io.emit('botmessage', { user: 'ChatFriend', body: reply });
   });
 });
+"""
+NODE_SERVER = r"""
+// The tutorial's server: Express serves the page, Socket.IO 4.8 broadcasts every 'newmessage'
+// to everyone, and a keyword bot answers each one with one 'botmessage' through io.emit.
+const express = require('express');
+const http = require('http');
+const { Server } = require('socket.io');
+const app = express();
+const server = http.createServer(app);
+const io = new Server(server);
+app.get('/', (req, res) => res.send('<!doctype html><title>tutorial</title>'));
+""" + TUTORIAL_HUB + """
 server.listen(Number(process.argv[2]), '127.0.0.1');
+"""
+UWS_SERVER = r"""
+// The tutorial's hub and bot on Socket.IO 4.8 attached to uWebSockets.js (io.attachApp), the
+// setup Socket.IO's documentation gives for speed.
+const { App } = require('@trufflesuite/uws-js-unofficial');
+const { Server } = require('socket.io');
+const app = App();
+const io = new Server();
+io.attachApp(app);
+app.get('/', (res) => res.end('<!doctype html><title>tutorial</title>'));
+""" + TUTORIAL_HUB + """
+app.listen('127.0.0.1', Number(process.argv[2]), (token) => { if (!token) process.exit(1); });
 """
 TRACING_WRAPPER = '''
 # Runs chat.py under tracemalloc; a snapshot is dumped to CONTROL.snap whenever CONTROL.want appears.
@@ -182,30 +199,43 @@ threading.Thread(target=serve_snapshots, daemon=True).start()
 runpy.run_path(script, run_name="__main__")
 '''
 
-NODE_PACKAGES = ("express@4.21.2", "socket.io@4.8.3")
-NODE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chat.py-bench" / "node"
-# Seconds for the baseline's npm install; a registry that does not answer skips the baseline.
+# The npm packages of each Node server, installed into its own cache directory on first use.
+NODE_PACKAGES = {"node": ("express@4.21.2", "socket.io@4.8.3"),
+                 "uws": ("socket.io@4.8.3", "@trufflesuite/uws-js-unofficial@20.30.0-unofficial.0")}
+NODE_SERVERS = {"node": NODE_SERVER, "uws": UWS_SERVER}
+BENCH_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chat.py-bench"
+# Seconds for a baseline's npm install; a registry that does not answer skips the baseline.
 NPM_TIMEOUT = float(os.environ.get("CHAT_BENCH_NPM_TIMEOUT", "300"))
 
 
-def node_modules() -> Path | None:
-    """express and socket.io for the Node baseline, npm-installed into a cache directory on first use."""
+def node_modules(kind: str) -> Path | None:
+    """The Node baseline's packages, npm-installed into its cache directory on first use; None, with
+    a line saying why, when they cannot be installed or loaded."""
     if not (shutil.which("node") and shutil.which("npm")):
+        print(f"bench_chat.py: skipping the {kind} baseline: node and npm are needed")
         return None
-    modules = NODE_CACHE / "node_modules"
-    if not (modules / "socket.io").is_dir() or not (modules / "express").is_dir():
-        NODE_CACHE.mkdir(parents=True, exist_ok=True)
+    cache = BENCH_CACHE / kind
+    modules = cache / "node_modules"
+    names = [spec.rsplit("@", 1)[0] for spec in NODE_PACKAGES[kind]]
+    if not all((modules / name).is_dir() for name in names):
+        cache.mkdir(parents=True, exist_ok=True)
         try:
             result = subprocess.run(["npm", "install", "--no-save", "--no-package-lock", "--no-audit", "--no-fund",
-                                     "--prefix", str(NODE_CACHE), *NODE_PACKAGES], capture_output=True, text=True,
+                                     "--prefix", str(cache), *NODE_PACKAGES[kind]], capture_output=True, text=True,
                                      timeout=NPM_TIMEOUT, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
-            print(f"bench_chat.py: skipping the Node baseline: npm install did not finish in {NPM_TIMEOUT:g} s "
+            print(f"bench_chat.py: skipping the {kind} baseline: npm install did not finish in {NPM_TIMEOUT:g} s "
                   "(is the npm registry reachable?)")
             return None
         if result.returncode != 0:
-            print(f"bench_chat.py: skipping the Node baseline: npm install failed: {result.stderr.strip()[-300:]}")
+            print(f"bench_chat.py: skipping the {kind} baseline: npm install failed: {result.stderr.strip()[-300:]}")
             return None
+    loads = subprocess.run(["node", "-e", ";".join(f"require({json.dumps(n)})" for n in names)],
+                           env={**os.environ, "NODE_PATH": str(modules)}, capture_output=True, text=True, timeout=60)
+    if loads.returncode != 0:
+        print(f"bench_chat.py: skipping the {kind} baseline: its packages do not load here: "
+              f"{loads.stderr.strip().splitlines()[-1:]}")
+        return None
     return modules
 
 
@@ -219,10 +249,11 @@ def versions(kinds: list[str]) -> dict[str, str]:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             found[package] = "not installed"
-    if "node" in kinds:
+    for kind in NODE_PACKAGES.keys() & set(kinds):
         found["node"] = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
-        for package in ("express", "socket.io"):
-            manifest = NODE_CACHE / "node_modules" / package / "package.json"
+        for spec in NODE_PACKAGES[kind]:
+            package = spec.rsplit("@", 1)[0]
+            manifest = BENCH_CACHE / kind / "node_modules" / package / "package.json"
             found[package] = json.loads(manifest.read_text())["version"] if manifest.exists() else "?"
     return found
 
@@ -270,11 +301,11 @@ class Server:
                 wrapper = workdir / "traced_chat.py"
                 wrapper.write_text(TRACING_WRAPPER)
                 cmd[1:2] = [str(wrapper), str(traced), str(HERE / "chat.py")]
-        elif kind == "node":
-            script = workdir / "node_server.js"
-            script.write_text(NODE_SERVER)
+        elif kind in NODE_SERVERS:
+            script = workdir / f"{kind}_server.js"
+            script.write_text(NODE_SERVERS[kind])
             cmd = ["node", str(script), str(self.port)]
-            env = {**os.environ, "NODE_PATH": str(NODE_CACHE / "node_modules")}
+            env = {**os.environ, "NODE_PATH": str(BENCH_CACHE / kind / "node_modules")}
         else:
             script = workdir / f"{kind}_server.py"
             script.write_text(LOOP_HELPER + (FLOOR_SERVER if kind == "floor" else LIMIT_SERVER))
@@ -600,7 +631,14 @@ class Step:
 
     @property
     def ok(self) -> bool:
-        return self.delivered >= 0.95 and self.p99_ms <= 250
+        return not self.failed_gate
+
+    @property
+    def failed_gate(self) -> str:
+        """Which gate this step failed ("delivery", "p99", both), or "" when it passed."""
+        gates = [name for name, passed in (("delivery", self.delivered >= 0.95), ("p99", self.p99_ms <= 250))
+                 if not passed]
+        return " and ".join(gates)
 
 
 async def measure(server: Server, clients: list[WSClient], stats: Stats, rate: float, seconds: float,
@@ -664,10 +702,15 @@ async def fanout(server: Server, clients_n: int, seconds: float, steps: int,
                 break
     if best is None:
         best = min(tried, key=lambda s: s.rate)
+    # what ended the ramp: the gate the lowest failing rate missed, and how busy the generator was there
+    failing = min((s for s in tried if not s.ok), key=lambda s: s.rate, default=None)
+    ended_by = (f"{failing.failed_gate} (generator {failing.gen_cpu * 100:.0f} %)" if failing
+                else "no failure within the steps")
     half = await measure(server, clients, stats, best.rate / 2, seconds, pids)
     for client in clients:
         client.close()
-    return {"clients": clients_n, "best": best.__dict__, "half": half.__dict__, "steps": [s.__dict__ for s in tried]}
+    return {"clients": clients_n, "best": best.__dict__, "half": half.__dict__, "ended_by": ended_by,
+            "steps": [s.__dict__ for s in tried]}
 
 
 async def idle(server: Server, count: int) -> dict[str, Any]:
@@ -1059,7 +1102,7 @@ def parse_plan() -> tuple[Plan, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a shorter run (under a minute)")
     parser.add_argument("--smoke", action="store_true", help="with --quick: seconds, just to check it works")
-    parser.add_argument("--servers", default="chat,node,floor,limit", help="which servers to run (default all)")
+    parser.add_argument("--servers", default="chat,node,uws,floor,limit", help="which servers to run (default all)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--workloads", default="startup,fanout,idle,slow,redis", help="which workloads to run")
     parser.add_argument("--sizes", help="fan-out client counts, comma-separated (default by mode)")
@@ -1081,9 +1124,7 @@ def parse_plan() -> tuple[Plan, argparse.Namespace]:
     kinds = args.servers.split(",")
     if args.memory_profile:  # chat.py alone: the baselines are never started, so never installed
         kinds = ["chat"]
-    if "node" in kinds and node_modules() is None:
-        print("bench_chat.py: skipping the Node baseline (the tutorial's server): node and npm are needed")
-        kinds.remove("node")
+    kinds = [k for k in kinds if k not in NODE_PACKAGES or node_modules(k) is not None]
     if args.sizes:
         sizes = [int(n) for n in args.sizes.split(",")]
     CHAT_ARGS.extend(args.chat_args.split())
@@ -1224,14 +1265,17 @@ def report_fanout(results: dict[str, Any], kinds: list[str]) -> None:
     print("\n## Fan-out: highest offered rate with >= 95 % delivered and p99 <= 250 ms")
     print("| server | clients | msgs/s | newmessage frames/s | botmessage frames/s | all frames/s "
           "| server CPU | generator CPU | server µs/frame | frames/s per server core | vs limit | vs Node "
-          "| p50 / p99 ms at half rate |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| vs uws | p50 / p99 ms at half rate | the ramp ended by |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
 
     def capacity(best: dict[str, Any]) -> float:
         return (best["new_per_s"] + best["bot_per_s"]) / max(best["server_cpu"], 1e-9)
 
+    def new_by_size(kind: str) -> dict[int, float]:
+        return {r["clients"]: r["over_runs"]["new_per_s"]["median"] for r in results["fanout"].get(kind, [])}
+
     limit_by_size = {r["clients"]: capacity(r["best"]) for r in results["fanout"].get("limit", [])}
-    node_by_size = {r["clients"]: r["over_runs"]["new_per_s"]["median"] for r in results["fanout"].get("node", [])}
+    node_by_size, uws_by_size = new_by_size("node"), new_by_size("uws")
     for kind in kinds:
         for r in results["fanout"][kind]:
             best, half = r["best"], r["half"]
@@ -1239,21 +1283,23 @@ def report_fanout(results: dict[str, Any], kinds: list[str]) -> None:
             ratio = capacity(best) / limit_by_size[r["clients"]] if r["clients"] in limit_by_size else float("nan")
             flag = "" if best["delivered"] >= 0.95 and best["p99_ms"] <= 250 else " (never met)"
             new_median = r["over_runs"]["new_per_s"]["median"]
-            vs_node = new_median / node_by_size[r["clients"]] if node_by_size.get(r["clients"]) else float("nan")
+            vs_node, vs_uws = (new_median / by[r["clients"]] if by.get(r["clients"]) else float("nan")
+                               for by in (node_by_size, uws_by_size))
             print(f"| {kind} | {r['clients']:,} | {fmt(best['rate'])}{flag} | {spread(r, 'new_per_s')} "
                   f"| {fmt(best['bot_per_s'])} | {fmt(total)} | {best['server_cpu'] * 100:.0f} % "
                   f"| {best['gen_cpu'] * 100:.0f} % | {1e6 * best['server_cpu'] / max(total, 1):.1f} "
-                  f"| {fmt(capacity(best))} | {ratio:.2f}x | {vs_node:.2f}x "
-                  f"| {half['p50_ms']:.1f} / {spread(r, 'p99_half_ms', 1)} |")
+                  f"| {fmt(capacity(best))} | {ratio:.2f}x | {vs_node:.2f}x | {vs_uws:.2f}x "
+                  f"| {half['p50_ms']:.1f} / {spread(r, 'p99_half_ms', 1)} | {r.get('ended_by', '?')} |")
     print("(frames/s per server core = delivered frames/s ÷ the server's CPU share: what one core sustains "
-          "when the generator, not the server, is the limit; 'vs limit' compares that. 'vs Node' compares "
-          "newmessage deliveries/s at the highest rate each server sustains, both sending one bot reply per "
-          "message, on the same pinned core.)")
+          "when the generator, not the server, is the limit; 'vs limit' compares that. 'vs Node' and 'vs uws' "
+          "compare newmessage deliveries/s at the highest rate each server sustains, each sending one bot reply "
+          "per message, on the same pinned core. 'The ramp ended by' names the gate the first failing rate "
+          "missed and the generator's CPU there: below 100 % of its core, the server was the limit.)")
     runs = results.get("runs", 1)
     if runs > 1:
         print(f"(Each point measured {runs} times: newmessage frames/s and p99 are the median (min–max) of the "
-              "runs, 'vs Node' divides the medians, and the other columns come from the run with the median "
-              "newmessage rate.)")
+              "runs, 'vs Node' and 'vs uws' divide the medians, and the other columns come from the run with "
+              "the median newmessage rate.)")
 
 
 def report_rest(results: dict[str, Any], kinds: list[str]) -> None:
