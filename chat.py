@@ -1003,9 +1003,15 @@ def _check_encodable(value: str, code: str, what: str) -> None:
 
 def _strip_invisible(text: str) -> str:
     """`text` without format characters and characters that show nothing (INVISIBLE_RANGES)."""
+    if text.isascii():  # neither kind is ASCII: the common case costs one scan in C
+        return text
     return INVISIBLE_RE.sub("", "".join(ch for ch in text if unicodedata.category(ch) != "Cf"))
 
 
+ASCII_CONTROLS = dict.fromkeys([*range(0x0A), *range(0x0B, 0x20), 0x7F])  # str.translate: removed
+
+
+@functools.lru_cache(maxsize=4096)  # names and the words that may be names repeat, message after message
 def name_key(name: str) -> str:
     """A comparison key under which look-alike spellings of a name collide."""
     folded = _strip_invisible(unicodedata.normalize("NFKC", name)).casefold().translate(CONFUSABLES)
@@ -1041,14 +1047,18 @@ def clean_user(value: Any, bot_name: str, who: str = "Your name") -> str:
     return name
 
 
+MENTION_START_RE = re.compile(r"\s*([^\s,.:;!?]+(?:\s[^\s,.:;!?]+)?)")
+MENTION_TAG_RE = re.compile(r"(?:^|(?<=\s))@([^\s@,.:;!?]+(?:\s[^\s@,.:;!?]+)?)")  # not in an address
+
+
 def mentions(body: str, name: str) -> bool:
     """Whether `body` addresses `name`: an @name in it, or the name at its start ("ChatFriend, …").
 
     A candidate is one or two words (names may have a space); either the two or the first one may
     be the name."""
     key = name_key(name)
-    start = re.match(r"\s*([^\s,.:;!?]+(?:\s[^\s,.:;!?]+)?)", body)
-    tagged = re.findall(r"(?:^|(?<=\s))@([^\s@,.:;!?]+(?:\s[^\s@,.:;!?]+)?)", body)  # not in an address
+    start = MENTION_START_RE.match(body)
+    tagged = MENTION_TAG_RE.findall(body) if "@" in body else []
     candidates = [*tagged, *([start.group(1)] if start else [])]
     return any(key in (name_key(words), name_key(words.split()[0])) for words in candidates)
 
@@ -1064,7 +1074,10 @@ def clean_body(value: Any, max_length: int) -> str:
         raise InvalidInput("too_long", f"Your message is too long (at most {max_length} characters).")
     _check_encodable(value, "bad_body", "Your message")
     text = value.replace("\r\n", "\n").replace("\r", "\n")
-    text = "".join(ch for ch in text if ch == "\n" or unicodedata.category(ch) != "Cc").strip()
+    if text.isascii():  # the same, in C: ASCII's controls (Cc) are 0-31 and 127
+        text = text.translate(ASCII_CONTROLS).strip()
+    else:
+        text = "".join(ch for ch in text if ch == "\n" or unicodedata.category(ch) != "Cc").strip()
     if not text:
         raise InvalidInput("bad_body", "Please type a message.")
     if len(text) > max_length:
@@ -2533,10 +2546,11 @@ class Presence:
 
     async def set_typing(self, session: Session, typing: bool) -> None:
         """Show or clear a person's indicator; it clears itself after --typing-timeout of silence."""
-        if session.typing_timer is not None:
+        was_typing = session.typing_timer is not None
+        if was_typing:
             session.typing_timer.cancel()
             session.typing_timer = None
-        if not session.user:
+        if not session.user or not (typing or was_typing):  # a message from someone who was not typing
             return
         if typing:
             loop = asyncio.get_running_loop()

@@ -3014,6 +3014,14 @@ async def test_appends_of_one_event_loop_iteration_are_one_redis_call_and_one_pu
     await client.aclose()
 
 
+def test_a_plain_ascii_body_loses_exactly_what_the_general_rule_removes() -> None:
+    every = "".join(map(chr, range(128)))
+    kept = "".join(ch for ch in f"x{every}x".replace("\r", "\n") if ch == "\n" or unicodedata.category(ch) != "Cc")
+    assert chat.clean_body(f"x{every}x", 2000) == kept, "the ASCII fast path"
+    assert chat.clean_body(f"x{every}xé", 2000) == kept + "é", "the general path"
+    assert chat.name_key("Ann\u200b") == chat.name_key("ann") != chat.name_key("Ann B"), "names still fold"
+
+
 def test_an_unreachable_redis_at_start_exits_with_one_clear_line() -> None:
     port = free_port()
     result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--port", "0", "--redis",
