@@ -15,20 +15,22 @@ aiohttp. ``python chat.py --help`` lists every option.
 
 Sections, in order, each under a ``# ----`` banner:
 
-1. first run: a private environment (stdlib only) -- installs the two packages
-   on a machine that lacks them, then re-runs this file;
-2. errors and small helpers;
-3. settings and command line -- ``Settings`` holds every default once;
-4. message model and validation -- ``Message`` and the ``clean_*`` checks;
-5. the chat hub: Socket.IO event handlers -- ``ChatHub.on_newmessage``,
+1. errors and small helpers;
+2. settings and command line -- ``Settings`` holds every default once;
+3. message model and validation -- ``Message`` and the ``clean_*`` checks;
+4. the chat hub: Socket.IO event handlers -- ``ChatHub.on_newmessage``,
    ``on_join`` and the rest are the protocol (see the README's table), with
    ``Refusals``, ``HistoryBrowser`` (history pages, search) and ``BotReplies``;
-6. admission: rates, caps and passwords;
-7. people: names held and private messages;
-8. moderation: a host who can act -- ``Sanctions`` (bans, mutes, locks) and ``Moderation``;
-9. rooms: presence, typing and private (end-to-end encrypted) rooms;
-10. stores (history): memory, SQLite (``--db``) or Redis (``--redis``);
-11. bots: keyword rules, Rasa, any OpenAI-compatible server;
+5. admission: rates, caps and passwords;
+6. people: names held and private messages;
+7. moderation: a host who can act -- ``Sanctions`` (bans, mutes, locks) and ``Moderation``;
+8. rooms: presence, typing and private (end-to-end encrypted) rooms;
+9. stores (history): memory, SQLite (``--db``) or Redis (``--redis``);
+10. bots: keyword rules, Rasa, any OpenAI-compatible server;
+11. first run: a private environment (stdlib only) -- on a machine that lacks
+    the two packages, installs them and re-runs this file; everything above it
+    only defines, with the standard library, so it runs before the first line
+    that needs the packages;
 12. web: aiohttp routes, headers and connection guards;
 13. embedded assets: the page's HTML, CSS and JavaScript;
 14. library internals -- every use of a library's private names, with why
@@ -74,8 +76,16 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Protocol
 
+MIN_PYTHON = (3, 10)
+if sys.version_info < MIN_PYTHON:  # before the first line that needs 3.10
+    _TOO_OLD = (f"chat.py: needs Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer; {sys.executable} is "
+                + ".".join(map(str, sys.version_info[:3])))
+    if __name__ == "__main__":
+        sys.exit(_TOO_OLD)
+    raise ImportError(_TOO_OLD)
+
 _IMPORT_ERROR: ImportError | None = None
-try:  # the two packages chat.py is built on; without them, see "first run" below
+try:  # the packages chat.py is built on; where they are missing, section 11 installs them and re-runs this file
     import aiohttp
     import engineio
     import socketio
@@ -90,432 +100,6 @@ except ImportError as _exc:
 
 __version__ = "1.1.0"
 log = logging.getLogger("chat")
-
-# ---------------------------------------------------------------- first run: a private environment (stdlib only)
-# `python3 chat.py` on a machine without the dependencies (a fresh Debian or Ubuntu, whose
-# system Python refuses `pip install`, PEP 668) installs them once into a per-user cache
-# directory and re-runs itself there. Nothing below may use a third-party package.
-
-MIN_PYTHON = (3, 10)
-IMPORT_NAMES = {"python-socketio": "socketio", "python-engineio": "engineio", "aiohttp": "aiohttp"}
-PIP_NETWORK_HINTS = ("NewConnectionError", "Failed to establish a new connection", "Max retries exceeded",
-                     "ConnectTimeoutError", "ReadTimeoutError", "Temporary failure in name resolution",
-                     "Network is unreachable", "Connection refused", "ProxyError", "SSLError",
-                     "(from versions: none)")
-DEFAULT_PACKAGE_INDEX = "https://pypi.org/simple/"  # unless PIP_INDEX_URL or pip's configuration names another
-# pip for a python3 without ensurepip, fetched from the package index: version and the wheel's sha256.
-PIP_WHEEL = ("26.3", "f3b60b20ffaadd4415ed7957212a38ac63fa4c5fa375bd0f4a797777940fad13")
-REDIS_REQUIREMENT = "redis>=8.1,<8.2"  # installed for --redis only; the minor release the tests run
-ENV_COMPLETE = ".chat-py-complete"  # written last: an environment without it is an interrupted install
-
-
-def read_own_header() -> str:
-    """The start of this file, where the PEP 723 header is."""
-    with open(__file__, encoding="utf-8") as own:
-        return own.read(4096)
-
-
-def script_requirements(source: str) -> list[str]:
-    """The `dependencies` of this file's PEP 723 header: the one list of what chat.py needs."""
-    header = re.search(r"^# /// script\n(.*?)^# ///$", source, re.M | re.S)
-    block = re.search(r"dependencies\s*=\s*\[(.*?)\]", header.group(1) if header else "", re.S)
-    return re.findall(r'"([^"]+)"', block.group(1)) if block else []
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(re.match(r"\d*", part).group() or 0) for part in text.split("."))  # type: ignore[union-attr]
-
-
-def version_satisfies(version: str, specifiers: str) -> bool:
-    """Whether `version` meets comma-separated specifiers such as ">=5.18,<5.19"."""
-    have = _version_tuple(version)
-    checks = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, "==": lambda a, b: a == b,
-              "!=": lambda a, b: a != b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
-    for spec in filter(None, (s.strip() for s in specifiers.split(","))):
-        op = re.match(r"[<>=!]=?", spec)
-        want = _version_tuple(spec[op.end():]) if op else ()
-        width = max(len(have), len(want))
-        if op and not checks[op.group()](have + (0,) * (width - len(have)), want + (0,) * (width - len(want))):
-            return False
-    return True
-
-
-def split_requirement(requirement: str) -> tuple[str, str]:
-    """("python-socketio", ">=5.18,<5.19") from "python-socketio>=5.18,<5.19"."""
-    name = re.match(r"[A-Za-z0-9._-]+", requirement).group()  # type: ignore[union-attr]
-    return name, requirement[len(name):].strip()
-
-
-def installed_version(distribution: str, module: Any) -> str | None:
-    """The installed version of `distribution`, read from its dist-info next to `module` (cheap)."""
-    prefix = re.sub(r"[-_.]+", "_", distribution).lower() + "-"
-    site = os.path.dirname(os.path.dirname(module.__file__ or ""))
-    with contextlib.suppress(OSError), os.scandir(site) as entries:
-        for entry in entries:
-            if entry.name.lower().startswith(prefix) and entry.name.endswith(".dist-info"):
-                return entry.name[len(prefix):-len(".dist-info")]
-    from importlib import metadata
-
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def dependency_problem(requirements: list[str], import_error: ImportError | None) -> str | None:
-    """Why the pinned dependencies cannot be used here, or None when they can."""
-    if sys.version_info < MIN_PYTHON:
-        return None  # reported by first_run() before anything else
-    if import_error is not None:
-        return f"{import_error.name or 'a dependency'} is not installed"
-    for requirement in requirements:
-        name, specifiers = split_requirement(requirement)
-        module = sys.modules.get(IMPORT_NAMES.get(name, name))
-        version = installed_version(name, module) if module else None
-        if version and not version_satisfies(version, specifiers):
-            return f"{name} {version} is installed, chat.py needs {name}{specifiers}"
-    return None
-
-
-def cache_root() -> Path:
-    """The per-user directory for chat.py's private environment and cached browser client."""
-    chosen = os.environ.get("CHAT_ENV_DIR")
-    if chosen:
-        return Path(chosen).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "chat.py"
-
-
-def private_env_dir(requirements: list[str]) -> Path:
-    """Where the private environment for these pins and this Python lives (never next to chat.py)."""
-    key = "\n".join([*requirements, PIP_WHEEL[0], sys.version, os.path.realpath(sys.executable)])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    return cache_root() / f"env-py{sys.version_info[0]}.{sys.version_info[1]}-{digest}"
-
-
-def env_python(env: Path) -> Path:
-    """The interpreter inside a virtual environment."""
-    return env / "bin" / "python"
-
-
-def manual_install_hint(requirements: list[str]) -> str:
-    """The commands that install the dependencies by hand."""
-    quoted = " ".join(f"'{r}'" for r in requirements)
-    return (f"python3 -m venv ~/chat-env && ~/chat-env/bin/pip install {quoted} && "
-            f"~/chat-env/bin/python {sys.argv[0] or 'chat.py'}")
-
-
-class FirstRunError(Exception):
-    """A first-run set-up step failed; the message is the one line the user sees."""
-
-
-def untrusted(path: Path) -> str | None:
-    """Why chat.py must not run code from `path` (another user could change it), or None.
-
-    The path must belong to this user and be writable by nobody else; a directory that others
-    may write into (and that has no sticky bit) above it would let them swap it.
-    """
-    import stat
-
-    try:
-        info = path.stat()
-        parent = path.resolve().parent.stat()
-    except OSError as exc:
-        return f"cannot check {path}: {exc.strerror or exc}"
-    if info.st_uid != os.getuid():
-        return f"{path} belongs to another user (uid {info.st_uid})"
-    if info.st_mode & 0o002 or (info.st_mode & 0o020 and not _own_group(info.st_gid)):
-        return f"{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o}; chmod go-w it)"
-    if parent.st_mode & 0o002 and not parent.st_mode & stat.S_ISVTX:
-        return f"the directory above {path} is writable by everyone, so others could replace it"
-    return None
-
-
-def _own_group(gid: int) -> bool:
-    """Whether a group is this user's personal group (Debian's user groups: same name, no other
-    members), so that its write bit lets nobody else in."""
-    import grp
-    import pwd
-
-    try:
-        group = grp.getgrgid(gid)
-        return group.gr_name == pwd.getpwuid(os.getuid()).pw_name and not set(group.gr_mem) - {group.gr_name}
-    except KeyError:
-        return False
-
-
-def own_directory(path: Path) -> Path:
-    """`path`, created mode 700 if missing, after checking that only this user can change it."""
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FirstRunError(f"cannot create {path}: {exc.strerror or exc}; set CHAT_ENV_DIR to a directory "
-                            "of your own") from None
-    problem = untrusted(path)
-    if problem:
-        raise FirstRunError(f"will not use {problem}; set CHAT_ENV_DIR to a directory of your own") from None
-    return path
-
-
-ENV_SIZE = 64 << 20  # bytes, about, that the private environment takes
-
-
-def no_space(text: str, where: Path) -> bool:
-    """Whether a failed step failed for lack of disk space (said in its output, or plain to see)."""
-    import shutil
-
-    if "No space left on device" in text or "[Errno 28]" in text:
-        return True
-    with contextlib.suppress(OSError):
-        return shutil.disk_usage(where).free < ENV_SIZE
-    return False
-
-
-def pip_install(python: str, requirements: list[str], pip: str | None = None) -> tuple[int, str, str]:
-    """Run pip (`python -m pip`, or the pip at `pip`, e.g. inside its wheel), copying its output to stderr.
-
-    Returns pip's exit status, its last non-empty line and its whole output.
-    """
-    import subprocess
-
-    command = [python, *([pip] if pip else ["-m", "pip"]), "install", "--disable-pip-version-check", "--no-input",
-               "--progress-bar", "off", *requirements]
-    lines: list[str] = []
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace", stdin=subprocess.DEVNULL) as process:
-        try:
-            for line in process.stdout or ():
-                sys.stderr.write(line)
-                sys.stderr.flush()
-                lines.append(line.rstrip())
-            status = process.wait()
-        except BaseException:
-            process.terminate()
-            process.wait()
-            raise
-    last = next((line for line in reversed(lines) if line.strip()), f"exit status {status}")
-    return status, last, "\n".join(lines)
-
-
-def pip_settings() -> tuple[str, str | None]:
-    """The package index and CA bundle pip would use here: PIP_INDEX_URL / PIP_CERT, else pip's
-    configuration files, else the public index."""
-    import configparser
-
-    found: dict[str, str] = {}
-    files = [Path("/etc/pip.conf"), Path("/etc/xdg/pip/pip.conf"), Path.home() / ".pip/pip.conf",
-             Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "pip/pip.conf"]
-    if os.environ.get("PIP_CONFIG_FILE"):
-        files.append(Path(os.environ["PIP_CONFIG_FILE"]))
-    for path in files:
-        config = configparser.ConfigParser(interpolation=None)
-        with contextlib.suppress(OSError, configparser.Error):
-            config.read(path, encoding="utf-8")
-        for section in ("global", "install"):
-            for key in ("index-url", "cert"):
-                if config.has_option(section, key):
-                    found[key] = config.get(section, key).strip()
-    index = os.environ.get("PIP_INDEX_URL") or found.get("index-url") or DEFAULT_PACKAGE_INDEX
-    return index.rstrip("/") + "/", os.environ.get("PIP_CERT") or found.get("cert")
-
-
-def download(url: str, limit: int, accept: str = "*/*", timeout: float = 30.0,
-             context: ssl.SSLContext | None = None) -> bytes:
-    """GET `url` (stdlib only), refusing a body over `limit` bytes with a FirstRunError."""
-    import urllib.request
-
-    request = urllib.request.Request(url, headers={"Accept": accept, "User-Agent": f"chat.py/{__version__}"})
-    with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
-        body: bytes = response.read(limit + 1)
-    if len(body) > limit:
-        raise FirstRunError(f"{url} is larger than expected; not using it")
-    return body
-
-
-def fetch_pip_wheel(into: Path) -> Path:
-    """Download the pinned pip wheel from the package index into `into`, checked against its sha256.
-
-    For a python3 without ensurepip (Debian's and Ubuntu's, without python3-venv): pip runs from
-    its own wheel to install itself into the new environment, so no root is needed.
-    """
-    import urllib.parse
-
-    version, digest = PIP_WHEEL
-    filename = f"pip-{version}-py3-none-any.whl"
-    index, cert = pip_settings()
-    context = ssl.create_default_context(cafile=cert) if cert and os.path.isfile(cert) else None
-    page_url = urllib.parse.urljoin(index, "pip/")
-    try:
-        page = download(page_url, 16 << 20, "application/vnd.pypi.simple.v1+json, text/html;q=0.1",
-                        context=context).decode("utf-8")
-        try:
-            links = {f["filename"]: (f["url"], f.get("hashes", {}).get("sha256")) for f in json.loads(page)["files"]}
-        except (ValueError, KeyError, TypeError):  # the HTML form of the simple index
-            links = {urllib.parse.unquote(href.split("#")[0].rsplit("/", 1)[-1]): (href, re.search(
-                r"#sha256=([0-9a-f]{64})", href).group(1) if "#sha256=" in href else None)  # type: ignore[union-attr]
-                for href in re.findall(r'href="([^"]+)"', html.unescape(page))}
-        if filename not in links:
-            raise FirstRunError(f"the package index {index} has no {filename}")
-        href, published = links[filename]
-        if published and published != digest:
-            raise FirstRunError(f"the package index {index} publishes sha256 {published} for {filename}, "
-                                f"but chat.py pins {digest}; not installing it")
-        wheel = download(urllib.parse.urljoin(page_url, href.split("#")[0]), 64 << 20, context=context)
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise FirstRunError(f"cannot download pip {version} from the package index {index} ({reason}); check the "
-                            "network or proxy, or, as root, `apt install python3-venv` and run chat.py again") from None
-    if hashlib.sha256(wheel).hexdigest() != digest:
-        raise FirstRunError(f"{filename} from {index} does not match the sha256 chat.py pins; not installing it")
-    path = into / filename
-    path.write_bytes(wheel)
-    return path
-
-
-def _has_ensurepip() -> bool:
-    try:
-        import ensurepip  # noqa: F401  (Debian and Ubuntu ship it separately, in python3-venv)
-    except ImportError:
-        return False
-    return True
-
-
-def install_private_env(env: Path, requirements: list[str]) -> None:
-    """Create `env` with the requirements, in place; the completion mark is written last."""
-    import shutil
-    import subprocess
-
-    try:
-        import venv  # noqa: F401
-    except ImportError:
-        raise FirstRunError("this python3 has no venv module; as root, `apt install python3-venv`, then run "
-                            "chat.py again") from None
-    with_pip = _has_ensurepip()
-    wanted = ", ".join(f"{name} {re.sub(r'^[<>=!~]=?', '', spec.split(',')[0])}".strip()
-                       for name, spec in map(split_requirement, requirements))
-    how = "" if with_pip else f"; this python3 has no ensurepip, so pip {PIP_WHEEL[0]} comes from the package index"
-    print(f"chat.py: first run: installing {wanted} into {env} (about 10 s, once{how})", file=sys.stderr, flush=True)
-    try:
-        if env.exists():  # a leftover of an install that was killed: ours (checked), so replace it
-            shutil.rmtree(env)
-        made = subprocess.run([sys.executable, "-m", "venv", *([] if with_pip else ["--without-pip"]), str(env)],
-                              capture_output=True, text=True, errors="replace", stdin=subprocess.DEVNULL)
-        output = (made.stdout + made.stderr).strip()
-        if made.returncode != 0:
-            if no_space(output, env.parent):
-                raise OSError(errno.ENOSPC, "No space left on device")
-            raise FirstRunError(f"python3 -m venv failed: {output.splitlines()[-1] if output else made.returncode}")
-        if not with_pip:
-            wheel = fetch_pip_wheel(env)
-            status, last, output = pip_install(str(env_python(env)), ["--no-index", str(wheel)], f"{wheel}/pip")
-            wheel.unlink()
-            if status != 0:
-                raise FirstRunError(f"pip could not install itself from its wheel: {last}")
-        status, last, output = pip_install(str(env_python(env)), requirements)
-        if status != 0:
-            if no_space(output, env.parent):
-                raise OSError(errno.ENOSPC, "No space left on device")
-            if any(hint in output for hint in PIP_NETWORK_HINTS):
-                raise FirstRunError(f"cannot reach the package index to install the dependencies ({last}); "
-                                    f"check the network or proxy, or install by hand: "
-                                    f"{manual_install_hint(requirements)}")
-            raise FirstRunError(f"pip could not install the dependencies: {last}")
-        (env / ENV_COMPLETE).write_text(f"{sys.executable}\n")
-    except BaseException as exc:
-        shutil.rmtree(env, ignore_errors=True)
-        if isinstance(exc, KeyboardInterrupt):
-            raise FirstRunError("first-run install interrupted; nothing was kept (run chat.py again to "
-                                "retry)") from None
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise FirstRunError(f"no space left on the disk of {env.parent} (the environment needs about "
-                                f"{ENV_SIZE >> 20} MB); free some space, or set CHAT_ENV_DIR to a directory on another "
-                                "disk") from None
-        if isinstance(exc, OSError):
-            raise FirstRunError(f"cannot set up {env}: {exc.strerror or exc}; delete it and run chat.py "
-                                "again") from None
-        raise
-
-
-def ready_private_env(requirements: list[str]) -> Path:
-    """The private environment, installed first if it is missing or incomplete, and checked to be
-    this user's own before anything in it runs."""
-    import fcntl
-
-    env = private_env_dir(requirements)
-    own_directory(env.parent)
-    with open(env.parent / ".install-lock", "a") as lock:  # one first run at a time
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (env / ENV_COMPLETE).is_file() or not env_python(env).exists():
-            install_private_env(env, requirements)
-    for path in (env, env / "bin"):
-        problem = untrusted(path)
-        if problem:
-            raise FirstRunError(f"will not run {env_python(env)}: {problem}; delete {env} and run chat.py again")
-    return env
-
-
-def import_optional(module: str, requirement: str, feature: str) -> Any:
-    """Import an optional package a flag needs; in chat.py's private environment, install it first."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        pass
-    if not os.environ.get("CHAT_PRIVATE_ENV"):
-        raise StartupError(f"{feature} needs the {split_requirement(requirement)[0]} package: "
-                           f"{sys.executable} -m pip install '{requirement}'")
-    print(f"chat.py: {feature}: installing {requirement} into {sys.prefix}", file=sys.stderr, flush=True)
-    _, last, _ = pip_install(sys.executable, [requirement])
-    importlib.invalidate_caches()
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise StartupError(f"{feature} needs {requirement}, and pip could not install it: {last}") from None
-
-
-def first_run(problem: str, argv: list[str]) -> int:
-    """Set up the private environment if needed and re-run chat.py in it; return an exit status on failure."""
-    if sys.version_info < MIN_PYTHON:
-        found = ".".join(map(str, sys.version_info[:3]))
-        print(f"chat.py: needs Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer; {sys.executable} is {found}",
-              file=sys.stderr)
-        return 1
-    requirements = script_requirements(read_own_header())
-    if os.environ.get("CHAT_NO_BOOTSTRAP"):
-        print(f"chat.py: {problem}, and CHAT_NO_BOOTSTRAP is set; install by hand:\n"
-              f"  {manual_install_hint(requirements)}\nor, in your own environment: "
-              f"pip install {' '.join(repr(r) for r in requirements)}", file=sys.stderr)
-        return 1
-    if os.environ.get("CHAT_PRIVATE_ENV"):
-        print(f"chat.py: {problem} in the private environment {sys.prefix}; delete that directory and run "
-              "chat.py again", file=sys.stderr)
-        return 1
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    umask = os.umask(0o077)  # what the install creates is this user's alone
-    try:
-        env = ready_private_env(requirements)
-    except FirstRunError as exc:
-        print(f"chat.py: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        os.umask(umask)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    python = str(env_python(env))
-    os.environ["CHAT_PRIVATE_ENV"] = str(env)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(python, [python, os.path.abspath(__file__), *argv])
-    return 1  # not reached
-
-
-_DEPENDENCY_PROBLEM = dependency_problem(script_requirements(read_own_header()),
-                                         _IMPORT_ERROR)
-if _DEPENDENCY_PROBLEM or sys.version_info < MIN_PYTHON:
-    if __name__ == "__main__":
-        sys.exit(first_run(_DEPENDENCY_PROBLEM or "", sys.argv[1:]))
-    raise ImportError(f"chat.py: {_DEPENDENCY_PROBLEM}")
-
 
 # ---------------------------------------------------------------- errors and small helpers
 
@@ -4009,6 +3593,425 @@ class BotRunner:
             return False
         self._last_unavailable[room] = now
         return True
+
+
+# ---------------------------------------------------------------- first run: a private environment (stdlib only)
+# `python3 chat.py` on a machine without the dependencies (a fresh Debian or Ubuntu, whose
+# system Python refuses `pip install`, PEP 668) installs them once into a per-user cache
+# directory and re-runs itself there. Everything above this section is stdlib-only definitions;
+# the check at its end runs before the first line that needs python-socketio or aiohttp.
+
+IMPORT_NAMES = {"python-socketio": "socketio", "python-engineio": "engineio", "aiohttp": "aiohttp"}
+PIP_NETWORK_HINTS = ("NewConnectionError", "Failed to establish a new connection", "Max retries exceeded",
+                     "ConnectTimeoutError", "ReadTimeoutError", "Temporary failure in name resolution",
+                     "Network is unreachable", "Connection refused", "ProxyError", "SSLError",
+                     "(from versions: none)")
+DEFAULT_PACKAGE_INDEX = "https://pypi.org/simple/"  # unless PIP_INDEX_URL or pip's configuration names another
+# pip for a python3 without ensurepip, fetched from the package index: version and the wheel's sha256.
+PIP_WHEEL = ("26.3", "f3b60b20ffaadd4415ed7957212a38ac63fa4c5fa375bd0f4a797777940fad13")
+REDIS_REQUIREMENT = "redis>=8.1,<8.2"  # installed for --redis only; the minor release the tests run
+ENV_COMPLETE = ".chat-py-complete"  # written last: an environment without it is an interrupted install
+
+
+def read_own_header() -> str:
+    """The start of this file, where the PEP 723 header is."""
+    with open(__file__, encoding="utf-8") as own:
+        return own.read(4096)
+
+
+def script_requirements(source: str) -> list[str]:
+    """The `dependencies` of this file's PEP 723 header: the one list of what chat.py needs."""
+    header = re.search(r"^# /// script\n(.*?)^# ///$", source, re.M | re.S)
+    block = re.search(r"dependencies\s*=\s*\[(.*?)\]", header.group(1) if header else "", re.S)
+    return re.findall(r'"([^"]+)"', block.group(1)) if block else []
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(re.match(r"\d*", part).group() or 0) for part in text.split("."))  # type: ignore[union-attr]
+
+
+def version_satisfies(version: str, specifiers: str) -> bool:
+    """Whether `version` meets comma-separated specifiers such as ">=5.18,<5.19"."""
+    have = _version_tuple(version)
+    checks = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, "==": lambda a, b: a == b,
+              "!=": lambda a, b: a != b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
+    for spec in filter(None, (s.strip() for s in specifiers.split(","))):
+        op = re.match(r"[<>=!]=?", spec)
+        want = _version_tuple(spec[op.end():]) if op else ()
+        width = max(len(have), len(want))
+        if op and not checks[op.group()](have + (0,) * (width - len(have)), want + (0,) * (width - len(want))):
+            return False
+    return True
+
+
+def split_requirement(requirement: str) -> tuple[str, str]:
+    """("python-socketio", ">=5.18,<5.19") from "python-socketio>=5.18,<5.19"."""
+    name = re.match(r"[A-Za-z0-9._-]+", requirement).group()  # type: ignore[union-attr]
+    return name, requirement[len(name):].strip()
+
+
+def installed_version(distribution: str, module: Any) -> str | None:
+    """The installed version of `distribution`, read from its dist-info next to `module` (cheap)."""
+    prefix = re.sub(r"[-_.]+", "_", distribution).lower() + "-"
+    site = os.path.dirname(os.path.dirname(module.__file__ or ""))
+    with contextlib.suppress(OSError), os.scandir(site) as entries:
+        for entry in entries:
+            if entry.name.lower().startswith(prefix) and entry.name.endswith(".dist-info"):
+                return entry.name[len(prefix):-len(".dist-info")]
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def dependency_problem(requirements: list[str], import_error: ImportError | None) -> str | None:
+    """Why the pinned dependencies cannot be used here, or None when they can."""
+    if import_error is not None:
+        return f"{import_error.name or 'a dependency'} is not installed"
+    for requirement in requirements:
+        name, specifiers = split_requirement(requirement)
+        module = sys.modules.get(IMPORT_NAMES.get(name, name))
+        version = installed_version(name, module) if module else None
+        if version and not version_satisfies(version, specifiers):
+            return f"{name} {version} is installed, chat.py needs {name}{specifiers}"
+    return None
+
+
+def cache_root() -> Path:
+    """The per-user directory for chat.py's private environment and cached browser client."""
+    chosen = os.environ.get("CHAT_ENV_DIR")
+    if chosen:
+        return Path(chosen).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "chat.py"
+
+
+def private_env_dir(requirements: list[str]) -> Path:
+    """Where the private environment for these pins and this Python lives (never next to chat.py)."""
+    key = "\n".join([*requirements, PIP_WHEEL[0], sys.version, os.path.realpath(sys.executable)])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return cache_root() / f"env-py{sys.version_info[0]}.{sys.version_info[1]}-{digest}"
+
+
+def env_python(env: Path) -> Path:
+    """The interpreter inside a virtual environment."""
+    return env / "bin" / "python"
+
+
+def manual_install_hint(requirements: list[str]) -> str:
+    """The commands that install the dependencies by hand."""
+    quoted = " ".join(f"'{r}'" for r in requirements)
+    return (f"python3 -m venv ~/chat-env && ~/chat-env/bin/pip install {quoted} && "
+            f"~/chat-env/bin/python {sys.argv[0] or 'chat.py'}")
+
+
+class FirstRunError(Exception):
+    """A first-run set-up step failed; the message is the one line the user sees."""
+
+
+def untrusted(path: Path) -> str | None:
+    """Why chat.py must not run code from `path` (another user could change it), or None.
+
+    The path must belong to this user and be writable by nobody else; a directory that others
+    may write into (and that has no sticky bit) above it would let them swap it.
+    """
+    import stat
+
+    try:
+        info = path.stat()
+        parent = path.resolve().parent.stat()
+    except OSError as exc:
+        return f"cannot check {path}: {exc.strerror or exc}"
+    if info.st_uid != os.getuid():
+        return f"{path} belongs to another user (uid {info.st_uid})"
+    if info.st_mode & 0o002 or (info.st_mode & 0o020 and not _own_group(info.st_gid)):
+        return f"{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o}; chmod go-w it)"
+    if parent.st_mode & 0o002 and not parent.st_mode & stat.S_ISVTX:
+        return f"the directory above {path} is writable by everyone, so others could replace it"
+    return None
+
+
+def _own_group(gid: int) -> bool:
+    """Whether a group is this user's personal group (Debian's user groups: same name, no other
+    members), so that its write bit lets nobody else in."""
+    import grp
+    import pwd
+
+    try:
+        group = grp.getgrgid(gid)
+        return group.gr_name == pwd.getpwuid(os.getuid()).pw_name and not set(group.gr_mem) - {group.gr_name}
+    except KeyError:
+        return False
+
+
+def own_directory(path: Path) -> Path:
+    """`path`, created mode 700 if missing, after checking that only this user can change it."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FirstRunError(f"cannot create {path}: {exc.strerror or exc}; set CHAT_ENV_DIR to a directory "
+                            "of your own") from None
+    problem = untrusted(path)
+    if problem:
+        raise FirstRunError(f"will not use {problem}; set CHAT_ENV_DIR to a directory of your own") from None
+    return path
+
+
+ENV_SIZE = 64 << 20  # bytes, about, that the private environment takes
+
+
+def no_space(text: str, where: Path) -> bool:
+    """Whether a failed step failed for lack of disk space (said in its output, or plain to see)."""
+    import shutil
+
+    if "No space left on device" in text or "[Errno 28]" in text:
+        return True
+    with contextlib.suppress(OSError):
+        return shutil.disk_usage(where).free < ENV_SIZE
+    return False
+
+
+def pip_install(python: str, requirements: list[str], pip: str | None = None) -> tuple[int, str, str]:
+    """Run pip (`python -m pip`, or the pip at `pip`, e.g. inside its wheel), copying its output to stderr.
+
+    Returns pip's exit status, its last non-empty line and its whole output.
+    """
+    import subprocess
+
+    command = [python, *([pip] if pip else ["-m", "pip"]), "install", "--disable-pip-version-check", "--no-input",
+               "--progress-bar", "off", *requirements]
+    lines: list[str] = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace", stdin=subprocess.DEVNULL) as process:
+        try:
+            for line in process.stdout or ():
+                sys.stderr.write(line)
+                sys.stderr.flush()
+                lines.append(line.rstrip())
+            status = process.wait()
+        except BaseException:
+            process.terminate()
+            process.wait()
+            raise
+    last = next((line for line in reversed(lines) if line.strip()), f"exit status {status}")
+    return status, last, "\n".join(lines)
+
+
+def pip_settings() -> tuple[str, str | None]:
+    """The package index and CA bundle pip would use here: PIP_INDEX_URL / PIP_CERT, else pip's
+    configuration files, else the public index."""
+    import configparser
+
+    found: dict[str, str] = {}
+    files = [Path("/etc/pip.conf"), Path("/etc/xdg/pip/pip.conf"), Path.home() / ".pip/pip.conf",
+             Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "pip/pip.conf"]
+    if os.environ.get("PIP_CONFIG_FILE"):
+        files.append(Path(os.environ["PIP_CONFIG_FILE"]))
+    for path in files:
+        config = configparser.ConfigParser(interpolation=None)
+        with contextlib.suppress(OSError, configparser.Error):
+            config.read(path, encoding="utf-8")
+        for section in ("global", "install"):
+            for key in ("index-url", "cert"):
+                if config.has_option(section, key):
+                    found[key] = config.get(section, key).strip()
+    index = os.environ.get("PIP_INDEX_URL") or found.get("index-url") or DEFAULT_PACKAGE_INDEX
+    return index.rstrip("/") + "/", os.environ.get("PIP_CERT") or found.get("cert")
+
+
+def download(url: str, limit: int, accept: str = "*/*", timeout: float = 30.0,
+             context: ssl.SSLContext | None = None) -> bytes:
+    """GET `url` (stdlib only), refusing a body over `limit` bytes with a FirstRunError."""
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"Accept": accept, "User-Agent": f"chat.py/{__version__}"})
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+        body: bytes = response.read(limit + 1)
+    if len(body) > limit:
+        raise FirstRunError(f"{url} is larger than expected; not using it")
+    return body
+
+
+def fetch_pip_wheel(into: Path) -> Path:
+    """Download the pinned pip wheel from the package index into `into`, checked against its sha256.
+
+    For a python3 without ensurepip (Debian's and Ubuntu's, without python3-venv): pip runs from
+    its own wheel to install itself into the new environment, so no root is needed.
+    """
+    import urllib.parse
+
+    version, digest = PIP_WHEEL
+    filename = f"pip-{version}-py3-none-any.whl"
+    index, cert = pip_settings()
+    context = ssl.create_default_context(cafile=cert) if cert and os.path.isfile(cert) else None
+    page_url = urllib.parse.urljoin(index, "pip/")
+    try:
+        page = download(page_url, 16 << 20, "application/vnd.pypi.simple.v1+json, text/html;q=0.1",
+                        context=context).decode("utf-8")
+        try:
+            links = {f["filename"]: (f["url"], f.get("hashes", {}).get("sha256")) for f in json.loads(page)["files"]}
+        except (ValueError, KeyError, TypeError):  # the HTML form of the simple index
+            links = {urllib.parse.unquote(href.split("#")[0].rsplit("/", 1)[-1]): (href, re.search(
+                r"#sha256=([0-9a-f]{64})", href).group(1) if "#sha256=" in href else None)  # type: ignore[union-attr]
+                for href in re.findall(r'href="([^"]+)"', html.unescape(page))}
+        if filename not in links:
+            raise FirstRunError(f"the package index {index} has no {filename}")
+        href, published = links[filename]
+        if published and published != digest:
+            raise FirstRunError(f"the package index {index} publishes sha256 {published} for {filename}, "
+                                f"but chat.py pins {digest}; not installing it")
+        wheel = download(urllib.parse.urljoin(page_url, href.split("#")[0]), 64 << 20, context=context)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise FirstRunError(f"cannot download pip {version} from the package index {index} ({reason}); check the "
+                            "network or proxy, or, as root, `apt install python3-venv` and run chat.py again") from None
+    if hashlib.sha256(wheel).hexdigest() != digest:
+        raise FirstRunError(f"{filename} from {index} does not match the sha256 chat.py pins; not installing it")
+    path = into / filename
+    path.write_bytes(wheel)
+    return path
+
+
+def _has_ensurepip() -> bool:
+    try:
+        import ensurepip  # noqa: F401  (Debian and Ubuntu ship it separately, in python3-venv)
+    except ImportError:
+        return False
+    return True
+
+
+def install_private_env(env: Path, requirements: list[str]) -> None:
+    """Create `env` with the requirements, in place; the completion mark is written last."""
+    import shutil
+    import subprocess
+
+    try:
+        import venv  # noqa: F401
+    except ImportError:
+        raise FirstRunError("this python3 has no venv module; as root, `apt install python3-venv`, then run "
+                            "chat.py again") from None
+    with_pip = _has_ensurepip()
+    wanted = ", ".join(f"{name} {re.sub(r'^[<>=!~]=?', '', spec.split(',')[0])}".strip()
+                       for name, spec in map(split_requirement, requirements))
+    how = "" if with_pip else f"; this python3 has no ensurepip, so pip {PIP_WHEEL[0]} comes from the package index"
+    print(f"chat.py: first run: installing {wanted} into {env} (about 10 s, once{how})", file=sys.stderr, flush=True)
+    try:
+        if env.exists():  # a leftover of an install that was killed: ours (checked), so replace it
+            shutil.rmtree(env)
+        made = subprocess.run([sys.executable, "-m", "venv", *([] if with_pip else ["--without-pip"]), str(env)],
+                              capture_output=True, text=True, errors="replace", stdin=subprocess.DEVNULL)
+        output = (made.stdout + made.stderr).strip()
+        if made.returncode != 0:
+            if no_space(output, env.parent):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise FirstRunError(f"python3 -m venv failed: {output.splitlines()[-1] if output else made.returncode}")
+        if not with_pip:
+            wheel = fetch_pip_wheel(env)
+            status, last, output = pip_install(str(env_python(env)), ["--no-index", str(wheel)], f"{wheel}/pip")
+            wheel.unlink()
+            if status != 0:
+                raise FirstRunError(f"pip could not install itself from its wheel: {last}")
+        status, last, output = pip_install(str(env_python(env)), requirements)
+        if status != 0:
+            if no_space(output, env.parent):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            if any(hint in output for hint in PIP_NETWORK_HINTS):
+                raise FirstRunError(f"cannot reach the package index to install the dependencies ({last}); "
+                                    f"check the network or proxy, or install by hand: "
+                                    f"{manual_install_hint(requirements)}")
+            raise FirstRunError(f"pip could not install the dependencies: {last}")
+        (env / ENV_COMPLETE).write_text(f"{sys.executable}\n")
+    except BaseException as exc:
+        shutil.rmtree(env, ignore_errors=True)
+        if isinstance(exc, KeyboardInterrupt):
+            raise FirstRunError("first-run install interrupted; nothing was kept (run chat.py again to "
+                                "retry)") from None
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise FirstRunError(f"no space left on the disk of {env.parent} (the environment needs about "
+                                f"{ENV_SIZE >> 20} MB); free some space, or set CHAT_ENV_DIR to a directory on another "
+                                "disk") from None
+        if isinstance(exc, OSError):
+            raise FirstRunError(f"cannot set up {env}: {exc.strerror or exc}; delete it and run chat.py "
+                                "again") from None
+        raise
+
+
+def ready_private_env(requirements: list[str]) -> Path:
+    """The private environment, installed first if it is missing or incomplete, and checked to be
+    this user's own before anything in it runs."""
+    import fcntl
+
+    env = private_env_dir(requirements)
+    own_directory(env.parent)
+    with open(env.parent / ".install-lock", "a") as lock:  # one first run at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (env / ENV_COMPLETE).is_file() or not env_python(env).exists():
+            install_private_env(env, requirements)
+    for path in (env, env / "bin"):
+        problem = untrusted(path)
+        if problem:
+            raise FirstRunError(f"will not run {env_python(env)}: {problem}; delete {env} and run chat.py again")
+    return env
+
+
+def import_optional(module: str, requirement: str, feature: str) -> Any:
+    """Import an optional package a flag needs; in chat.py's private environment, install it first."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        pass
+    if not os.environ.get("CHAT_PRIVATE_ENV"):
+        raise StartupError(f"{feature} needs the {split_requirement(requirement)[0]} package: "
+                           f"{sys.executable} -m pip install '{requirement}'")
+    print(f"chat.py: {feature}: installing {requirement} into {sys.prefix}", file=sys.stderr, flush=True)
+    _, last, _ = pip_install(sys.executable, [requirement])
+    importlib.invalidate_caches()
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise StartupError(f"{feature} needs {requirement}, and pip could not install it: {last}") from None
+
+
+def first_run(problem: str, argv: list[str]) -> int:
+    """Set up the private environment if needed and re-run chat.py in it; return an exit status on failure."""
+    requirements = script_requirements(read_own_header())
+    if os.environ.get("CHAT_NO_BOOTSTRAP"):
+        print(f"chat.py: {problem}, and CHAT_NO_BOOTSTRAP is set; install by hand:\n"
+              f"  {manual_install_hint(requirements)}\nor, in your own environment: "
+              f"pip install {' '.join(repr(r) for r in requirements)}", file=sys.stderr)
+        return 1
+    if os.environ.get("CHAT_PRIVATE_ENV"):
+        print(f"chat.py: {problem} in the private environment {sys.prefix}; delete that directory and run "
+              "chat.py again", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    umask = os.umask(0o077)  # what the install creates is this user's alone
+    try:
+        env = ready_private_env(requirements)
+    except FirstRunError as exc:
+        print(f"chat.py: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        os.umask(umask)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    python = str(env_python(env))
+    os.environ["CHAT_PRIVATE_ENV"] = str(env)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(python, [python, os.path.abspath(__file__), *argv])
+    return 1  # not reached
+
+
+_DEPENDENCY_PROBLEM = dependency_problem(script_requirements(read_own_header()),
+                                         _IMPORT_ERROR)
+if _DEPENDENCY_PROBLEM:
+    if __name__ == "__main__":
+        sys.exit(first_run(_DEPENDENCY_PROBLEM, sys.argv[1:]))
+    raise ImportError(f"chat.py: {_DEPENDENCY_PROBLEM}")
 
 
 # ---------------------------------------------------------------- web: aiohttp routes, headers and connection guards
