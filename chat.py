@@ -6119,6 +6119,10 @@ PAGE_JS = r"""
 #   the storing one included, delivers them from the channel in id order, a batch in one iteration.
 # - socketio.AsyncRedisManager._publish(data), _redis_listen_with_retries(), _redis_connect() and
 #   .pubsub: RedisFanoutManager's outage handling.
+# - socketio's manager.rooms[namespace][room] (a bidict, sid -> Engine.IO sid) and the
+#   basic_enter_room / basic_leave_room methods through which enter_room, leave_room, close_room
+#   and disconnect all change membership: FanoutManager reads a big room's members once per flush
+#   interval for its RoomSegment, and seals the open segments on any change.
 # - socketio's manager.eio_sid_from_sid(sid, namespace), behind engine_sid(): which Engine.IO
 #   session a connection is on (a long-poll to release when it goes).
 # - aiohttp's web.Server.connections and RequestHandler.transport, behind open_http_transports():
@@ -6221,8 +6225,8 @@ class LeanQueue:
     already put has been written. The connection's bound is the FrameFlusher's.
     """
 
-    __slots__ = ("buffered", "early", "ending", "finished", "flusher", "response", "sid", "transport",
-                 "unwritten_bytes", "ws")
+    __slots__ = ("buffered", "early", "ending", "finished", "flusher", "response", "segment", "sid",
+                 "transport", "unwritten_bytes", "ws")
 
     def __init__(self, flusher: FrameFlusher) -> None:
         self.flusher = flusher
@@ -6235,6 +6239,7 @@ class LeanQueue:
         self.buffered = 0  # in the transport's buffer, when this iteration's first frame came
         self.ending = False
         self.finished = False
+        self.segment: RoomSegment | None = None  # the room segment its next frames may share
 
     def attach(self, ws: ChatWebSocket, sid: str) -> None:
         """The WebSocket is open: write what waited for it."""
@@ -6309,6 +6314,32 @@ class LeanQueue:
 COALESCE_FANOUT = 200
 COALESCE_WINDOW = 0.02
 COALESCE_DELAY = 0.010
+SHARED_SEGMENT_MEMBERS = 16  # rooms at least this big share one RoomSegment per flush interval
+
+
+class RoomSegment:
+    """The frames broadcast to one room during one flush interval, joined once for all its members.
+
+    A member whose connection gets some other frame in between (an ack, a private message,
+    another room's broadcast, or a broadcast that skips it) is `cut` there: it gets the
+    segment's frames up to that point, and later ones through its own frames, in order."""
+
+    __slots__ = ("blob", "cut", "frames", "others", "size")
+
+    def __init__(self, others: list[Any]) -> None:
+        self.frames: list[bytes] = []
+        self.size = 0
+        self.cut: dict[LeanQueue, int] = {}  # member -> how many of `frames` it gets
+        self.others = others  # the room's other sessions (polling, not yet open): sent one by one
+        self.blob: bytes | None = None
+
+    def bytes_for(self, queue: LeanQueue) -> bytes:
+        count = self.cut.get(queue)
+        if count is not None:
+            return b"".join(self.frames[:count])
+        if self.blob is None:
+            self.blob = b"".join(self.frames)
+        return self.blob
 
 
 class FrameFlusher:
@@ -6320,13 +6351,17 @@ class FrameFlusher:
     bytes (in the transport's buffer and here) would pass `max_bytes` is a client that
     stopped reading: it is handed to `overflow` instead of growing server memory (a single
     frame larger than the bound still goes out when nothing is waiting).
+
+    Broadcasts to a big room share a RoomSegment: the first of the interval visits every
+    member, each later one is appended once for all of them (see FanoutManager.emit).
     """
 
     def __init__(self, max_bytes: int, overflow: Callable[[str], None]) -> None:
         self.max_bytes = max_bytes
         self.write_early = min(max_bytes // 2, 65536)
         self.overflow = overflow
-        self.unwritten: dict[LeanQueue, list[bytes]] = {}
+        self.unwritten: dict[LeanQueue, list[bytes | RoomSegment]] = {}
+        self.segments: dict[Any, RoomSegment] = {}  # open this interval, by room
         self.scheduled = False
         self.closing: set[asyncio.Task[Any]] = set()
         self.last_flush = (0.0, 0)  # when, and to how many connections
@@ -6334,6 +6369,8 @@ class FrameFlusher:
     def push(self, queue: LeanQueue, frame: bytes) -> None:
         """Queue `frame` for the connection's write at the next flush (called once per recipient
         of every broadcast: kept short)."""
+        if queue.segment is not None:
+            self._cut(queue)
         frames = self.unwritten.get(queue)
         if frames is None:
             transport = queue.open_transport()
@@ -6347,7 +6384,7 @@ class FrameFlusher:
             transport = queue.open_transport()
             if transport is None:
                 return
-            transport.write(b"".join(frames))
+            transport.write(self._joined(queue, frames))
             frames.clear()
             queue.buffered = transport.get_write_buffer_size()
             size = len(frame)
@@ -6357,17 +6394,70 @@ class FrameFlusher:
         frames.append(frame)
         queue.unwritten_bytes = size
 
+    def segment(self, room: Any) -> RoomSegment | None:
+        """The room's open segment, if this interval has one and it may grow."""
+        segment = self.segments.get(room)
+        if segment is not None and segment.size > self.write_early:
+            del self.segments[room]  # a burst: its members' writes are split, as push() splits them
+            return None
+        return segment
+
+    def start_segment(self, room: Any, members: list[LeanQueue], others: list[Any]) -> RoomSegment:
+        """Open a segment for `room` shared by `members` (open WebSocket connections)."""
+        segment = RoomSegment(others)
+        self.segments[room] = segment
+        for queue in members:
+            if queue.segment is not None:
+                self._cut(queue)
+            frames = self.unwritten.get(queue)
+            if frames is None:
+                transport = queue.open_transport()
+                if transport is None:
+                    continue
+                frames = self._visit(queue, transport)
+            frames.append(segment)
+            queue.segment = segment
+        return segment
+
+    def extend_segment(self, segment: RoomSegment, frame: bytes, skip: LeanQueue | None) -> None:
+        """Add `frame` for every member of the segment but `skip`."""
+        if skip is not None and skip.segment is segment:
+            self._cut(skip)
+        segment.frames.append(frame)
+        segment.size += len(frame)
+        segment.blob = None
+        for queue in list(segment.cut):
+            if queue is not skip and not queue.finished:
+                self.push(queue, frame)
+
+    def seal_segments(self) -> None:
+        """Room memberships changed: later broadcasts start new segments."""
+        self.segments.clear()
+
+    @staticmethod
+    def _cut(queue: LeanQueue) -> None:
+        segment = queue.segment
+        queue.segment = None
+        if segment is not None:
+            segment.cut[queue] = len(segment.frames)
+
+    @staticmethod
+    def _joined(queue: LeanQueue, frames: list[bytes | RoomSegment]) -> bytes:
+        if len(frames) == 1 and type(frames[0]) is bytes:
+            return frames[0]
+        return b"".join(f if type(f) is bytes else f.bytes_for(queue) for f in frames)  # type: ignore[union-attr]
+
     def schedule(self, queue: LeanQueue) -> None:
         """Make sure the next flush visits `queue` (to end it) even with nothing to write."""
         if queue not in self.unwritten:
             self._visit(queue, queue.transport)
 
-    def _visit(self, queue: LeanQueue, transport: asyncio.Transport | None) -> list[bytes]:
+    def _visit(self, queue: LeanQueue, transport: asyncio.Transport | None) -> list[bytes | RoomSegment]:
         """The connection's (empty) list of frames for the next flush, which is scheduled once per
         iteration; notes what the transport already buffers, for the bound."""
         queue.buffered = transport.get_write_buffer_size() if transport is not None else 0
         queue.unwritten_bytes = 0
-        frames: list[bytes] = []
+        frames: list[bytes | RoomSegment] = []
         self.unwritten[queue] = frames
         if not self.scheduled:
             self.scheduled = True
@@ -6382,13 +6472,20 @@ class FrameFlusher:
     def flush(self) -> None:
         self.scheduled = False
         unwritten, self.unwritten = self.unwritten, {}
+        self.segments.clear()
         self.last_flush = (asyncio.get_running_loop().time(), len(unwritten))
         for queue, frames in unwritten.items():
+            queue.segment = None
             if queue.finished:
                 continue
             transport = queue.open_transport() if frames else None
             if transport is not None:
-                transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+                data = self._joined(queue, frames)
+                buffered = transport.get_write_buffer_size()
+                if buffered and buffered + len(data) > self.max_bytes:
+                    self.overflow(queue.sid)  # a member of a shared segment that stopped reading
+                    continue
+                transport.write(data)
             if queue.ending:
                 queue.finished = True
                 task = asyncio.get_running_loop().create_task(queue.ws.close())  # type: ignore[union-attr]
@@ -6969,6 +7066,11 @@ class FanoutManager(socketio.AsyncManager):
         if isinstance(encoded, list):  # binary attachments: leave them to the stock path
             return await super().emit(event, data, namespace, room=room, skip_sid=skip_sid, **kwargs)
         packet = eio_packet.Packet(eio_packet.MESSAGE, encoded)
+        if isinstance(room, str) and not isinstance(skip_sid, list):
+            members = self.rooms[namespace].get(room)
+            if members is not None and len(members) >= SHARED_SEGMENT_MEMBERS:
+                self._broadcast_shared(namespace, room, members, skip_sid, encoded, packet)
+                return
         ws_frame: bytes | None = None
         skip = skip_sid if isinstance(skip_sid, list) else [skip_sid]
         sockets = self.server.eio.sockets
@@ -6985,6 +7087,47 @@ class FanoutManager(socketio.AsyncManager):
                 queue.push_frame(ws_frame)
             else:
                 queue.put_nowait(packet)  # an OutgoingQueue: past its bound it drops the client instead
+
+
+    def _broadcast_shared(self, namespace: str, room: str, members: Any, skip_sid: str | None, encoded: str,
+                          packet: Any) -> None:
+        """A broadcast to a big room: one RoomSegment per flush interval for its open WebSockets."""
+        flusher: FrameFlusher = self.server.eio.flusher
+        key = (namespace, room)
+        segment = flusher.segment(key)
+        sockets = self.server.eio.sockets
+        skip: LeanQueue | None = None
+        if segment is None:
+            lean: list[LeanQueue] = []
+            others: list[Any] = []
+            for eio_sid in members.values():
+                sock = sockets.get(eio_sid)
+                if sock is None or sock.closing or sock.closed:
+                    continue
+                queue = sock.queue
+                if type(queue) is LeanQueue and queue.ws is not None:
+                    lean.append(queue)
+                else:
+                    others.append(sock)
+            segment = flusher.start_segment(key, lean, others)
+        if skip_sid is not None:
+            sock = sockets.get(members.get(skip_sid))
+            skip = sock.queue if sock is not None and type(sock.queue) is LeanQueue else None
+        flusher.extend_segment(segment, websocket_frame(b"4" + encoded.encode()), skip)
+        skipped = None if skip_sid is None else members.get(skip_sid)
+        for sock in segment.others:
+            if sock.sid != skipped and not (sock.closing or sock.closed):
+                sock.queue.put_nowait(packet)
+
+    # Any change of who is in which room (python-socketio's disconnect and close_room leave through
+    # basic_leave_room): broadcasts after it start new segments.
+    def basic_enter_room(self, *args: Any, **kwargs: Any) -> Any:
+        self.server.eio.flusher.seal_segments()
+        return super().basic_enter_room(*args, **kwargs)
+
+    def basic_leave_room(self, *args: Any, **kwargs: Any) -> Any:
+        self.server.eio.flusher.seal_segments()
+        return super().basic_leave_room(*args, **kwargs)
 
 
 class RedisFanoutManager(socketio.AsyncRedisManager, FanoutManager):

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import unicodedata
 import urllib.error
 import urllib.request
@@ -5281,6 +5282,18 @@ def test_every_library_internal_chat_py_relies_on_is_still_there() -> None:
     assert params(socketio.AsyncRedisManager._redis_listen_with_retries) == ["self"]
     assert callable(socketio.AsyncRedisManager._redis_connect)
     assert params(socketio.AsyncManager.eio_sid_from_sid) == ["self", "sid", "namespace"], "engine_sid()"
+    manager = socketio.AsyncManager()  # room segments: membership changes all pass through basic_*_room
+    changes: list[str] = []
+    manager.basic_enter_room = lambda *a, **k: (changes.append("enter"), type(manager).basic_enter_room(manager, *a, **k))
+    manager.basic_leave_room = lambda *a, **k: (changes.append("leave"), type(manager).basic_leave_room(manager, *a, **k))
+    manager.set_server(types.SimpleNamespace(eio=types.SimpleNamespace(generate_id=lambda: "sid-1"),
+                                             packet_class=socketio.packet.Packet))
+    asyncio.run(manager.connect("eio-1", "/"))
+    asyncio.run(manager.enter_room("sid-1", "/", "lobby"))
+    assert dict(manager.rooms["/"]["lobby"]) == {"sid-1": "eio-1"}, "FanoutManager reads manager.rooms"
+    asyncio.run(manager.close_room("lobby", "/"))
+    asyncio.run(manager.disconnect("sid-1", "/"))
+    assert changes == ["enter", "enter", "enter", "leave", "leave", "leave"], "connect, enter, close, disconnect"
     from aiohttp import web_protocol, web_server
     assert isinstance(web_server.Server.connections, property), "open_http_transports(): Server.connections"
     assert hasattr(web_protocol.RequestHandler, "transport"), "open_http_transports(): RequestHandler.transport"
@@ -5362,7 +5375,7 @@ async def test_a_websocket_connection_gets_its_packets_in_order_with_one_write_p
     queue.attach(FakeWebSocket(), "eio-1")  # type: ignore[arg-type]
     sock = SimpleNamespace(closing=False, closed=False, queue=queue)
     manager = chat.FanoutManager()
-    eio = SimpleNamespace(sockets={"eio-1": sock}, generate_id=lambda: "sid-1", max_queue=1)
+    eio = SimpleNamespace(sockets={"eio-1": sock}, generate_id=lambda: "sid-1", max_queue=1, flusher=flusher)
     manager.set_server(SimpleNamespace(eio=eio, packet_class=socketio.packet.Packet))
     await manager.connect("eio-1", "/")
 
@@ -5393,6 +5406,77 @@ async def test_a_websocket_connection_gets_its_packets_in_order_with_one_write_p
     queue.put_nowait(eio_packet.Packet(eio_packet.PING))
     await asyncio.sleep(0)
     assert written[-1] == b"\x81\x011", "nothing after the end"
+
+
+async def test_broadcasts_to_a_big_room_share_one_joined_segment_and_keep_each_connections_order() -> None:
+    from types import SimpleNamespace
+
+    from engineio import packet as eio_packet
+
+    flusher = chat.FrameFlusher(max_bytes=4096, overflow=lambda sid: dropped.append(sid))
+    dropped: list[str] = []
+    writes: dict[str, list[bytes]] = {}
+    buffered: dict[str, int] = {}
+    sockets: dict[str, Any] = {}
+
+    def websocket_session(eio_sid: str) -> None:
+        writes[eio_sid], buffered[eio_sid] = [], 0
+        transport = SimpleNamespace(write=writes[eio_sid].append, is_closing=lambda: False,
+                                    get_write_buffer_size=lambda: buffered[eio_sid])
+        queue = chat.LeanQueue(flusher)
+        queue.attach(SimpleNamespace(response=SimpleNamespace(closed=False), transport=transport), eio_sid)  # type: ignore[arg-type]
+        sockets[eio_sid] = SimpleNamespace(sid=eio_sid, closing=False, closed=False, queue=queue)
+
+    polled: list[Any] = []
+    names = iter(f"sid-{n}" for n in range(100))
+    manager = chat.FanoutManager()
+    eio = SimpleNamespace(sockets=sockets, generate_id=lambda: next(names), flusher=flusher)
+    manager.set_server(SimpleNamespace(eio=eio, packet_class=socketio.packet.Packet))
+    members = [f"eio-{n}" for n in range(chat.SHARED_SEGMENT_MEMBERS)]
+    for eio_sid in members:
+        websocket_session(eio_sid)
+    sockets["eio-poll"] = SimpleNamespace(sid="eio-poll", closing=False, closed=False,
+                                          queue=SimpleNamespace(put_nowait=polled.append))
+    sid_of = {eio_sid: await manager.connect(eio_sid, "/") for eio_sid in [*members, "eio-poll"]}
+    for sid in sid_of.values():
+        await manager.enter_room(sid, "/", "lobby")
+    websocket_session("eio-late")
+    sid_of["eio-late"] = await manager.connect("eio-late", "/")
+
+    def frame(text: str) -> bytes:  # an unmasked text frame: 0x81, the length, the payload
+        return bytes([0x81, len(text)]) + text.encode()
+
+    a, b, c = (frame(f'42["newmessage",{{"body":"{x}"}}]') for x in "abc")
+    ack, private = frame('431[{"ok":true}]'), frame('42["private",{"body":"p"}]')
+    await manager.emit("newmessage", {"body": "a"}, "/", room="lobby")
+    sockets["eio-0"].queue.put_nowait(eio_packet.Packet(eio_packet.MESSAGE, '31[{"ok":true}]'))
+    await manager.emit("newmessage", {"body": "b"}, "/", room="lobby", skip_sid=sid_of["eio-1"])
+    await manager.emit("private", {"body": "p"}, "/", room=sid_of["eio-2"])
+    await manager.enter_room(sid_of["eio-late"], "/", "lobby")
+    await manager.emit("newmessage", {"body": "c"}, "/", room="lobby")
+    assert all(w == [] for w in writes.values()), "nothing is written before the next iteration"
+    await asyncio.sleep(0)
+    assert writes["eio-0"] == [a + ack + b + c], "the ack between broadcasts stays between them"
+    assert writes["eio-1"] == [a + c], "a broadcast that skips a member skips it"
+    assert writes["eio-2"] == [a + b + private + c], "a private frame keeps its place"
+    assert writes["eio-late"] == [c], "someone who joins gets what is broadcast after"
+    rest = [writes[e] for e in members[3:]]
+    assert rest == [[a + b + c]] * len(rest), "one write each"
+    assert [p.data for p in polled] == [f'2["newmessage",{{"body":"{x}"}}]' for x in "abc"], \
+        "a polling member gets each broadcast on its own"
+
+    buffered["eio-3"] = 4090  # stopped reading: the transport holds nearly the bound
+    await manager.emit("newmessage", {"body": "a"}, "/", room="lobby")
+    await asyncio.sleep(0)
+    assert dropped == ["eio-3"] and len(writes["eio-3"]) == 1, "past the bound a member is dropped, not written"
+    assert writes["eio-4"][-1] == a and dropped == ["eio-3"], "the others are not"
+    assert all(writes[e][-1] is writes["eio-4"][-1] for e in members[5:]), "one segment is joined once for all"
+
+    await manager.emit("newmessage", {"body": "b"}, "/", room="lobby")
+    await manager.leave_room(sid_of["eio-5"], "/", "lobby")  # kicked from the room, say
+    await manager.emit("newmessage", {"body": "c"}, "/", room="lobby")
+    await asyncio.sleep(0)
+    assert writes["eio-5"][-1] == b and writes["eio-6"][-1] == b + c, "who leaves gets nothing sent after"
 
 
 @pytest.mark.browser
@@ -5738,7 +5822,7 @@ async def test_under_load_frames_of_consecutive_iterations_share_one_write_and_a
     def recipient() -> Any:
         writes: list[bytes] = []
         transport = SimpleNamespace(write=writes.append, get_write_buffer_size=lambda: 0)
-        return Recipient(sid="s", buffered=0, unwritten_bytes=0, finished=False, ending=False,
+        return Recipient(sid="s", buffered=0, unwritten_bytes=0, finished=False, ending=False, segment=None,
                          transport=transport, open_transport=lambda: transport, writes=writes)
 
     flusher = chat.FrameFlusher(max_bytes=1 << 20, overflow=lambda sid: None)
