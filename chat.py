@@ -6369,14 +6369,9 @@ class FrameFlusher:
     def push(self, queue: LeanQueue, frame: bytes) -> None:
         """Queue `frame` for the connection's write at the next flush (called once per recipient
         of every broadcast: kept short)."""
-        if queue.segment is not None:
-            self._cut(queue)
-        frames = self.unwritten.get(queue)
+        frames = self._pending(queue)
         if frames is None:
-            transport = queue.open_transport()
-            if transport is None:
-                return  # closing: nothing more may be written
-            frames = self._visit(queue, transport)
+            return  # closing: nothing more may be written
         size = queue.unwritten_bytes + len(frame)
         if size > self.write_early and frames:
             # a burst handled within one iteration (a sender's many queued messages): write what
@@ -6407,17 +6402,24 @@ class FrameFlusher:
         segment = RoomSegment(others)
         self.segments[room] = segment
         for queue in members:
-            if queue.segment is not None:
-                self._cut(queue)
-            frames = self.unwritten.get(queue)
-            if frames is None:
-                transport = queue.open_transport()
-                if transport is None:
-                    continue
-                frames = self._visit(queue, transport)
-            frames.append(segment)
-            queue.segment = segment
+            frames = self._pending(queue)
+            if frames is not None:
+                frames.append(segment)
+                queue.segment = segment
         return segment
+
+    def _pending(self, queue: LeanQueue) -> list[bytes | RoomSegment] | None:
+        """What waits for the connection's next write, to append to (after cutting the segment it
+        shared so far), or None when it is closing."""
+        if queue.segment is not None:
+            self._cut(queue)
+        frames = self.unwritten.get(queue)
+        if frames is None:
+            transport = queue.open_transport()
+            if transport is None:
+                return None
+            frames = self._visit(queue, transport)
+        return frames
 
     def extend_segment(self, segment: RoomSegment, frame: bytes, skip: LeanQueue | None) -> None:
         """Add `frame` for every member of the segment but `skip`."""
@@ -7110,11 +7112,11 @@ class FanoutManager(socketio.AsyncManager):
                 else:
                     others.append(sock)
             segment = flusher.start_segment(key, lean, others)
-        if skip_sid is not None:
-            sock = sockets.get(members.get(skip_sid))
-            skip = sock.queue if sock is not None and type(sock.queue) is LeanQueue else None
+        skipped = None if skip_sid is None else members.get(skip_sid)  # its Engine.IO sid
+        skipped_sock = sockets.get(skipped) if skipped is not None else None
+        if skipped_sock is not None and type(skipped_sock.queue) is LeanQueue:
+            skip = skipped_sock.queue
         flusher.extend_segment(segment, websocket_frame(b"4" + encoded.encode()), skip)
-        skipped = None if skip_sid is None else members.get(skip_sid)
         for sock in segment.others:
             if sock.sid != skipped and not (sock.closing or sock.closed):
                 sock.queue.put_nowait(packet)
