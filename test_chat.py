@@ -19,6 +19,7 @@ import http.server
 import importlib.util
 import inspect
 import json
+import logging
 import os
 import queue
 import re
@@ -128,14 +129,15 @@ async def start_chat() -> AsyncIterator[StartChat]:
     """Start chat.py's real server in this event loop on a free port; returns its URL."""
     running: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
 
-    async def start(**overrides: Any) -> str:
-        settings = chat.Settings(port=0, **overrides)
+    async def start(client_note: str = "", **overrides: Any) -> str:
+        settings = chat.Settings(**{"port": 0, **overrides})
         ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         stop = asyncio.Event()
-        task = asyncio.create_task(chat.serve(settings, ready=ready, stop=stop))
+        task = asyncio.create_task(chat.serve(settings, ready=ready, stop=stop, client_note=client_note))
         running.append((stop, task))
         await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED, timeout=10)
-        if task.done():
+        if task.done():  # it did not start: its error is the test's
+            running.pop()
             task.result()
         return ready.result()
 
@@ -183,6 +185,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """chat.py's main() in this process, for a command line that ends before it serves (a bad file,
+    a start-up error): its exit status and what it wrote to stderr. The stop signals main() sets
+    aside on its way out, and the aiohttp logging it sets up, are put back for the next test."""
+    signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    server_log, aiohttp_log = logging.getLogger("aiohttp.server"), logging.getLogger("aiohttp")
+    filters, level = list(server_log.filters), aiohttp_log.level
+    capsys.readouterr()
+    try:
+        code = chat.main(argv)
+    finally:
+        for sig, handler in signals.items():
+            signal.signal(sig, handler)
+        server_log.filters[:] = filters
+        aiohttp_log.setLevel(level)
+    return code, capsys.readouterr().err
 
 
 class LineReader:
@@ -385,12 +405,14 @@ async def test_websocket_compression_is_accepted_only_with_compress(start_chat: 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_the_event_loop_is_the_one_asked_for(loop: str) -> None:
     require(loop == "asyncio" or importlib.util.find_spec("uvloop") is not None, "uvloop")
-    proc = ChatProcess("--port", "0", "--loop", loop)
-    try:
-        proc.wait_ready()
-        assert f"; {loop}; " in proc.banner
-    finally:
-        proc.stop()
+    running: list[str] = []
+
+    async def note_the_loop() -> None:
+        running.append(type(asyncio.get_running_loop()).__module__.split(".")[0])
+
+    chat.run_event_loop(note_the_loop(), chat.parse_settings(["--loop", loop]).loop)
+    assert running == [loop]
+    assert f"; {loop}; " in chat.banner(chat.Settings(loop=loop), "http://127.0.0.1:3000"), "the banner says which"
 
 
 @pytest.mark.parametrize(("only", "other"), [("polling", "websocket"), ("websocket", "polling")])
@@ -497,9 +519,11 @@ async def test_max_length_sets_the_limit_and_the_page_says_it(start_chat: StartC
         assert '<meta name="chat-max-length" content="10">' in await resp.text()
 
 
-def test_help_explains_every_flag_and_the_readme_lists_each() -> None:
-    out = subprocess.run([sys.executable, str(HERE / "chat.py"), "--help"], capture_output=True, text=True,
-                         check=True, timeout=20).stdout
+def test_help_explains_every_flag_and_the_readme_lists_each(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        chat.parse_settings(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
     readme = (HERE / "README.md").read_text()
     flags = [flag for action in chat.build_parser()._actions for flag in action.option_strings
              if flag.startswith("--") and flag != "--help"]
@@ -573,60 +597,51 @@ def test_a_bad_file_is_refused_naming_the_flag_and_the_file(tmp_path: Path, name
     assert problem is not None and problem.startswith(expected), problem
 
 
-def test_a_bad_file_exits_2_with_one_line(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--port", "0", "--db", str(tmp_path)],
-                            capture_output=True, text=True, timeout=20)
-    assert result.returncode == 2
-    assert result.stderr == f"chat.py: --db {tmp_path}: is a directory; give a file name, e.g. {tmp_path / 'chat.db'}\n"
+def test_a_bad_file_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_main(["--port", "0", "--db", str(tmp_path)], capsys) == (
+        2, f"chat.py: --db {tmp_path}: is a directory; give a file name, e.g. {tmp_path / 'chat.db'}\n")
 
 
-def test_loop_uvloop_without_uvloop_says_so_in_one_line(tmp_path: Path) -> None:
-    blocker = tmp_path / "uvloop.py"
-    blocker.write_text("raise ImportError('uvloop is not installed here')\n")
-    result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--port", "0", "--loop", "uvloop"],
-                            capture_output=True, text=True, timeout=20,
-                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
-    assert result.returncode == 1
-    assert result.stderr == "chat.py: --loop uvloop needs the uvloop package: pip install uvloop\n"
+def test_loop_uvloop_without_uvloop_says_so_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # what `import uvloop` meets where it is not installed
+    assert run_main(["--port", "0", "--loop", "uvloop"], capsys) == (
+        1, "chat.py: --loop uvloop needs the uvloop package: pip install uvloop\n")
 
 
-def test_a_port_in_use_prints_one_clear_line_and_exits_1() -> None:
+def test_a_port_in_use_prints_one_clear_line_and_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--port", str(port)],
-                                capture_output=True, text=True, timeout=20)
-    assert result.returncode == 1
-    assert result.stderr.strip() == f"chat.py: port {port} is in use; try --port {port + 1}"
+        assert run_main(["--port", str(port)], capsys) == (1, f"chat.py: port {port} is in use; try --port {port + 1}\n")
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
-def test_the_banner_gives_an_address_to_open_and_says_what_is_in_use(tmp_path: Path, host: str) -> None:
+async def test_the_banner_gives_an_address_to_open_and_says_what_is_in_use(
+        start_chat: StartChat, tmp_path: Path, capsys: pytest.CaptureFixture[str], host: str) -> None:
     db = tmp_path / "banner.db"
-    proc = ChatProcess("--port", "0", "--host", host, "--db", str(db), env={"CHAT_PASSWORD": "pw"})
-    try:
-        url = proc.wait_ready()
-        assert url.startswith("http://127.0.0.1:"), "the first address in the banner can be opened here"
-        with urllib.request.urlopen(url + "/healthz", timeout=5) as resp:
-            assert resp.status == 200
-        assert f"history in {db}" in proc.banner and "password required" in proc.banner
-        if host == "0.0.0.0":
-            assert "0.0.0.0" not in proc.banner and "from others" in proc.banner
-    finally:
-        proc.stop()
+    url = await start_chat(host=host, db=db, password="pw")
+    banner = capsys.readouterr().out
+    assert url.startswith("http://127.0.0.1:") and banner.startswith(f"chat.py {chat.__version__}: {url}"), \
+        "the first address in the banner can be opened here"
+    async with aiohttp.ClientSession() as http, http.get(url + "/healthz") as resp:
+        assert resp.status == 200
+    assert f"history in {db}" in banner and "password required" in banner
+    assert "python-socketio" in banner and "bot: keyword" in banner
+    if host == "0.0.0.0":
+        assert "0.0.0.0" not in banner and "from others" in banner
 
 
-def test_the_port_environment_variable_is_honoured() -> None:
+async def test_the_port_environment_variable_is_honoured(start_chat: StartChat, monkeypatch: pytest.MonkeyPatch) -> None:
     port = free_port()
-    proc = ChatProcess(env={"PORT": str(port)})
-    try:
-        assert proc.wait_ready() == f"http://127.0.0.1:{port}"
-        assert "python-socketio" in proc.banner and "bot: keyword" in proc.banner
-    finally:
-        proc.stop()
+    monkeypatch.setenv("PORT", str(port))
+    settings = chat.parse_settings([])
+    assert settings.port == port
+    assert await start_chat(port=settings.port) == f"http://127.0.0.1:{port}"
 
 
+@pytest.mark.slow
 async def test_sigterm_with_clients_connected_exits_0_within_the_second_the_readme_promises(
         connect: Connect) -> None:
     proc = ChatProcess("--port", "0")
@@ -642,6 +657,7 @@ async def test_sigterm_with_clients_connected_exits_0_within_the_second_the_read
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_0_without_a_traceback() -> None:
     proc = ChatProcess("--port", "0")
     proc.wait_ready()
@@ -652,6 +668,7 @@ def test_ctrl_c_exits_0_without_a_traceback() -> None:
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_a_second_signal_while_stopping_still_exits_0() -> None:
     for _ in range(2):  # the window is short: twice
         proc = ChatProcess("--port", "0")
@@ -712,7 +729,7 @@ class LoopbackFiles:
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()  # close() waits one poll
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
 
     def close(self) -> None:
@@ -734,36 +751,41 @@ def fetch(url: str) -> tuple[int, dict[str, str], bytes]:
         return exc.code, dict(exc.headers), exc.read()
 
 
-def test_the_page_and_the_tutorials_path_are_served_the_cached_client_with_no_cdn_in_the_csp() -> None:
+async def start_as_main_does(start_chat: StartChat, capsys: pytest.CaptureFixture[str]) -> tuple[str, str]:
+    """Find the browser client as main() does (the cache, else one fetch), start the chat with it,
+    and return its URL and banner."""
+    found, note = await asyncio.to_thread(chat.BrowserClient(chat.cache_root()).find)
+    capsys.readouterr()
+    url = await start_chat(client_js=found, client_note=note)
+    return url, capsys.readouterr().out
+
+
+async def test_the_page_and_the_tutorials_path_are_served_the_cached_client_with_no_cdn_in_the_csp(
+        start_chat: StartChat, capsys: pytest.CaptureFixture[str]) -> None:
     require(CLIENT_JS.is_file(), "socket.io-client in node_modules")
-    proc = ChatProcess("--port", "0")  # the tests' cache (offline_cache) holds the client
-    try:
-        url = proc.wait_ready()
-        status, headers, page = fetch(url)
-        assert status == 200
-        assert b'<script src="/socket.io.min.js"></script>' in page
-        assert "cdn" not in headers["Content-Security-Policy"] and "script-src 'self';" in \
-            headers["Content-Security-Policy"]
-        for path in ("/socket.io.min.js", "/socket.io/socket.io.js"):
-            assert fetch(url + path)[2] == CLIENT_JS.read_bytes()
-        assert "browser client served from here" in proc.banner
-    finally:
-        proc.stop()
+    url, banner = await start_as_main_does(start_chat, capsys)  # the tests' cache (offline_cache) holds the client
+    status, headers, page = await asyncio.to_thread(fetch, url)
+    assert status == 200
+    assert b'<script src="/socket.io.min.js"></script>' in page
+    assert "cdn" not in headers["Content-Security-Policy"] and "script-src 'self';" in \
+        headers["Content-Security-Policy"]
+    for path in ("/socket.io.min.js", "/socket.io/socket.io.js"):
+        assert (await asyncio.to_thread(fetch, url + path))[2] == CLIENT_JS.read_bytes()
+    assert "browser client served from here" in banner
 
 
-def test_the_client_is_fetched_once_from_the_registry_and_kept(tmp_path: Path) -> None:
+async def test_the_client_is_fetched_once_from_the_registry_and_kept(
+        start_chat: StartChat, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
     require(CLIENT_JS.is_file(), "socket.io-client in node_modules")
     registry = fake_registry(client_tarball(CLIENT_JS.read_bytes()))
-    env = {"CHAT_ENV_DIR": str(tmp_path / "cache"), "npm_config_registry": registry.url}
+    monkeypatch.setenv("CHAT_ENV_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("npm_config_registry", registry.url)
     try:
         for start in ("first", "second"):
-            proc = ChatProcess("--port", "0", env=env)
-            try:
-                url = proc.wait_ready()
-                assert fetch(url + "/socket.io/socket.io.js")[2] == CLIENT_JS.read_bytes(), start
-                assert "browser client served from here" in proc.banner
-            finally:
-                proc.stop()
+            url, banner = await start_as_main_does(start_chat, capsys)
+            assert (await asyncio.to_thread(fetch, url + "/socket.io/socket.io.js"))[2] == CLIENT_JS.read_bytes(), start
+            assert "browser client served from here" in banner
     finally:
         registry.close()
     assert len(registry.requests) == 1, "fetched on the first start only"
@@ -771,24 +793,26 @@ def test_the_client_is_fetched_once_from_the_registry_and_kept(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("served", ["a tampered client", "no registry"])
-def test_a_client_that_cannot_be_had_or_fails_its_hash_leaves_the_page_on_the_cdn(tmp_path: Path, served: str) -> None:
+async def test_a_client_that_cannot_be_had_or_fails_its_hash_leaves_the_page_on_the_cdn(
+        start_chat: StartChat, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, tmp_path: Path, served: str) -> None:
     registry = fake_registry(client_tarball(b"/*! Socket.IO v4.8.3 */ window.io = () => steal();"))
-    env = {"CHAT_ENV_DIR": str(tmp_path / "cache"),
-           "npm_config_registry": registry.url if served == "a tampered client" else f"http://127.0.0.1:{free_port()}/"}
-    proc = ChatProcess("--port", "0", env=env)
+    monkeypatch.setenv("CHAT_ENV_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("npm_config_registry",
+                       registry.url if served == "a tampered client" else f"http://127.0.0.1:{free_port()}/")
     try:
-        url = proc.wait_ready()
-        status, headers, page = fetch(url)
-        assert status == 200
-        assert chat.CLIENT_JS_SRI.encode() in page and chat.CLIENT_JS_ORIGIN in headers["Content-Security-Policy"]
-        assert f"browser client from {chat.CLIENT_JS_ORIGIN}, checked with SRI (could not fetch it from" \
-            in proc.banner, "the banner says where the client comes from, and why"
-        if served == "a tampered client":
-            assert "does not match the pinned hash" in proc.banner
+        url, banner = await start_as_main_does(start_chat, capsys)
+        status, headers, page = await asyncio.to_thread(fetch, url)
     finally:
-        _, _, err = proc.stop()
         registry.close()
-    assert "could not fetch" not in err and "Traceback" not in err, "said once, in the banner"
+    assert status == 200
+    assert chat.CLIENT_JS_SRI.encode() in page and chat.CLIENT_JS_ORIGIN in headers["Content-Security-Policy"]
+    assert f"browser client from {chat.CLIENT_JS_ORIGIN}, checked with SRI (could not fetch it from" \
+        in banner, "the banner says where the client comes from, and why"
+    if served == "a tampered client":
+        assert "does not match the pinned hash" in banner
+    said = capsys.readouterr().err + caplog.text
+    assert "could not fetch" not in said and "Traceback" not in said, "said once, in the banner"
     assert not (tmp_path / "cache" / f"socket.io-{chat.CLIENT_JS_VERSION}.min.js").exists()
 
 
@@ -955,6 +979,7 @@ def test_bad_usage_exits_2_with_one_clear_line(case: tuple[list[str], dict[str, 
     assert expected in usage_error(args, monkeypatch, capsys, env)
 
 
+@pytest.mark.slow
 def test_bad_usage_from_the_real_command_is_one_line_and_exit_2() -> None:
     result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--port", "eighty"], capture_output=True,
                             text=True, timeout=20)
@@ -991,6 +1016,7 @@ async def test_two_nodes_find_redis_from_chat_redis_url_and_keep_it_out_of_ps(
         assert "history shared through Redis" in node.banner
 
 
+@pytest.mark.slow
 def test_a_hang_up_stops_the_chat_like_ctrl_c() -> None:
     proc = ChatProcess("--port", "0")
     proc.wait_ready()
@@ -1691,6 +1717,7 @@ def test_a_group_writable_cache_is_trusted_only_when_the_group_is_the_users_own(
     assert "is writable by other users" in (chat.untrusted(own) or "")
 
 
+@pytest.mark.slow
 def test_a_cache_directory_others_can_write_is_refused_with_the_reason(tmp_path: Path) -> None:
     envs = tmp_path / "shared"
     envs.mkdir()
@@ -1780,6 +1807,7 @@ def test_an_interrupted_first_install_keeps_nothing_so_the_next_run_starts_over(
     assert private_envs(envs) == []
 
 
+@pytest.mark.slow
 def test_python_older_than_3_10_is_told_so_in_one_line(tmp_path: Path) -> None:
     candidates = [*sorted(Path.home().glob(".pyenv/versions/3.9*/bin/python3")), shutil.which("python3.9")]
     old = next((c for c in candidates if c and subprocess.run([str(c), "-V"], capture_output=True).returncode == 0),
@@ -1796,6 +1824,7 @@ def test_python_older_than_3_10_is_told_so_in_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "envs").exists(), "nothing is installed for a Python that cannot run chat.py"
 
 
+@pytest.mark.slow
 def test_chat_no_bootstrap_prints_the_manual_commands_instead(tmp_path: Path) -> None:
     env = clean_env(tmp_path / "home", CHAT_ENV_DIR=str(tmp_path / "envs"), CHAT_NO_BOOTSTRAP="1")
     result = subprocess.run([*bare_python(), str(HERE / "chat.py")], env=env, capture_output=True, text=True,
@@ -1807,6 +1836,7 @@ def test_chat_no_bootstrap_prints_the_manual_commands_instead(tmp_path: Path) ->
     assert private_envs(tmp_path / "envs") == []
 
 
+@pytest.mark.slow
 def test_with_the_dependencies_installed_nothing_is_installed(tmp_path: Path) -> None:
     env = {**os.environ, "CHAT_ENV_DIR": str(tmp_path / "envs")}
     result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--help"], env=env, capture_output=True,
@@ -2223,12 +2253,9 @@ async def test_with_a_database_the_ack_comes_only_after_the_message_is_stored(
         assert row == (f"durable {i}",)
 
 
-async def test_a_bad_database_path_stops_with_one_clear_line(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--port", "0", "--db",
-                             str(tmp_path / "missing-dir" / "x.db")], capture_output=True, text=True, timeout=20)
-    assert result.returncode == 2
-    assert result.stderr == f"chat.py: --db {tmp_path / 'missing-dir' / 'x.db'}: the directory " \
-                            f"{tmp_path / 'missing-dir'} does not exist\n"
+def test_a_bad_database_path_stops_with_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_main(["--port", "0", "--db", str(tmp_path / "missing-dir" / "x.db")], capsys) == (
+        2, f"chat.py: --db {tmp_path / 'missing-dir' / 'x.db'}: the directory {tmp_path / 'missing-dir'} does not exist\n")
 
 
 # ---------------------------------------------------------------- bots: keyword rules, Rasa, OpenAI-compatible
@@ -2522,17 +2549,6 @@ def test_names_in_other_scripts_are_kept_as_typed() -> None:
         assert chat.clean_user(name, "ChatFriend") == name
 
 
-def test_the_page_script_parses() -> None:
-    require(shutil.which("node") is not None, "node")
-    script = HERE / ".pytest-page.js"
-    try:
-        script.write_text(chat.page_script())
-        checked = subprocess.run(["node", "--check", str(script)], capture_output=True, text=True, timeout=30)
-    finally:
-        script.unlink(missing_ok=True)
-    assert checked.returncode == 0, checked.stderr
-
-
 @settings(max_examples=1, deadline=None)
 @given(st.lists(st.text(st.characters(exclude_categories=("Cs", "Cn")), min_size=1, max_size=12),
                 min_size=300, max_size=300))
@@ -2559,15 +2575,15 @@ async def test_the_bot_can_be_renamed_and_its_new_name_is_reserved(start_chat: S
     assert (await peer.say("x", user="helper"))["code"] == "reserved_name"
 
 
-async def test_the_start_up_check_of_an_openai_backend_sends_the_api_key(backend: FakeBackend) -> None:
+async def test_the_start_up_check_of_an_openai_backend_sends_the_api_key(
+        start_chat: StartChat, backend: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     backend.api_key = "sk-test"
-    proc = ChatProcess("--port", "0", "--bot", "openai", "--bot-url", backend.url + "/v1",
-                       env={"OPENAI_API_KEY": "sk-test"})
-    await asyncio.to_thread(proc.wait_ready)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    await start_chat(bot="openai", bot_url=backend.url + "/v1")
     await wait_until(lambda: bool(backend.model_checks))
-    code, _, err = await asyncio.to_thread(proc.stop)
     assert backend.model_checks == ["Bearer sk-test"]
-    assert code == 0 and "not reachable" not in err
+    assert "not reachable" not in caplog.text
 
 
 async def test_a_bot_reply_longer_than_a_message_is_capped(start_chat: StartChat, connect: Connect,
@@ -2596,13 +2612,13 @@ async def test_a_bot_call_that_waits_too_long_for_a_slot_is_dropped(
     assert len(backend.requests) <= 8, "calls dropped while waiting for a slot never reached the backend"
 
 
-def test_start_up_warns_when_the_bot_backend_is_down_but_starts() -> None:
-    proc = ChatProcess("--port", "0", "--bot", "rasa", "--bot-url", f"http://127.0.0.1:{free_port()}")
-    proc.wait_ready()
-    line = proc.stderr.wait_for("not reachable", 10).string
-    code, _, _ = proc.stop()
-    assert "cannot connect" in line
-    assert code == 0
+async def test_start_up_warns_when_the_bot_backend_is_down_but_starts(
+        start_chat: StartChat, connect: Connect, caplog: pytest.LogCaptureFixture) -> None:
+    url = await start_chat(bot="rasa", bot_url=f"http://127.0.0.1:{free_port()}")
+    await wait_until(lambda: "not reachable" in caplog.text)
+    (line,) = [r.getMessage() for r in caplog.records if "not reachable" in r.getMessage()]
+    assert "cannot connect" in line and "the chat works" in line
+    assert (await (await connect(url)).say("still here?"))["ok"]
 
 
 GOOD_RULES = {
@@ -2669,11 +2685,9 @@ def test_a_bad_rules_file_stops_chat_py_with_one_line_naming_the_problem(
     assert message in result.stderr
 
 
-def test_a_missing_rules_file_is_reported(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--bot-rules", str(tmp_path / "none.json")],
-                            capture_output=True, text=True, timeout=20)
-    assert result.returncode == 2
-    assert result.stderr == f"chat.py: --bot-rules {tmp_path / 'none.json'}: no such file\n"
+def test_a_missing_rules_file_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_main(["--bot-rules", str(tmp_path / "none.json")], capsys) == (
+        2, f"chat.py: --bot-rules {tmp_path / 'none.json'}: no such file\n")
 
 
 # ---------------------------------------------------------------- scale out: several nodes through Redis
@@ -3027,21 +3041,19 @@ def test_a_plain_ascii_body_loses_exactly_what_the_general_rule_removes() -> Non
     assert chat.name_key("Ann\u200b") == chat.name_key("ann") != chat.name_key("Ann B"), "names still fold"
 
 
-def test_an_unreachable_redis_at_start_exits_with_one_clear_line() -> None:
+def test_an_unreachable_redis_at_start_exits_with_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
     port = free_port()
-    result = subprocess.run([sys.executable, str(HERE / "chat.py"), "--port", "0", "--redis",
-                             f"redis://127.0.0.1:{port}/0"], capture_output=True, text=True, timeout=20)
-    assert result.returncode == 1
-    assert result.stderr.startswith(f"chat.py: cannot reach Redis at redis://127.0.0.1:{port}/0")
-    assert result.stderr.count("\n") == 1
+    code, err = run_main(["--port", "0", "--redis", f"redis://127.0.0.1:{port}/0"], capsys)
+    assert code == 1
+    assert err.startswith(f"chat.py: cannot reach Redis at redis://127.0.0.1:{port}/0") and err.count("\n") == 1
 
 
-def test_without_the_redis_package_redis_mode_says_how_to_install_it() -> None:
-    code = "import sys; sys.modules['redis'] = None; import chat; sys.exit(chat.main(['--port', '0', " \
-           "'--redis', 'redis://127.0.0.1:1/0']))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20, cwd=HERE)
-    assert result.returncode == 1
-    assert result.stderr.strip() == f"chat.py: --redis needs the redis package: {sys.executable} -m pip install '{chat.REDIS_REQUIREMENT}'"
+def test_without_the_redis_package_redis_mode_says_how_to_install_it(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    for name in [name for name in sys.modules if name == "redis" or name.startswith("redis.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # what `import redis` meets where it is not installed
+    assert run_main(["--port", "0", "--redis", "redis://127.0.0.1:1/0"], capsys) == (
+        1, f"chat.py: --redis needs the redis package: {sys.executable} -m pip install '{chat.REDIS_REQUIREMENT}'\n")
 
 
 # ---------------------------------------------------------------- safety: every input untrusted
@@ -3157,12 +3169,12 @@ async def test_a_message_for_another_room_is_refused_and_never_posted_here(url: 
 
 
 async def test_a_rate_limited_message_says_how_long_to_wait(start_chat: StartChat, connect: Connect) -> None:
-    url = await start_chat(rate=1, burst=1)
+    url = await start_chat(rate=5, burst=1)
     peer = await connect(url)
     assert (await peer.say("one"))["ok"]
     refusal = await peer.say("two")
     assert refusal["code"] == "rate_limited"
-    assert 1 <= refusal["retry_after_ms"] <= 1001
+    assert 1 <= refusal["retry_after_ms"] <= 201
     await asyncio.sleep(refusal["retry_after_ms"] / 1000)
     assert (await peer.say("two"))["ok"]
 
@@ -3379,6 +3391,7 @@ def test_a_fractional_ping_interval_is_refused_because_clients_are_told_whole_se
                                                                            monkeypatch, capsys)
 
 
+@pytest.mark.slow
 async def test_websocket_clients_are_pinged_and_kept_while_they_answer(start_chat: StartChat) -> None:
     url = await start_chat(ping_interval=0.2, ping_timeout=0.4)
     client = await RawClient.open(url)
@@ -3394,6 +3407,7 @@ async def test_websocket_clients_are_pinged_and_kept_while_they_answer(start_cha
     client.abort()
 
 
+@pytest.mark.slow
 async def test_a_websocket_client_that_stops_answering_pings_is_disconnected(
         start_chat: StartChat, connect: Connect) -> None:
     url = await start_chat(ping_interval=0.2, ping_timeout=0.4, presence_grace=0.1)
@@ -3656,16 +3670,15 @@ async def test_a_client_that_stops_reading_is_disconnected_and_others_keep_recei
 
 
 async def test_a_refused_origin_gets_a_code_the_page_can_explain_and_one_log_line_with_the_fix(
-        chat_process: Any) -> None:
-    server, url = chat_process()
+        start_chat: StartChat, caplog: pytest.LogCaptureFixture) -> None:
+    url = await start_chat()
     async with aiohttp.ClientSession() as http:
         for _ in range(5):
             async with http.post(f"{url}/socket.io/?EIO=4&transport=polling", data=b"",
                                  headers={"Origin": "http://elsewhere.example"}) as resp:
                 assert resp.status == 403
                 assert (await resp.json())["code"] == "origin_refused"
-    _, _, err = server.stop()
-    assert err.count("not this server's origin; allow it with --allow-origin") == 1, err
+    assert caplog.text.count("not this server's origin; allow it with --allow-origin") == 1, caplog.text
 
 
 async def test_a_client_on_a_transport_the_server_does_not_run_is_told_which_to_use(
@@ -3748,6 +3761,7 @@ async def test_password_guesses_from_one_ipv6_network_count_together(start_chat:
     await connect(url, auth={"password": "s3cret"}, headers={"X-Forwarded-For": "2001:db8:1:3::1"})
 
 
+@pytest.mark.slow
 async def test_loopback_password_guesses_are_slowed_down_never_locked_out(
         start_chat: StartChat, connect: Connect) -> None:
     url = await start_chat(password="s3cret")  # everyone behind an SSH tunnel is 127.0.0.1
@@ -4284,16 +4298,17 @@ async def test_a_full_disk_refuses_messages_with_a_reason_and_loses_no_acked_one
     assert acked and set(acked) <= stored, "every acked message is in the file"
 
 
-def test_a_second_chat_py_on_the_same_database_is_refused_with_one_line(chat_process: Any, tmp_path: Path) -> None:
+async def test_a_second_chat_py_on_the_same_database_is_refused_with_one_line(
+        start_chat: StartChat, tmp_path: Path) -> None:
     db = tmp_path / "shared.db"
-    chat_process("--db", str(db))
-    second = ChatProcess("--port", "0", "--db", str(db))
-    second.proc.wait(10)
-    code, _, err = second.stop()
-    assert code == 1 and err.strip() == f"chat.py: {db} is in use by another chat.py (one process per database file)"
+    await start_chat(db=db)
+    with pytest.raises(chat.StartupError) as refused:  # main() prints it as one line, exit 1
+        await start_chat(db=db)
+    assert str(refused.value) == f"{db} is in use by another chat.py (one process per database file)"
 
 
-def test_a_database_damaged_in_the_middle_is_refused_at_start_with_one_line(tmp_path: Path) -> None:
+def test_a_database_damaged_in_the_middle_is_refused_at_start_with_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = tmp_path / "damaged.db"
     with sqlite3.connect(db) as conn:
         conn.executescript(chat.SQLITE_SCHEMA)
@@ -4303,9 +4318,7 @@ def test_a_database_damaged_in_the_middle_is_refused_at_start_with_one_line(tmp_
     assert data.startswith(b"SQLite format 3\x00") and len(data) > 8 * 4096
     data[3 * 4096:5 * 4096] = os.urandom(2 * 4096)  # the header stays valid
     db.write_bytes(bytes(data))
-    server = ChatProcess("--port", "0", "--db", str(db))
-    server.proc.wait(10)
-    code, _, err = server.stop()
+    code, err = run_main(["--port", "0", "--db", str(db)], capsys)
     assert code == 1 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and str(db) in err and ("damaged" in err or "malformed" in err), err
 
@@ -5152,10 +5165,10 @@ def test_the_benchmarks_npm_install_that_hangs_skips_the_node_baselines_with_a_l
     fake_npm.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake_npm.parent}:{os.environ['PATH']}")
     monkeypatch.setattr(bench_chat, "BENCH_CACHE", tmp_path)
-    monkeypatch.setattr(bench_chat, "NPM_TIMEOUT", 1.0)
+    monkeypatch.setattr(bench_chat, "NPM_TIMEOUT", 0.2)
     assert bench_chat.node_modules(baseline) is None
     assert capsys.readouterr().out == (f"bench_chat.py: skipping the {baseline} baseline: npm install did not "
-                                       "finish in 1 s (is the npm registry reachable?)\n")
+                                       "finish in 0.2 s (is the npm registry reachable?)\n")
 
 
 def test_the_benchmark_reports_a_point_measured_several_times_as_its_median_run_and_range() -> None:
