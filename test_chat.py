@@ -1161,8 +1161,7 @@ def test_mentions_are_found_by_the_name_key() -> None:
 
 @pytest.mark.redis
 async def test_names_and_private_messages_work_across_nodes(nodes: Any, connect: Connect) -> None:
-    _, url_a = nodes("--bot", "off")
-    _, url_b = nodes("--bot", "off")
+    url_a, url_b = two_nodes(nodes)
     alice, bob = await connect(url_a, auth=browser_auth("alice")), await connect(url_b, auth=browser_auth("bob"))
     assert (await alice.join("lobby", user="Alice"))["ok"]
     mallory = await connect(url_b, auth=browser_auth("mallory"))
@@ -1178,13 +1177,22 @@ async def test_names_and_private_messages_work_across_nodes(nodes: Any, connect:
 ADMIN = "moderator-password-for-tests"
 
 
+async def people(connect: Connect, *seats: tuple[str, str]) -> list[Peer]:
+    """One person per (name, server URL), each in their own browser and in the lobby under that
+    name; the first is logged in as a moderator (the server has ADMIN as its moderator password)."""
+    joined = []
+    for name, url in seats:
+        peer = await connect(url, auth=browser_auth(name.lower()))
+        assert (await peer.join("lobby", user=name))["ok"]
+        joined.append(peer)
+    assert (await joined[0].sio.call("login", {"password": ADMIN}, timeout=10)) == {"ok": True, "moderator": True}
+    return joined
+
+
 async def room_of_three(start_chat: StartChat, connect: Connect, **settings: Any) -> tuple[Peer, Peer, Peer]:
     """A moderator (Mod, logged in), Bob and Carol in the lobby of a fresh chat."""
     url = await start_chat(rate=0, bot="off", admin_password=ADMIN, **settings)
-    mod, bob, carol = [await connect(url, auth=browser_auth(n)) for n in ("mod", "bob", "carol")]
-    for peer, name in ((mod, "Mod"), (bob, "Bob"), (carol, "Carol")):
-        assert (await peer.join("lobby", user=name))["ok"]
-    assert (await mod.sio.call("login", {"password": ADMIN}, timeout=10)) == {"ok": True, "moderator": True}
+    mod, bob, carol = await people(connect, ("Mod", url), ("Bob", url), ("Carol", url))
     return mod, bob, carol
 
 
@@ -1343,11 +1351,7 @@ async def test_bans_deletions_and_held_names_survive_a_restart_with_db(tmp_path:
     first = ChatProcess("--port", str(port), "--db", str(db), "--rate", "0", "--bot", "off", env=env)
     try:
         url = first.wait_ready()
-        mod, bob = await connect(url, auth=browser_auth("mod")), await connect(url, auth=browser_auth("bob"))
-        alice = await connect(url, auth=browser_auth("alice"))
-        for peer, name in ((mod, "Mod"), (bob, "Bob"), (alice, "Alice")):
-            await peer.join("lobby", user=name)
-        await mod.sio.call("login", {"password": ADMIN}, timeout=10)
+        mod, bob, alice = await people(connect, ("Mod", url), ("Bob", url), ("Alice", url))
         spam = await bob.say("SPAM", user="Bob")
         await alice.say("kept", user="Alice")
         assert (await moderate(mod, "delete", id=spam["id"]))["ok"]
@@ -1372,13 +1376,8 @@ async def test_bans_deletions_and_held_names_survive_a_restart_with_db(tmp_path:
 
 @pytest.mark.redis
 async def test_moderation_reaches_every_node(nodes: Any, connect: Connect) -> None:
-    _, url_a = nodes("--bot", "off", env={"CHAT_ADMIN_PASSWORD": ADMIN})
-    _, url_b = nodes("--bot", "off", env={"CHAT_ADMIN_PASSWORD": ADMIN})
-    mod, bob = await connect(url_a, auth=browser_auth("mod")), await connect(url_b, auth=browser_auth("bob"))
-    carol = await connect(url_b, auth=browser_auth("carol"))
-    for peer, name in ((mod, "Mod"), (bob, "Bob"), (carol, "Carol")):
-        await peer.join("lobby", user=name)
-    await mod.sio.call("login", {"password": ADMIN}, timeout=10)
+    url_a, url_b = two_nodes(nodes, env={"CHAT_ADMIN_PASSWORD": ADMIN})
+    mod, bob, carol = await people(connect, ("Mod", url_a), ("Bob", url_b), ("Carol", url_b))
     spam = await bob.say("SPAM on node B", user="Bob")
     assert (await moderate(mod, "delete", id=spam["id"]))["ok"]
     assert (await carol.next("deleted"))["id"] == spam["id"]
@@ -2739,10 +2738,14 @@ def nodes(redis_server: RedisServer, chat_process: Any) -> Any:
     return start
 
 
+def two_nodes(nodes: Any, **kwargs: Any) -> tuple[str, str]:
+    """Two nodes, the bot off, sharing the test's Redis: their URLs."""
+    return nodes("--bot", "off", **kwargs)[1], nodes("--bot", "off", **kwargs)[1]
+
+
 @pytest.mark.redis
 async def test_two_nodes_are_one_chat(nodes: Any, connect: Connect) -> None:
-    _, url_a = nodes("--bot", "off")
-    _, url_b = nodes("--bot", "off")
+    url_a, url_b = two_nodes(nodes)
     ann, bob, lou = await connect(url_a), await connect(url_b), await connect(url_b)
     await ann.join("team", user="Ann")
     ack = await bob.join("team", user="Bob")
@@ -2781,8 +2784,7 @@ async def test_exactly_one_node_answers_as_the_bot(nodes: Any, connect: Connect)
 @pytest.mark.redis
 async def test_reconnecting_to_another_node_replays_exactly_the_missed_messages(
         nodes: Any, connect: Connect) -> None:
-    _, url_a = nodes("--bot", "off")
-    _, url_b = nodes("--bot", "off")
+    url_a, url_b = two_nodes(nodes)
     writer = await connect(url_a)
     await writer.join("replay", user="Wes")
     reader = await connect(url_a)
@@ -2855,8 +2857,7 @@ async def test_a_redis_restart_breaks_nothing_and_cross_node_delivery_resumes(
 @pytest.mark.redis
 async def test_during_a_redis_outage_a_node_numbers_on_from_the_ids_it_relayed(
         redis_server: RedisServer, nodes: Any, connect: Connect) -> None:
-    _, url_a = nodes("--bot", "off")
-    _, url_b = nodes("--bot", "off")
+    url_a, url_b = two_nodes(nodes)
     ann, bob = await connect(url_a), await connect(url_b)
     ids = [(await ann.say(f"from A {i}", user="Ann"))["id"] for i in range(10)]
     relayed = await bob.take("newmessage", 10)
@@ -2879,8 +2880,7 @@ async def send_concurrently(senders: list[Peer], count: int, tag: str) -> list[d
 @pytest.mark.redis
 async def test_with_redis_every_client_receives_messages_in_id_order_across_nodes(
         nodes: Any, connect: Connect) -> None:
-    _, url_a = nodes("--bot", "off")
-    _, url_b = nodes("--bot", "off")
+    url_a, url_b = two_nodes(nodes)
     watchers = [await connect(url_a), await connect(url_b), await connect(url_b, transports=["polling"])]
     senders = [await connect(url) for url in (url_a, url_a, url_b, url_b)]
     acks = await send_concurrently(senders, 100, "order")
@@ -2897,8 +2897,7 @@ async def test_with_redis_every_client_receives_messages_in_id_order_across_node
 async def test_with_redis_the_highest_id_seen_is_an_exact_resume_point(nodes: Any, connect: Connect) -> None:
     """A client that drops at any moment and rejoins the other node with since=highest id seen
     (broadcasts and its own acks alike) misses nothing."""
-    _, url_a = nodes("--bot", "off")
-    _, url_b = nodes("--bot", "off")
+    url_a, url_b = two_nodes(nodes)
     senders = [await connect(url) for url in (url_a, url_a, url_b, url_b)]
     traffic = asyncio.create_task(send_concurrently(senders, 150, "resume"))
     seen: set[int] = set()
@@ -2923,8 +2922,7 @@ async def test_with_redis_the_highest_id_seen_is_an_exact_resume_point(nodes: An
 async def ids_through_an_outage(redis_server: RedisServer, nodes: Any, connect: Connect,
                                 outage: Callable[[], Awaitable[None]]) -> list[int]:
     """Acked ids of concurrent senders on two nodes while `outage` happens to Redis."""
-    _, url_a = nodes("--bot", "off")
-    _, url_b = nodes("--bot", "off")
+    url_a, url_b = two_nodes(nodes)
     senders = [await connect(url) for url in (url_a, url_a, url_b, url_b)]
     await send_concurrently(senders, 5, "before")
     traffic = asyncio.create_task(send_concurrently(senders, 30, "during"))
@@ -2937,40 +2935,30 @@ async def ids_through_an_outage(redis_server: RedisServer, nodes: Any, connect: 
 
 @pytest.mark.redis
 @pytest.mark.slow
-async def test_ids_stay_unique_across_nodes_when_redis_is_killed_and_restarted(
-        redis_server: RedisServer, nodes: Any, connect: Connect) -> None:
-    async def kill_and_restart() -> None:
+@pytest.mark.parametrize("outage", ["killed and restarted empty", "paused for 3 s"])
+async def test_ids_stay_unique_across_nodes_when_redis_goes_away(
+        redis_server: RedisServer, nodes: Any, connect: Connect, outage: str) -> None:
+    async def go_away() -> None:
         await asyncio.sleep(0.1)
         assert redis_server.proc is not None
-        redis_server.proc.kill()
-        redis_server.proc.wait(10)
-        await asyncio.sleep(0.3)
-        redis_server.start()  # empty: no persistence
+        if outage.startswith("killed"):
+            redis_server.proc.kill()
+            redis_server.proc.wait(10)
+            await asyncio.sleep(0.3)
+            redis_server.start()  # empty: no persistence
+        else:
+            redis_server.proc.send_signal(signal.SIGSTOP)  # calls time out, then Redis runs them late
+            await asyncio.sleep(3)
+            redis_server.proc.send_signal(signal.SIGCONT)
 
-    ids = await ids_through_an_outage(redis_server, nodes, connect, kill_and_restart)
-    assert len(set(ids)) == len(ids), "two messages never share an id"
-
-
-@pytest.mark.redis
-@pytest.mark.slow
-async def test_ids_stay_unique_across_nodes_when_redis_pauses(
-        redis_server: RedisServer, nodes: Any, connect: Connect) -> None:
-    async def pause() -> None:
-        await asyncio.sleep(0.1)
-        assert redis_server.proc is not None
-        redis_server.proc.send_signal(signal.SIGSTOP)  # calls time out, then Redis runs them late
-        await asyncio.sleep(3)
-        redis_server.proc.send_signal(signal.SIGCONT)
-
-    ids = await ids_through_an_outage(redis_server, nodes, connect, pause)
+    ids = await ids_through_an_outage(redis_server, nodes, connect, go_away)
     assert len(set(ids)) == len(ids), "two messages never share an id"
 
 
 @pytest.mark.redis
 async def test_a_redis_restart_while_idle_does_not_start_ids_over(
         redis_server: RedisServer, nodes: Any, connect: Connect) -> None:
-    _, url_a = nodes("--bot", "off")
-    _, url_b = nodes("--bot", "off")
+    url_a, url_b = two_nodes(nodes)
     ann, bob = await connect(url_a), await connect(url_b)
     before = [(await ann.say(f"before {i}", user="Ann"))["id"] for i in range(4)]
     await bob.take("newmessage", 4)
