@@ -4889,6 +4889,7 @@ PAGE_JS = r"""
     inFlight: null,               // the entry whose ack this room's next message waits for
     waitTimer: 0,                 // set while the server asked us to wait (rate limit)
     memberNames: [],              // who the page lists as online
+    listedBeforeDrop: null,       // {room, names, until}: who was online when the connection dropped
     typingUsers: [],              // who the page shows as typing
     typingSentAt: 0,              // when we last told the server we are typing
     transportFailures: 0,         // connection attempts failed in a row (2: ask the server why)
@@ -5246,11 +5247,17 @@ PAGE_JS = r"""
 
   // "X joined" is news only about someone else the page did not already list: never about this
   // page's own arrival, whose notice comes just before the join's ack (a line appearing then would
-  // move the list under a pointer that is clicking "retry").
+  // move the list under a pointer that is clicking "retry"); nor, for a minute after a dropped
+  // connection, about those who were online before it (a restarted server sees everyone come back).
   const isMe = (user) => [state.joinedAs, state.joiningAs].some((mine) => mine && nameKey(mine) === nameKey(user));
+  const wasListedBeforeDrop = (user) => {
+    const before = state.listedBeforeDrop;
+    return Boolean(before && before.room === state.room && Date.now() < before.until && before.names.includes(user));
+  };
   const renderNotice = (msg) => {
     if (!msg || msg.room !== state.room) return;
-    if (msg.kind === 'joined' && (state.memberNames.includes(msg.user) || isMe(String(msg.user)))) return;
+    const user = String(msg.user);
+    if (msg.kind === 'joined' && (state.memberNames.includes(user) || isMe(user) || wasListedBeforeDrop(user))) return;
     renderSystem(String(msg.text));
   };
 
@@ -5902,6 +5909,7 @@ PAGE_JS = r"""
   });
   socket.on('disconnect', (reason, details) => {
     state.joined = false;
+    state.listedBeforeDrop = {room: state.room, names: [...state.memberNames], until: Date.now() + 60_000};
     // 1009: the server closed because a frame was too big; sending it again would only do the same.
     if (details?.context?.code === 1009 && state.inFlight) fail(state.inFlight, 'too big for the server to accept');
     if (state.inFlight) state.inFlight.attempt = null;  // its ack will not come: the entry is sent again after the next join

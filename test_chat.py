@@ -4988,6 +4988,7 @@ async def test_after_a_server_restart_pages_reconnect_and_lose_nothing(
         await alice.send("Alice", "one")
         await bob.send("Bob", "two")
         await alice.wait_for_messages(["one", "two"])
+        joined_lines = [await tab.page.locator("#messages li.system", has_text="joined").count() for tab in (alice, bob)]
         assert server.stop()[0] == 0
         await alice.page.locator("#status[data-state=reconnecting]").wait_for()
         await alice.send("Alice", "three, sent while the server was down")
@@ -5006,6 +5007,8 @@ async def test_after_a_server_restart_pages_reconnect_and_lose_nothing(
             assert time.monotonic() < deadline, f"pages show {shown}"
             await asyncio.sleep(0.1)
         assert shown[0][:2] == ["one", "two"]
+        assert [await tab.page.locator("#messages li.system", has_text="joined").count() for tab in (alice, bob)] \
+            == joined_lines, "people who were online before the restart do not 'join' again"
     finally:
         for proc in (server, *others):
             proc.stop()
