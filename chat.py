@@ -4787,7 +4787,9 @@ dialog h2 { margin: 0 0 .5rem; font-size: 1.1rem; }
   .people li { overflow-wrap: normal; font-size: .9rem; }
   .no-members { font-size: .8rem; white-space: normal; }
   #watching { white-space: nowrap; flex: none; }
-  .new-private { margin-top: 0; flex: none; padding: .2rem .6rem; }
+  /* the button stays in sight at the strip's end; the names scroll under it */
+  .people .new-private { margin-top: 0; flex: none; padding: .2rem .6rem; margin-left: auto; position: sticky;
+    right: 0; z-index: 1; background: var(--panel); box-shadow: -.75rem 0 .5rem var(--panel), .8rem 0 0 var(--panel); }
   .topbar { gap: .5rem; flex-wrap: wrap; row-gap: .4rem; padding: .5rem .75rem; }
   .brand h1 { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
   .room label { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }

@@ -4604,6 +4604,24 @@ async def test_on_a_phone_the_header_fits_and_the_online_list_shows(
 
 
 @pytest.mark.browser
+async def test_on_a_phone_with_many_online_the_private_room_button_stays_in_sight_and_tappable(
+        start_chat: StartChat, open_page: OpenPage, connect: Connect) -> None:
+    require(CLIENT_JS.is_file(), "the npm package socket.io-client")
+    url = await start_chat(client_js=CLIENT_JS, rate=0, bot="off")
+    for name in ("Benedict", "Cleopatra", "Dmitri", "Evangeline", "Fitzgerald"):
+        await (await connect(url, auth=browser_auth(name))).join("lobby", user=name)
+    tab = await open_page(url, **PHONE)
+    await tab.send("Ana", "hello")
+    await tab.page.locator("#member-count", has_text="6").wait_for()
+    button = tab.page.get_by_role("button", name="New private room")
+    box = await button.bounding_box()
+    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, "the names scroll, the button does not"
+    on_top = await tab.page.evaluate("([x, y]) => document.elementFromPoint(x, y)?.id",
+                                     [box["x"] + box["width"] / 2, box["y"] + box["height"] / 2])
+    assert on_top == "new-private", "no name is drawn over it"
+
+
+@pytest.mark.browser
 async def test_on_a_desktop_the_form_sits_under_the_message_column(page_url: str, open_page: OpenPage) -> None:
     tab = await open_page(page_url, **DESKTOP)
     column = await tab.page.locator(".conversation").bounding_box()
