@@ -3890,6 +3890,57 @@ async def test_behind_the_readmes_nginx_the_page_connects_or_says_why_not(
         server.stop()
 
 
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_behind_the_readmes_scale_out_nginx_polling_clients_stick_to_their_node_and_all_talk(
+        tmp_path: Path, self_signed: tuple[Path, Path], nodes: Any) -> None:
+    """The README's sticky nginx sample in front of two nodes sharing Redis, with long-polling
+    clients (several requests per session) from eight client networks: each session stays on one
+    node, both nodes get some, and everyone reads everyone."""
+    require(NGINX is not None, "nginx")
+    cert, key = self_signed
+    node_urls = [nodes("--bot", "off", "--trust-proxy")[1] for _ in range(2)]
+    https_port = free_port()
+    sample = readme_blocks("Scaling out", "nginx")[0]
+    upstreams = "\n".join(f"    server {url.removeprefix('http://')};" for url in node_urls)
+    servers = (re.sub(r"(    server 10\.0\.0\.\d+:3000;\n)+", upstreams + "\n", sample)
+               .replace("listen 443 ssl;", f"listen 127.0.0.1:{https_port} ssl;")
+               .replace("/etc/letsencrypt/live/chat.example.org/fullchain.pem", str(cert))
+               .replace("/etc/letsencrypt/live/chat.example.org/privkey.pem", str(key)))
+    assert upstreams in servers
+    proxy = ChatProcess(command=[NGINX, "-p", str(tmp_path), "-c", str(nginx_conf(tmp_path, servers))])
+    sessions: list[aiohttp.ClientSession] = []
+    people: list[Peer] = []
+    try:
+        deadline = time.monotonic() + 10
+        while socket.socket().connect_ex(("127.0.0.1", https_port)) != 0:
+            assert time.monotonic() < deadline and proxy.proc.poll() is None, proxy.stderr.rest(1)
+            await asyncio.sleep(0.05)
+        for n in range(8):  # ip_hash keys on the first three octets of the client's address
+            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(f"127.0.{n + 1}.1", 0)))
+            sessions.append(session)
+            peer = Peer(socketio.AsyncClient(reconnection=False, http_session=session, ssl_verify=False))
+            await peer.sio.connect(f"https://127.0.0.1:{https_port}", transports=["polling"],
+                                   auth={"browser": f"browser-{n}"}, wait_timeout=10)
+            assert (await peer.join("lobby", user=f"P{n}"))["ok"]
+            people.append(peer)
+        counts = [await clients_connected(url) for url in node_urls]
+        assert sum(counts) == 8 and min(counts) > 0, f"clients per node: {counts}"
+        for n, peer in enumerate(people):  # each a few polls long: every request must reach the same node
+            assert (await peer.say(f"from P{n}", user=f"P{n}"))["ok"]
+        for peer in people:
+            bodies = [m["body"] for m in await peer.take("newmessage", 8)]
+            assert sorted(bodies) == sorted(f"from P{n}" for n in range(8))
+        assert [await clients_connected(url) for url in node_urls] == counts, "no session moved or was lost"
+    finally:
+        for peer in people:
+            await peer.sio.disconnect()
+        for session in sessions:
+            await session.close()
+        proxy.stop()
+
+
 # ---------------------------------------------------------------- hostile clients: bounds per connection and per address
 
 
