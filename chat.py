@@ -4537,7 +4537,7 @@ PAGE_HTML = """<!doctype html>
       <ul id="members"></ul>
       <p id="no-members" class="no-members">Nobody with a name yet.</p>
       <p id="watching" class="no-members" hidden></p>
-      <button id="new-private" type="button" class="ghost new-private">New private room</button>
+      <button id="new-private" type="button" class="ghost new-private"><svg class="lock" viewBox="0 0 24 24" aria-hidden="true"><path d="M7 10V7a5 5 0 0 1 10 0v3h1a1 1 0 0 1 1 1v9a1 1 0 0 1-1 1H6a1 1 0 0 1-1-1v-9a1 1 0 0 1 1-1Zm2 0h6V7a3 3 0 0 0-6 0Z"/></svg><span class="new-private-label">New private room</span></button>
     </aside>
     <div class="chat-column">
       <section id="invite" class="invite" aria-labelledby="invite-title" hidden>
@@ -4766,7 +4766,8 @@ dialog h2 { margin: 0 0 .5rem; font-size: 1.1rem; }
 .suggest button[aria-selected="true"] { outline: 2px solid var(--text); }
 .older { align-self: center; color: var(--muted); font-size: .8rem; list-style: none; }
 .dialog-buttons { display: flex; gap: .5rem; justify-content: flex-end; }
-.new-private { margin-top: .8rem; font-size: .85rem; }
+.new-private { margin-top: .8rem; font-size: .85rem; display: inline-flex; align-items: center; gap: .35rem; }
+.new-private .lock { width: 1em; height: 1em; fill: currentColor; flex: none; }
 .invite { background: var(--panel); border-bottom: 1px solid var(--border); padding: .5rem 1rem; flex: none; }
 .invite h2 { font-size: .9rem; margin: 0 auto; max-width: 52rem; }
 .invite .note, .invite .remember, .invite-row { max-width: 52rem; margin: .2rem auto; display: block; }
@@ -4787,8 +4788,9 @@ dialog h2 { margin: 0 0 .5rem; font-size: 1.1rem; }
   .people li { overflow-wrap: normal; font-size: .9rem; }
   .no-members { font-size: .8rem; white-space: normal; }
   #watching { white-space: nowrap; flex: none; }
-  /* the button stays in sight at the strip's end; the names scroll under it */
-  .people .new-private { margin-top: 0; flex: none; padding: .2rem .6rem; margin-left: auto; position: sticky;
+  /* a lock alone (its name stays for screen readers), in sight at the strip's end; the names scroll under it */
+  .new-private-label { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
+  .people .new-private { margin-top: 0; flex: none; padding: .35rem .55rem; margin-left: auto; position: sticky;
     right: 0; z-index: 1; background: var(--panel); box-shadow: -.75rem 0 .5rem var(--panel), .8rem 0 0 var(--panel); }
   .topbar { gap: .5rem; flex-wrap: wrap; row-gap: .4rem; padding: .5rem .75rem; }
   .brand h1 { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
