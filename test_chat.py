@@ -1267,14 +1267,14 @@ async def test_kick_closes_every_connection_of_the_name_and_says_why(start_chat:
 async def test_ban_keeps_the_browser_and_the_name_out_until_it_ends(start_chat: StartChat, connect: Connect) -> None:
     mod, bob, carol = await room_of_three(start_chat, connect)
     url = mod.sio.connection_url
-    assert (await moderate(mod, "ban", name="Bob", minutes=0.02))["ok"]  # 1.2 s
+    assert (await moderate(mod, "ban", name="Bob", minutes=0.01))["ok"]  # 0.6 s
     assert (await until_removed(bob))["code"] == "banned"
     assert carol.sio.connected, "only the banned person is removed"
     with pytest.raises(socketio.exceptions.ConnectionError, match="banned"):
         await connect(url, auth=browser_auth("bob"))
     other_browser = await connect(url, auth=browser_auth("bob's phone"))
     assert (await other_browser.join("lobby", user="BOB"))["code"] == "banned", "nor under the banned name"
-    await asyncio.sleep(1.3)  # the ban's own length: nothing to await
+    await asyncio.sleep(0.7)  # the ban's own length: nothing to await
     assert (await (await connect(url, auth=browser_auth("bob"))).join("lobby", user="Bob"))["ok"]
 
 
