@@ -4789,12 +4789,11 @@ dialog h2 { margin: 0 0 .5rem; font-size: 1.1rem; }
   .no-members { font-size: .8rem; white-space: normal; }
   #watching { white-space: nowrap; flex: none; }
   /* a lock alone (its name stays for screen readers), in sight at the strip's end; the names scroll under it */
-  .new-private-label { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
   .people .new-private { margin-top: 0; flex: none; padding: .35rem .55rem; margin-left: auto; position: sticky;
     right: 0; z-index: 1; background: var(--panel); box-shadow: -.75rem 0 .5rem var(--panel), .8rem 0 0 var(--panel); }
   .topbar { gap: .5rem; flex-wrap: wrap; row-gap: .4rem; padding: .5rem .75rem; }
-  .brand h1 { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
-  .room label { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
+  .brand h1, .room label, .new-private-label {  /* shown to screen readers only, as .sr-only */
+    position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
   .room { margin-left: auto; }
   .room input { width: 5.5rem; padding: .35rem .5rem; }
   .status { font-size: .75rem; padding: .15rem .5rem; white-space: nowrap; }
@@ -7102,7 +7101,6 @@ class FanoutManager(socketio.AsyncManager):
             else:
                 queue.put_nowait(packet)  # an OutgoingQueue: past its bound it drops the client instead
 
-
     def _broadcast_shared(self, namespace: str, room: str, members: Any, skip_sid: str | None, encoded: str,
                           packet: Any) -> None:
         """A broadcast to a big room: one RoomSegment per flush interval for its open WebSockets."""
@@ -7551,6 +7549,15 @@ def run_event_loop(coro: Any, choice: str) -> None:
     asyncio.run(coro)
 
 
+def with_browser_client(settings: Settings) -> tuple[Settings, str]:
+    """The settings with the browser client to serve (the cached copy, else one fetch) unless
+    --client-js names one, and the banner's note on why there is none (empty when there is)."""
+    if settings.client_js is not None:
+        return settings, ""
+    found, note = BrowserClient(cache_root()).find()
+    return dataclasses.replace(settings, client_js=found), note
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: parse flags, run until Ctrl-C or SIGTERM, exit 0."""
     settings = parse_settings(argv)
@@ -7562,10 +7569,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"chat.py: {problem}", file=sys.stderr)
         return 2
-    client_note = ""
-    if settings.client_js is None:
-        found, client_note = BrowserClient(cache_root()).find()
-        settings = dataclasses.replace(settings, client_js=found)
+    settings, client_note = with_browser_client(settings)
     # A hang-up (the terminal or ssh session went away) stops the chat too, unless nohup ignores it.
     stop_signals = [signal.SIGINT, signal.SIGTERM]
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:

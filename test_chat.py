@@ -752,11 +752,11 @@ def fetch(url: str) -> tuple[int, dict[str, str], bytes]:
 
 
 async def start_as_main_does(start_chat: StartChat, capsys: pytest.CaptureFixture[str]) -> tuple[str, str]:
-    """Find the browser client as main() does (the cache, else one fetch), start the chat with it,
-    and return its URL and banner."""
-    found, note = await asyncio.to_thread(chat.BrowserClient(chat.cache_root()).find)
+    """Find the browser client with main()'s own step (the cache, else one fetch), start the chat
+    with it, and return its URL and banner."""
+    settings, note = await asyncio.to_thread(chat.with_browser_client, chat.Settings())
     capsys.readouterr()
-    url = await start_chat(client_js=found, client_note=note)
+    url = await start_chat(client_js=settings.client_js, client_note=note)
     return url, capsys.readouterr().out
 
 
